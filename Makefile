@@ -1,0 +1,32 @@
+# Two commands on a fresh machine: `make train` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup train test bench clean
+
+$(PY):
+	# --system-site-packages: a torch the user already has (a CUDA build, say) is seen and kept.
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+
+$(STAMP): $(PY) pyproject.toml
+	# Install the CPU build of torch only where no torch is importable at all.
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==2.13.0"
+	$(PY) -m pip install -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+train: $(STAMP)
+	$(PY) examples/train_pipelined_mlp.py
+
+test: $(STAMP)
+	$(PY) -m pytest tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/schedule_efficiency.py
+	$(PY) benchmarks/simulator_speed.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

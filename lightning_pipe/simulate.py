@@ -1,0 +1,174 @@
+"""Timeline of a schedule from per-stage costs: step time, bubbles and held activations, without processes.
+
+Each rank runs its actions in order, each as soon as its rank is free and its inputs exist; a value crossing
+ranks arrives ``transfer`` after it was produced (sends overlap compute). This as-soon-as-possible timeline is
+what the executor does, so the simulator predicts the executor's step time.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Sequence
+
+from lightning_pipe.errors import ScheduleDeadlockError
+from lightning_pipe.schedules.actions import Action, ActionKind, Schedule
+
+__all__ = ["Costs", "SimulationResult", "simulate", "ideal_step_time"]
+
+_F, _B, _W = ActionKind.FORWARD, ActionKind.BACKWARD, ActionKind.WEIGHT
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Time of each action, per stage (a number applies to every stage). Units are the caller's (ms, s...)."""
+
+    forward: float | Sequence[float] = 1.0
+    """Forward of one micro-batch on a stage."""
+    backward: float | Sequence[float] = 2.0
+    """Whole backward of one micro-batch on a stage: input gradient plus weight gradient."""
+    weight: float | Sequence[float] = 0.0
+    """The part of ``backward`` that is weight gradient; a schedule with W actions charges it to W, else to B."""
+    transfer: float = 0.0
+    """Latency of one value crossing from one rank to another."""
+
+    def per_stage(self, num_stages: int) -> tuple[list[float], list[float], list[float]]:
+        """(forward, backward, weight) costs as one list each, ``num_stages`` long."""
+
+        def expand(value: float | Sequence[float], what: str) -> list[float]:
+            if isinstance(value, (int, float)):
+                return [float(value)] * num_stages
+            values = [float(v) for v in value]
+            if len(values) != num_stages:
+                raise ValueError(f"Costs.{what} has {len(values)} entries for {num_stages} stages")
+            return values
+
+        return expand(self.forward, "forward"), expand(self.backward, "backward"), expand(self.weight, "weight")
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    """What :func:`simulate` computes. ``start[r][i]``/``end[r][i]`` belong to ``schedule.actions[r][i]``."""
+
+    schedule: Schedule
+    start: tuple[tuple[float, ...], ...]
+    end: tuple[tuple[float, ...], ...]
+    step_time: float
+    """From the first action's start to the last action's end."""
+    busy: tuple[float, ...]
+    """Per rank, the time spent computing."""
+    bubble_fraction: tuple[float, ...]
+    """Per rank, the idle share of the step: ``1 - busy / step_time``."""
+    peak_activations: tuple[int, ...]
+    """Per rank, the most micro-batches whose activations are held at once (from F until B, or W if split)."""
+
+    @property
+    def max_bubble_fraction(self) -> float:
+        return max(self.bubble_fraction)
+
+
+def ideal_step_time(num_stages: int, num_microbatches: int, forward: float, backward: float) -> float:
+    """The textbook step time of GPipe and 1F1B with uniform costs: ``(m + p - 1) * (tf + tb)``."""
+    return (num_microbatches + num_stages - 1) * (forward + backward)
+
+
+def simulate(schedule: Schedule, costs: Costs) -> SimulationResult:
+    """Simulate ``schedule`` under ``costs``; raise :class:`ScheduleDeadlockError` if it can never finish."""
+    p, m = schedule.num_stages, schedule.num_microbatches
+    tf, tb, tw = costs.per_stage(p)
+    split = schedule.split_backward
+    rank_of = schedule.stage_to_rank
+    transfer = float(costs.transfer)
+    n = p * m
+    # Finish time of each action, indexed [stage * m + microbatch]; None while it has not run.
+    done: dict[ActionKind, list[float | None]] = {_F: [None] * n, _B: [None] * n, _W: [None] * n}
+    waiting: dict[tuple[ActionKind, int], list[int]] = {}
+    num_ranks = schedule.num_ranks
+    ptr = [0] * num_ranks
+    free = [0.0] * num_ranks
+    starts: list[list[float]] = [[] for _ in range(num_ranks)]
+    ends: list[list[float]] = [[] for _ in range(num_ranks)]
+    blocked_on: dict[int, tuple[Action, ActionKind, int]] = {}
+    ready = deque(range(num_ranks))
+    while ready:
+        rank = ready.popleft()
+        acts = schedule.actions[rank]
+        i, t = ptr[rank], free[rank]
+        while i < len(acts):
+            action = acts[i]
+            kind, mb, s = action.kind, action.microbatch, action.stage
+            idx = s * m + mb
+            # Dependencies as (kind, stage) of the producing action, for the same micro-batch.
+            if kind is _F:
+                deps = ((_F, s - 1),) if s > 0 else ()
+                cost = tf[s]
+            elif kind is _B:
+                deps = ((_F, s), (_B, s + 1)) if s < p - 1 else ((_F, s),)
+                cost = tb[s] - tw[s] if split else tb[s]
+            else:
+                deps = ((_B, s),)
+                cost = tw[s]
+            begin = t
+            blocked = False
+            for dep_kind, dep_stage in deps:
+                key = dep_stage * m + mb
+                finished = done[dep_kind][key]
+                if finished is None:
+                    waiting.setdefault((dep_kind, key), []).append(rank)
+                    blocked_on[rank] = (action, dep_kind, dep_stage)
+                    blocked = True
+                    break
+                if rank_of[dep_stage] != rank:
+                    finished += transfer
+                if finished > begin:
+                    begin = finished
+            if blocked:
+                break
+            blocked_on.pop(rank, None)
+            t = begin + cost
+            starts[rank].append(begin)
+            ends[rank].append(t)
+            done[kind][idx] = t
+            woken = waiting.pop((kind, idx), None)
+            if woken:
+                ready.extend(woken)
+            i += 1
+        ptr[rank], free[rank] = i, t
+    if any(ptr[r] < len(schedule.actions[r]) for r in range(num_ranks)):
+        stuck = [
+            f"rank {r} at {schedule.actions[r][ptr[r]]} waits for {_describe(blocked_on[r])}"
+            for r in range(num_ranks)
+            if ptr[r] < len(schedule.actions[r])
+        ]
+        raise ScheduleDeadlockError(f"schedule {schedule.name!r} deadlocks: " + "; ".join(stuck))
+    first = min((s[0] for s in starts if s), default=0.0)
+    last = max((e[-1] for e in ends if e), default=0.0)
+    step = last - first
+    busy = tuple(sum(e - s for s, e in zip(starts[r], ends[r])) for r in range(num_ranks))
+    bubble = tuple((1.0 - b / step) if step > 0 else 0.0 for b in busy)
+    return SimulationResult(
+        schedule=schedule,
+        start=tuple(map(tuple, starts)),
+        end=tuple(map(tuple, ends)),
+        step_time=step,
+        busy=busy,
+        bubble_fraction=bubble,
+        peak_activations=tuple(_peak_activations(acts, split) for acts in schedule.actions),
+    )
+
+
+def _describe(blocked: tuple[Action, ActionKind, int]) -> str:
+    action, dep_kind, dep_stage = blocked
+    return f"{dep_kind.value}{action.microbatch}@s{dep_stage}"
+
+
+def _peak_activations(actions: Sequence[Action], split: bool) -> int:
+    release = _W if split else _B
+    held = peak = 0
+    for action in actions:
+        if action.kind is _F:
+            held += 1
+            peak = max(peak, held)
+        elif action.kind is release:
+            held -= 1
+    return peak
