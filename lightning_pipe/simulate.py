@@ -7,6 +7,7 @@ what the executor does, so the simulator predicts the executor's step time.
 
 from __future__ import annotations
 
+import numbers
 from collections import deque
 from dataclasses import dataclass
 from typing import Sequence
@@ -36,8 +37,8 @@ class Costs:
         """(forward, backward, weight) costs as one list each, ``num_stages`` long."""
 
         def expand(value: float | Sequence[float], what: str) -> list[float]:
-            if isinstance(value, (int, float)):
-                return [float(value)] * num_stages
+            if isinstance(value, numbers.Real) or getattr(value, "ndim", None) == 0:
+                return [float(value)] * num_stages  # also numpy scalars and 0-d tensors
             values = [float(v) for v in value]
             if len(values) != num_stages:
                 raise ValueError(f"Costs.{what} has {len(values)} entries for {num_stages} stages")

@@ -1,0 +1,12 @@
+"""The pipeline engine: executor, point-to-point transport and micro-batching. Knows torch, never Lightning."""
+
+from lightning_pipe.engine.executor import ActionRecord, ForwardFn, PipelineExecutor, StepResult
+from lightning_pipe.engine.microbatch import batch_size_of, merge_microbatches, microbatch_weights, split_microbatches
+from lightning_pipe.engine.stage import ModuleStages, split_sequential
+from lightning_pipe.engine.transport import PendingRecv, Transport
+
+__all__ = [
+    "ActionRecord", "ForwardFn", "PipelineExecutor", "StepResult",
+    "batch_size_of", "merge_microbatches", "microbatch_weights", "split_microbatches",
+    "ModuleStages", "split_sequential", "PendingRecv", "Transport",
+]

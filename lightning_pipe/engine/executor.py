@@ -1,0 +1,241 @@
+"""Runs one rank's actions of a schedule over its stage(s), moving values with :class:`Transport`.
+
+The executor knows nothing of models or Lightning: the caller gives a ``forward_fn(stage, microbatch, inputs)``
+that computes one stage for one micro-batch (``inputs`` is ``None`` on the first stage, which reads its own
+micro-batch) and returns the stage output, or on the last stage the micro-batch's mean loss. The executor keeps
+what backward needs, weights each loss by its micro-batch's share of the batch (so accumulated gradients equal the
+full batch's), runs backward with the gradient received from the next stage, and sends input gradients back.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from lightning_pipe.engine.transport import PendingRecv, Transport
+from lightning_pipe.engine.tree import flatten, unflatten
+from lightning_pipe.errors import PipelineError
+from lightning_pipe.schedules.actions import Action, ActionKind, Schedule, Transfer
+
+__all__ = ["ForwardFn", "ActionRecord", "StepResult", "PipelineExecutor"]
+
+ForwardFn = Callable[[int, int, Any], Any]
+"""``forward_fn(stage, microbatch, inputs) -> output``; on the last stage of a training step, the mean loss."""
+
+_F, _B, _W = ActionKind.FORWARD, ActionKind.BACKWARD, ActionKind.WEIGHT
+
+
+@dataclass(frozen=True, slots=True)
+class ActionRecord:
+    """When one action ran on this rank (``time.perf_counter`` seconds)."""
+
+    action: Action
+    ready: float
+    """When the action's turn came (before waiting for its input)."""
+    start: float
+    """When its input was there and compute began."""
+    end: float
+    """When compute and the posting of its sends were done."""
+
+
+@dataclass
+class StepResult:
+    """What one run of the schedule produced on this rank."""
+
+    losses: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Per micro-batch, the unweighted loss (detached), on the rank of the last stage of a training step."""
+    outputs: dict[int, Any] = field(default_factory=dict)
+    """Per micro-batch, the last stage's output, on its rank, for a forward-only run."""
+    records: list[ActionRecord] = field(default_factory=list)
+    start: float = 0.0
+    end: float = 0.0
+
+    @property
+    def step_time(self) -> float:
+        return self.end - self.start
+
+
+def _tag(transfer: Transfer, num_stages: int) -> int:
+    return (transfer.microbatch * num_stages + transfer.src_stage) * 2 + int(transfer.is_gradient)
+
+
+def _as_leaves(value: Any) -> Any:
+    """A copy of ``value`` whose floating tensors are fresh leaves, as if it had crossed to another rank."""
+    tensors, spec = flatten(value)
+    leaves = [t.detach().requires_grad_(t.requires_grad and t.is_floating_point()) for t in tensors]
+    return unflatten(leaves, spec)
+
+
+class PipelineExecutor:
+    """Executes ``schedule.actions[rank]`` for one step at a time.
+
+    Args:
+        schedule: The schedule; ``rank`` indexes its ranks, which are the ranks of ``group``.
+        rank: This process's rank within the pipeline group.
+        group: The pipeline process group (``None``: the default group).
+        device: Where received tensors are placed.
+        timeout: Seconds any single wait may take before it fails with a message naming the peer.
+        post_ahead: How many receives to keep posted ahead of need (``None``: all of the step's, at its start).
+    """
+
+    def __init__(
+        self,
+        schedule: Schedule,
+        *,
+        rank: int,
+        group: dist.ProcessGroup | None = None,
+        device: torch.device | str = "cpu",
+        timeout: float = 300.0,
+        post_ahead: int | None = None,
+    ) -> None:
+        if not 0 <= rank < schedule.num_ranks:
+            raise PipelineError(f"rank {rank} is outside the schedule's {schedule.num_ranks} ranks")
+        if schedule.split_backward:
+            raise PipelineError(f"schedule {schedule.name!r} splits backward into B and W, which this executor "
+                                "does not run yet; choose schedule='gpipe' or '1f1b'")
+        self.schedule = schedule
+        self.rank = rank
+        self.post_ahead = post_ahead
+        self._current: Action | None = None
+        self.transport = Transport(group=group, device=device, timeout=timeout, describe=self._describe)
+
+    def _describe(self) -> str:
+        action = self._current
+        where = f"stage {action.stage}, action {action}" if action is not None else "between actions"
+        return f"pipeline rank {self.rank} ({where})"
+
+    def run(
+        self,
+        forward_fn: ForwardFn,
+        *,
+        loss_weights: Sequence[float] | None = None,
+        train: bool = True,
+        scale_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> StepResult:
+        """Run this rank's actions once.
+
+        Args:
+            forward_fn: Computes one stage for one micro-batch (see the module docstring).
+            loss_weights: Each micro-batch's share of the batch; default ``1/m`` each.
+            train: ``False`` runs only the forwards, without autograd, and keeps the last stage's outputs.
+            scale_loss: Applied to the weighted loss before backward (a gradient scaler's ``scale``).
+        """
+        sched, rank = self.schedule, self.rank
+        m, last = sched.num_microbatches, sched.last_stage
+        weights = list(loss_weights) if loss_weights is not None else [1.0 / m] * m
+        if len(weights) != m:
+            raise PipelineError(f"{len(weights)} loss weights for {m} micro-batches")
+        actions = [a for a in sched.actions[rank] if train or a.kind is _F]
+        receives = [(i, t) for i, t in enumerate(map(sched.incoming, actions)) if t is not None]
+        result = StepResult(start=time.perf_counter())
+        pending: dict[tuple[bool, int, int], PendingRecv] = {}
+        local: dict[tuple[bool, int, int], Any] = {}  # values handed between two stages of this rank
+        saved: dict[tuple[int, int], tuple[list[torch.Tensor], Any]] = {}
+        next_recv = 0
+        window = len(receives) if self.post_ahead is None else self.post_ahead
+
+        def post_until(limit: int) -> None:
+            nonlocal next_recv
+            while next_recv < len(receives) and next_recv < limit:
+                _, t = receives[next_recv]
+                what = f"receive of the {'gradient' if t.is_gradient else 'activation'} of micro-batch " \
+                       f"{t.microbatch} from stage {t.src_stage}"
+                pending[t.key] = self.transport.recv(t.src_rank, _tag(t, sched.num_stages), what)
+                next_recv += 1
+
+        def take(is_gradient: bool, microbatch: int, src_stage: int) -> Any:
+            key = (is_gradient, microbatch, src_stage)
+            if key in local:
+                return local.pop(key)
+            return pending.pop(key).wait()
+
+        def give(value: Any, action: Action, dst_stage: int, is_gradient: bool) -> None:
+            transfer = sched.outgoing(action)
+            if transfer is None:
+                local[(is_gradient, action.microbatch, action.stage)] = _as_leaves(value)
+            else:
+                what = f"send of the {'gradient' if is_gradient else 'activation'} of micro-batch " \
+                       f"{action.microbatch} to stage {dst_stage}"
+                self.transport.send(value, transfer.dst_rank, _tag(transfer, sched.num_stages), what)
+
+        post_until(window)
+        recv_index = 0
+        try:
+            for i, action in enumerate(actions):
+                self._current = action
+                ready = time.perf_counter()
+                # Keep the window of posted receives full, and let arrived headers post their payloads.
+                while recv_index < len(receives) and receives[recv_index][0] < i:
+                    recv_index += 1
+                post_until(recv_index + window)
+                for j in range(recv_index, min(recv_index + 2, next_recv)):
+                    p = pending.get(receives[j][1].key)
+                    if p is not None:
+                        p.progress()
+                mb, s = action.microbatch, action.stage
+                if action.kind is _F:
+                    inputs = None if s == 0 else take(False, mb, s - 1)
+                    start = time.perf_counter()
+                    with torch.set_grad_enabled(train):
+                        output = forward_fn(s, mb, inputs)
+                    input_leaves = flatten(inputs)[0] if train and inputs is not None else []
+                    if s == last:
+                        if train:
+                            if not isinstance(output, torch.Tensor) or output.numel() != 1:
+                                raise PipelineError(
+                                    f"the last stage must return the micro-batch's loss as a scalar tensor, got "
+                                    f"{type(output).__name__}"
+                                    + (f" of shape {tuple(output.shape)}" if isinstance(output, torch.Tensor) else "")
+                                )
+                            result.losses[mb] = output.detach()
+                            loss = output * weights[mb]
+                            saved[(mb, s)] = (input_leaves, scale_loss(loss) if scale_loss is not None else loss)
+                        else:
+                            result.outputs[mb] = output
+                    else:
+                        if train:
+                            saved[(mb, s)] = (input_leaves, output)
+                        give(output, action, s + 1, is_gradient=False)
+                elif action.kind is _B:
+                    grads = None if s == last else take(True, mb, s + 1)
+                    start = time.perf_counter()
+                    self._backward(saved.pop((mb, s)), grads, action, send=s > 0, give=give)
+                else:  # pragma: no cover - rejected in __init__
+                    raise PipelineError(f"{action}: W actions are not supported by this executor")
+                result.records.append(ActionRecord(action, ready, start, time.perf_counter()))
+                if len(self.transport._sends) > 64:
+                    self.transport.reap()
+            self._current = None
+            self.transport.flush()
+        finally:
+            self._current = None
+        result.end = time.perf_counter()
+        if saved or local or pending:
+            raise PipelineError(f"pipeline rank {rank}: schedule {sched.name!r} left work unfinished "
+                                f"(saved={sorted(saved)}, local={sorted(local)}, pending={sorted(pending)})")
+        return result
+
+    @staticmethod
+    def _backward(
+        state: tuple[list[torch.Tensor], Any],
+        grads: Any,
+        action: Action,
+        *,
+        send: bool,
+        give: Callable[[Any, Action, int, bool], None],
+    ) -> None:
+        input_leaves, output = state  # input_leaves: every tensor of the stage input, in flatten order
+        if grads is None:  # last stage: output is the weighted loss
+            outs, grad_outs = [output], [None]
+        else:
+            pairs = [(o, g) for o, g in zip(flatten(output)[0], grads) if g is not None and o.requires_grad]
+            outs, grad_outs = [o for o, _ in pairs], [g for _, g in pairs]
+        if outs and outs[0].requires_grad:
+            torch.autograd.backward(outs, grad_outs if grads is not None else None)
+        if send:
+            # One entry per tensor of the stage input, None where it has no gradient.
+            give([t.grad if t.requires_grad else None for t in input_leaves], action, action.stage - 1, True)

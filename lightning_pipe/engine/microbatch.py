@@ -1,0 +1,123 @@
+"""Splitting a batch into micro-batches and merging per-micro-batch outputs back.
+
+Plain torch (no Lightning), so the engine can drive any training loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import torch
+
+from lightning_pipe.errors import PipelineError
+
+__all__ = ["batch_size_of", "split_microbatches", "microbatch_weights", "merge_microbatches"]
+
+
+def batch_size_of(batch: Any) -> int:
+    """The size of dimension 0 of the first tensor (with at least one dimension) found in ``batch``."""
+    if isinstance(batch, torch.Tensor):
+        if batch.dim() > 0:
+            return batch.shape[0]
+        return -1
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        children: Sequence[Any] = [getattr(batch, f.name) for f in dataclasses.fields(batch)]
+    elif isinstance(batch, dict):
+        children = list(batch.values())
+    elif isinstance(batch, (list, tuple)):
+        children = batch
+    else:
+        return -1
+    for child in children:
+        size = batch_size_of(child)
+        if size >= 0:
+            return size
+    return -1
+
+
+def _split(node: Any, batch_size: int, bounds: list[tuple[int, int]]) -> list[Any]:
+    n = len(bounds)
+    if isinstance(node, torch.Tensor):
+        if node.dim() > 0 and node.shape[0] == batch_size:
+            return [node[a:b] for a, b in bounds]
+        return [node] * n  # not per-sample (a shared table, a scalar): every micro-batch gets it whole
+    if dataclasses.is_dataclass(node) and not isinstance(node, type):
+        fields = [f.name for f in dataclasses.fields(node) if f.init]
+        parts = {name: _split(getattr(node, name), batch_size, bounds) for name in fields}
+        return [dataclasses.replace(node, **{name: parts[name][i] for name in fields}) for i in range(n)]
+    if isinstance(node, dict):
+        parts_d = {k: _split(v, batch_size, bounds) for k, v in node.items()}
+        return [type(node)((k, parts_d[k][i]) for k in node) if type(node) is not dict
+                else {k: parts_d[k][i] for k in node} for i in range(n)]
+    if isinstance(node, (list, tuple)):
+        per_sample = len(node) == batch_size and not all(
+            isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch_size for v in node
+        )
+        if isinstance(node, list) and per_sample:
+            return [node[a:b] for a, b in bounds]  # one entry per sample (strings, ids, ragged tensors)
+        parts_l = [_split(v, batch_size, bounds) for v in node]
+        rebuilt = [[p[i] for p in parts_l] for i in range(n)]
+        if isinstance(node, tuple):
+            return [type(node)(*r) if hasattr(node, "_fields") else tuple(r) for r in rebuilt]
+        return rebuilt
+    return [node] * n
+
+
+def split_microbatches(batch: Any, num_microbatches: int) -> list[Any]:
+    """Split ``batch`` into ``min(num_microbatches, batch size)`` micro-batches along dimension 0.
+
+    Tensors whose first dimension is the batch size are sliced (the first ``size % n`` chunks get one sample more,
+    as :func:`torch.tensor_split` does); other tensors and non-tensor leaves are given whole to every micro-batch;
+    a list as long as the batch whose entries are not all batch-sized tensors is taken as per-sample and sliced.
+    Tuples, named tuples, lists, dicts and dataclasses are rebuilt with the same type.
+    """
+    if num_microbatches < 1:
+        raise PipelineError(f"num_microbatches must be at least 1, got {num_microbatches}")
+    size = batch_size_of(batch)
+    if size < 1:
+        raise PipelineError(
+            "cannot split this batch into micro-batches: it holds no tensor with a batch dimension "
+            f"(got {type(batch).__name__})"
+        )
+    n = min(num_microbatches, size)
+    base, extra = divmod(size, n)
+    bounds, start = [], 0
+    for i in range(n):
+        stop = start + base + (1 if i < extra else 0)
+        bounds.append((start, stop))
+        start = stop
+    return _split(batch, size, bounds)
+
+
+def microbatch_weights(microbatches: Sequence[Any]) -> list[float]:
+    """Each micro-batch's share of the batch, so that ``sum(w_i * mean_loss_i)`` is the full batch's mean loss."""
+    sizes = [batch_size_of(mb) for mb in microbatches]
+    total = sum(sizes)
+    return [s / total for s in sizes]
+
+
+def merge_microbatches(outputs: Sequence[Any]) -> Any:
+    """Concatenate per-micro-batch outputs along dimension 0, recursing into tuples, lists, dicts and dataclasses.
+
+    Tensors with a batch dimension are concatenated; scalar tensors are stacked; per-sample lists are joined;
+    other leaves are returned as a list with one entry per micro-batch.
+    """
+    first = outputs[0]
+    if len(outputs) == 1:
+        return first
+    if isinstance(first, torch.Tensor):
+        return torch.cat(list(outputs)) if first.dim() > 0 else torch.stack(list(outputs))
+    if dataclasses.is_dataclass(first) and not isinstance(first, type):
+        names = [f.name for f in dataclasses.fields(first) if f.init]
+        return dataclasses.replace(first, **{n: merge_microbatches([getattr(o, n) for o in outputs]) for n in names})
+    if isinstance(first, dict):
+        return {k: merge_microbatches([o[k] for o in outputs]) for k in first}
+    if isinstance(first, tuple):
+        merged = [merge_microbatches([o[i] for o in outputs]) for i in range(len(first))]
+        return type(first)(*merged) if hasattr(first, "_fields") else tuple(merged)
+    if isinstance(first, list):
+        if all(isinstance(o, list) for o in outputs) and not any(isinstance(v, torch.Tensor) for v in first):
+            return [v for o in outputs for v in o]
+        return [merge_microbatches([o[i] for o in outputs]) for i in range(len(first))]
+    return list(outputs)

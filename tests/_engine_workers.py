@@ -1,0 +1,133 @@
+"""Worker functions for the engine's multi-process tests (run by ``_launch.launch``)."""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_pipe.engine import ModuleStages, PipelineExecutor, microbatch_weights, split_microbatches, split_sequential
+from lightning_pipe.schedules import build_schedule
+
+
+class MaskedBlock(nn.Module):
+    """A transformer block that passes a nested value on: ``(hidden, {"mask": bool tensor, "seq_len": int})``."""
+
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(d, heads, dim_feedforward=2 * d, dropout=0.0, batch_first=True)
+
+    def forward(self, value: tuple[torch.Tensor, dict[str, Any]]) -> tuple[torch.Tensor, dict[str, Any]]:
+        x, extra = value
+        assert extra["seq_len"] == x.shape[1]  # the non-tensor leaf crossed stages intact
+        return self.layer(x, src_key_padding_mask=extra["mask"]), extra
+
+
+class Unpack(nn.Module):
+    """Takes the hidden state out of ``(hidden, extra)`` so the last stage ends in a plain tensor."""
+
+    def forward(self, value: tuple[torch.Tensor, dict[str, Any]]) -> torch.Tensor:
+        return value[0]
+
+
+def make_model(kind: str) -> nn.Sequential:
+    torch.manual_seed(1234)
+    if kind == "mlp":
+        layers: list[nn.Module] = []
+        for i in range(8):
+            layers.append(nn.Linear(16, 16))
+            if i < 7:
+                layers.append(nn.Tanh())
+        return nn.Sequential(*layers)
+    return nn.Sequential(*[MaskedBlock(16, 2) for _ in range(8)], Unpack())
+
+
+def make_batch(kind: str, step: int, batch_size: int) -> tuple[Any, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    if kind == "mlp":
+        return torch.randn(batch_size, 16, generator=g), torch.randn(batch_size, 16, generator=g)
+    seq = 5 + 3 * step  # the sequence length changes between steps
+    x = torch.randn(batch_size, seq, 16, generator=g)
+    mask = torch.zeros(batch_size, seq, dtype=torch.bool)
+    mask[:, -1] = step % 2 == 1  # pad the last position on odd steps
+    return (x, {"mask": mask, "seq_len": seq}), torch.randn(batch_size, seq, 16, generator=g)
+
+
+def _balance(n: int, p: int) -> list[int]:
+    base, extra = divmod(n, p)
+    return [base + (1 if i < extra else 0) for i in range(p)]
+
+
+def transparency(rank: int, world_size: int, *, models: list[str], schedules: list[str], ms: list[int],
+                 steps: int = 2, batch_size: int = 10, unweighted: bool = False) -> dict[str, float]:
+    """For each configuration, the largest |pipelined - reference| over this rank's loss and gradients.
+
+    ``unweighted=True`` sums the micro-batch losses instead of weighting them: a control that must show a
+    difference, so the comparison is known to be able to fail.
+    """
+    loss_fn = nn.MSELoss()
+    report: dict[str, float] = {}
+    for kind in models:
+        reference = make_model(kind)
+        ref_grads, ref_losses = [], []
+        for step in range(steps):
+            x, y = make_batch(kind, step, batch_size)
+            reference.zero_grad()
+            loss = loss_fn(reference(x), y)
+            loss.backward()
+            ref_losses.append(loss.detach())
+            ref_grads.append({n: p.grad.clone() for n, p in reference.named_parameters()})
+        for name in schedules:
+            for m in ms:
+                model = make_model(kind)
+                pieces = split_sequential(model, _balance(len(model), world_size))
+                names = {id(p): n for n, p in model.named_parameters()}
+                mine = pieces[rank]
+                worst = 0.0
+                for step in range(steps):
+                    x, y = make_batch(kind, step, batch_size)
+                    micro_x, micro_y = split_microbatches(x, m), split_microbatches(y, m)
+                    schedule = build_schedule(name, num_stages=world_size, num_microbatches=len(micro_x))
+                    executor = PipelineExecutor(schedule, rank=rank, timeout=60)
+                    mine.zero_grad()
+                    stages = ModuleStages({rank: mine}, num_stages=world_size, microbatches=micro_x,
+                                          targets=micro_y, loss_fn=loss_fn)
+                    weights = [1.0] * len(micro_x) if unweighted else microbatch_weights(micro_x)
+                    result = executor.run(stages, loss_weights=weights)
+                    if rank == world_size - 1:
+                        total = sum(w * result.losses[i] for i, w in enumerate(microbatch_weights(micro_x)))
+                        worst = max(worst, (total - ref_losses[step]).abs().item())
+                    else:
+                        assert not result.losses
+                    for p in mine.parameters():
+                        assert p.grad is not None, f"no gradient for {names[id(p)]}"
+                        worst = max(worst, (p.grad - ref_grads[step][names[id(p)]]).abs().max().item())
+                report[f"{kind}/{name}/m={m}"] = worst
+    return report
+
+
+def failing_step(rank: int, world_size: int, *, fail_rank: int, mode: str, timeout: float) -> str:
+    """Run 1F1B steps in which ``fail_rank`` raises (``mode="raise"``) or stalls (``"hang"``) mid-step."""
+    model = make_model("mlp")
+    mine = split_sequential(model, _balance(len(model), world_size))[rank]
+    x, y = make_batch("mlp", 0, 8)
+    micro_x, micro_y = split_microbatches(x, 4), split_microbatches(y, 4)
+    executor = PipelineExecutor(build_schedule("1f1b", num_stages=world_size, num_microbatches=4), rank=rank,
+                                timeout=timeout)
+    stages = ModuleStages({rank: mine}, num_stages=world_size, microbatches=micro_x, targets=micro_y,
+                          loss_fn=nn.MSELoss())
+
+    def forward_fn(stage: int, microbatch: int, inputs: Any) -> Any:
+        if rank == fail_rank and microbatch == 2:
+            if mode == "raise":
+                raise ValueError("injected failure in the user's forward")
+            time.sleep(3 * timeout)  # far past the peers' timeout, yet bounded
+            raise TimeoutError("stalled on purpose")
+        return stages(stage, microbatch, inputs)
+
+    executor.run(stages)  # one clean step first: the failure comes in the middle of a later one
+    executor.run(forward_fn)
+    return "finished"

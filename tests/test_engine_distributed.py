@@ -1,0 +1,66 @@
+"""The engine on several gloo processes: transparency against one process, and failures that never hang."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests._launch import launch
+
+pytestmark = pytest.mark.distributed
+
+TOLERANCE = 1e-5
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_transparency_against_one_process(world_size: int) -> None:
+    """MLP and transformer stacks, GPipe and 1F1B, m in {1, 3, p, 2p+1} (uneven splits of 10 samples), two steps
+    whose sequence length differs: the same loss and gradients as the unsplit model."""
+    ms = sorted({1, 3, world_size, 2 * world_size + 1})
+    outcomes = launch("tests._engine_workers.transparency", world_size, deadline=200,
+                      models=["mlp", "transformer"], schedules=["gpipe", "1f1b"], ms=ms)
+    reports = [o.unwrap() for o in outcomes]
+    expected = {f"{k}/{s}/m={m}" for k in ("mlp", "transformer") for s in ("gpipe", "1f1b") for m in ms}
+    for rank, report in enumerate(reports):
+        assert set(report) == expected
+        worst = max(report.values())
+        assert worst <= TOLERANCE, f"rank {rank}: {report}"
+
+
+@pytest.mark.timeout(120)
+def test_control_unweighted_losses_differ() -> None:
+    """Summing instead of weighting the micro-batch losses must be caught by the same comparison."""
+    outcomes = launch("tests._engine_workers.transparency", 2, deadline=100, models=["mlp"], schedules=["1f1b"],
+                      ms=[3], unweighted=True)
+    for outcome in outcomes:
+        assert max(outcome.unwrap().values()) > 1e-3
+
+
+@pytest.mark.timeout(120)
+def test_a_rank_that_raises_stops_every_other_rank_quickly() -> None:
+    timeout = 30.0
+    outcomes = launch("tests._engine_workers.failing_step", 4, deadline=90, fail_rank=1, mode="raise",
+                      timeout=timeout)
+    assert outcomes[1].error_type == "ValueError" and "injected failure" in outcomes[1].error
+    for outcome in outcomes:
+        assert not outcome.hung
+        if outcome.rank == 1:
+            continue
+        assert outcome.error_type == "PipelineCommError", (outcome.rank, outcome.error_type, outcome.error)
+        assert f"pipeline rank {outcome.rank}" in outcome.error and "with pipeline rank" in outcome.error
+        assert "stage" in outcome.error and "action" in outcome.error
+        # Peers learn of the crash from the closed connection, long before the wait timeout.
+        assert outcome.elapsed < timeout / 2, outcome.elapsed
+
+
+@pytest.mark.timeout(120)
+def test_a_rank_that_stalls_turns_into_a_timeout_error() -> None:
+    timeout = 4.0
+    outcomes = launch("tests._engine_workers.failing_step", 2, deadline=40, fail_rank=1, mode="hang",
+                      timeout=timeout)
+    assert outcomes[1].error_type == "TimeoutError"
+    rank0 = outcomes[0]
+    assert rank0.error_type == "PipelineCommError", (rank0.error_type, rank0.error)
+    assert "pipeline rank 0 (stage 0" in rank0.error and "with pipeline rank 1" in rank0.error
+    assert "timeout" in rank0.error
+    assert rank0.elapsed < 2 * timeout  # well before the stalled rank wakes up
