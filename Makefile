@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed
 
 .PHONY: setup train test bench clean
@@ -22,7 +23,7 @@ train: $(STAMP)
 	$(PY) examples/train_pipelined_mlp.py
 
 test: $(STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/schedule_efficiency.py

@@ -79,7 +79,8 @@ class PipelineExecutor:
         group: The pipeline process group (``None``: the default group).
         device: Where received tensors are placed.
         timeout: Seconds any single wait may take before it fails with a message naming the peer.
-        post_ahead: How many receives to keep posted ahead of need (``None``: all of the step's, at its start).
+        post_ahead: How many receives to keep posted ahead of need (``None``: all of the step's at its start with
+            gloo, whose posts run on a background thread; one with exact-size backends such as NCCL).
     """
 
     def __init__(
@@ -136,7 +137,10 @@ class PipelineExecutor:
         local: dict[tuple[bool, int, int], Any] = {}  # values handed between two stages of this rank
         saved: dict[tuple[int, int], tuple[list[torch.Tensor], Any]] = {}
         next_recv = 0
-        window = len(receives) if self.post_ahead is None else self.post_ahead
+        if self.post_ahead is not None:
+            window = self.post_ahead
+        else:
+            window = 1 if self.transport.exact else len(receives)
 
         def post_until(limit: int) -> None:
             nonlocal next_recv
@@ -144,7 +148,8 @@ class PipelineExecutor:
                 _, t = receives[next_recv]
                 what = f"receive of the {'gradient' if t.is_gradient else 'activation'} of micro-batch " \
                        f"{t.microbatch} from stage {t.src_stage}"
-                pending[t.key] = self.transport.recv(t.src_rank, _tag(t, sched.num_stages), what)
+                pending[t.key] = self.transport.recv(t.src_rank, _tag(t, sched.num_stages), what,
+                                                     channel=(t.is_gradient, t.src_stage))
                 next_recv += 1
 
         def take(is_gradient: bool, microbatch: int, src_stage: int) -> Any:
@@ -160,7 +165,8 @@ class PipelineExecutor:
             else:
                 what = f"send of the {'gradient' if is_gradient else 'activation'} of micro-batch " \
                        f"{action.microbatch} to stage {dst_stage}"
-                self.transport.send(value, transfer.dst_rank, _tag(transfer, sched.num_stages), what)
+                self.transport.send(value, transfer.dst_rank, _tag(transfer, sched.num_stages), what,
+                                    channel=(is_gradient, action.stage))
 
         post_until(window)
         recv_index = 0
@@ -168,14 +174,10 @@ class PipelineExecutor:
             for i, action in enumerate(actions):
                 self._current = action
                 ready = time.perf_counter()
-                # Keep the window of posted receives full, and let arrived headers post their payloads.
+                # Keep the window of posted receives full.
                 while recv_index < len(receives) and receives[recv_index][0] < i:
                     recv_index += 1
                 post_until(recv_index + window)
-                for j in range(recv_index, min(recv_index + 2, next_recv)):
-                    p = pending.get(receives[j][1].key)
-                    if p is not None:
-                        p.progress()
                 mb, s = action.microbatch, action.stage
                 if action.kind is _F:
                     inputs = None if s == 0 else take(False, mb, s - 1)
@@ -207,10 +209,9 @@ class PipelineExecutor:
                 else:  # pragma: no cover - rejected in __init__
                     raise PipelineError(f"{action}: W actions are not supported by this executor")
                 result.records.append(ActionRecord(action, ready, start, time.perf_counter()))
-                if len(self.transport._sends) > 64:
-                    self.transport.reap()
             self._current = None
             self.transport.flush()
+            self.transport.end_step()
         finally:
             self._current = None
         result.end = time.perf_counter()

@@ -51,9 +51,9 @@ def _split(node: Any, batch_size: int, bounds: list[tuple[int, int]]) -> list[An
         return [type(node)((k, parts_d[k][i]) for k in node) if type(node) is not dict
                 else {k: parts_d[k][i] for k in node} for i in range(n)]
     if isinstance(node, (list, tuple)):
-        per_sample = len(node) == batch_size and not all(
-            isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch_size for v in node
-        )
+        # A per-sample list has one entry per sample; a container ([x, y] from default_collate) holds at least
+        # one batch-sized entry. (A list of ragged tensors one of which is batch-size long stays ambiguous.)
+        per_sample = len(node) == batch_size and not any(batch_size_of(v) == batch_size for v in node)
         if isinstance(node, list) and per_sample:
             return [node[a:b] for a, b in bounds]  # one entry per sample (strings, ids, ragged tensors)
         parts_l = [_split(v, batch_size, bounds) for v in node]
@@ -69,7 +69,7 @@ def split_microbatches(batch: Any, num_microbatches: int) -> list[Any]:
 
     Tensors whose first dimension is the batch size are sliced (the first ``size % n`` chunks get one sample more,
     as :func:`torch.tensor_split` does); other tensors and non-tensor leaves are given whole to every micro-batch;
-    a list as long as the batch whose entries are not all batch-sized tensors is taken as per-sample and sliced.
+    a list as long as the batch none of whose entries holds a batch-sized tensor is taken as per-sample and sliced.
     Tuples, named tuples, lists, dicts and dataclasses are rebuilt with the same type.
     """
     if num_microbatches < 1:
@@ -100,8 +100,9 @@ def microbatch_weights(microbatches: Sequence[Any]) -> list[float]:
 def merge_microbatches(outputs: Sequence[Any]) -> Any:
     """Concatenate per-micro-batch outputs along dimension 0, recursing into tuples, lists, dicts and dataclasses.
 
-    Tensors with a batch dimension are concatenated; scalar tensors are stacked; per-sample lists are joined;
-    other leaves are returned as a list with one entry per micro-batch.
+    Tensors with a batch dimension are concatenated; scalar tensors are stacked; lists are joined when they hold no
+    tensor or differ in length (per-sample lists), else merged entry by entry; other leaves are returned as a list
+    with one entry per micro-batch.
     """
     first = outputs[0]
     if len(outputs) == 1:
@@ -117,7 +118,8 @@ def merge_microbatches(outputs: Sequence[Any]) -> Any:
         merged = [merge_microbatches([o[i] for o in outputs]) for i in range(len(first))]
         return type(first)(*merged) if hasattr(first, "_fields") else tuple(merged)
     if isinstance(first, list):
-        if all(isinstance(o, list) for o in outputs) and not any(isinstance(v, torch.Tensor) for v in first):
-            return [v for o in outputs for v in o]
+        lists = all(isinstance(o, list) for o in outputs)
+        if lists and (len({len(o) for o in outputs}) > 1 or not any(batch_size_of(v) >= 0 for v in first)):
+            return [v for o in outputs for v in o]  # per-sample lists: joined
         return [merge_microbatches([o[i] for o in outputs]) for i in range(len(first))]
     return list(outputs)

@@ -1,10 +1,16 @@
 """Point-to-point transfer of nested values between pipeline ranks with non-blocking isend/irecv.
 
-A value is sent as up to three messages on its own tag: a fixed-size header (the length of the metadata, and
-the metadata itself when it fits), the metadata when it did not fit, and one flat byte payload holding every
-tensor. Shapes and dtypes can therefore change from one message to the next. Receives are posted ahead: the
-header is posted early, and :meth:`PendingRecv.progress` posts the payload as soon as the header is in, so the
-payload travels while the receiver computes.
+A value (a tensor, or nested tuples/lists/dicts of tensors and other leaves) travels with its metadata, so
+shapes and dtypes may change from one message to the next. Two wire protocols:
+
+* **gloo** (CPU): one message per value, ``[prefix | metadata | payload]``, received into a buffer of the
+  channel's current capacity (gloo accepts a message shorter than the posted buffer). Capacities grow between
+  steps to the largest message seen, identically on both ends; a value larger than the capacity is announced by
+  a short overflow message and sent whole on an overflow tag. Receives are posted ahead of need.
+* **exact** (NCCL and other backends that need equal send and receive sizes): a fixed-size header, then the
+  metadata if it did not fit, then the payload, each posted when needed and in the same order on both ends.
+
+Every wait is bounded by the timeout and fails with :class:`PipelineCommError` naming rank, action and peer.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from __future__ import annotations
 import datetime
 import pickle
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Hashable
 
 import torch
 import torch.distributed as dist
@@ -23,9 +29,15 @@ from lightning_pipe.errors import PipelineCommError
 __all__ = ["Transport", "PendingRecv"]
 
 HEADER_BYTES = 1024
-"""Size of the fixed header. Metadata of up to ``HEADER_BYTES - 8`` bytes rides inside it."""
+"""Exact protocol: size of the fixed header; metadata of up to ``HEADER_BYTES - 8`` bytes rides inside it."""
+INITIAL_CAPACITY = 4096
+"""gloo protocol: the receive buffer of a channel before any message was seen on it."""
+_PREFIX = 16  # gloo protocol: int64 metadata length (-1: overflow), int64 payload length (overflow: total length)
 _ALIGN = 16
-_PARTS = 3  # header, long metadata, payload
+
+
+def _aligned(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
 @dataclass(frozen=True)
@@ -33,72 +45,100 @@ class _TensorMeta:
     dtype: torch.dtype
     shape: tuple[int, ...]
     requires_grad: bool
-    offset: int
+    offset: int  # within the payload
     nbytes: int
 
 
-def _aligned(n: int) -> int:
-    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+_Meta = tuple[TreeSpec, list[_TensorMeta], int]  # spec, tensors, payload bytes
+
+
+def _describe_tensors(value: Any) -> tuple[list[torch.Tensor], _Meta]:
+    tensors, spec = flatten(value)
+    metas, offset = [], 0
+    for t in tensors:
+        nbytes = t.numel() * t.element_size()
+        metas.append(_TensorMeta(t.dtype, tuple(t.shape), bool(t.requires_grad and t.is_floating_point()),
+                                 offset, nbytes))
+        offset = _aligned(offset + nbytes)
+    return tensors, (spec, metas, offset)
+
+
+def _pack(buffer: torch.Tensor, tensors: list[torch.Tensor], metas: list[_TensorMeta], base: int) -> None:
+    for t, m in zip(tensors, metas):
+        if m.nbytes:
+            buffer[base + m.offset : base + m.offset + m.nbytes].view(t.dtype).view(t.shape).copy_(t.detach())
+
+
+def _unpack(buffer: torch.Tensor, meta: _Meta, base: int) -> Any:
+    spec, metas, _ = meta
+    tensors = []
+    for m in metas:
+        t = buffer[base + m.offset : base + m.offset + m.nbytes].view(m.dtype).view(m.shape)
+        if m.requires_grad:
+            t.requires_grad_(True)
+        tensors.append(t)
+    return unflatten(tensors, spec)
+
+
+def _bytes_tensor(raw: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
 
 
 class PendingRecv:
     """A value being received from ``peer``; :meth:`wait` returns it."""
 
-    def __init__(self, transport: "Transport", peer: int, tag: int, what: str) -> None:
+    def __init__(self, transport: "Transport", peer: int, tag: int, channel: Hashable, what: str) -> None:
         self._t = transport
-        self.peer = peer
-        self.tag = tag
-        self.what = what
-        self._header = torch.empty(HEADER_BYTES, dtype=torch.uint8, device=transport.device)
-        self._header_work = transport._irecv(self._header, peer, tag * _PARTS)
-        self._meta: tuple[TreeSpec, list[_TensorMeta], int] | None = None
-        self._payload: torch.Tensor | None = None
-        self._payload_work: dist.Work | None = None
-
-    def progress(self) -> None:
-        """Post the payload's receive if the header has arrived; never blocks."""
-        if self._meta is None and self._header_work.is_completed():
-            self._read_header(self._header_work)
-
-    def _read_header(self, work: dist.Work) -> None:
-        self._t._wait(work, self, "header")
-        header = self._header.cpu()
-        n = int(header[:8].view(torch.int64).item())
-        if n <= HEADER_BYTES - 8:
-            raw = header[8 : 8 + n].numpy().tobytes()
+        self.peer, self.tag, self.channel, self.what = peer, tag, channel, what
+        if transport.exact:
+            self._buffer = torch.empty(HEADER_BYTES, dtype=torch.uint8, device=transport.device)
+            self._work = transport._irecv(self._buffer, peer, tag * 3)
         else:
-            long_meta = torch.empty(n, dtype=torch.uint8, device=self._t.device)
-            self._t._wait(self._t._irecv(long_meta, self.peer, self.tag * _PARTS + 1), self, "metadata")
-            raw = long_meta.cpu().numpy().tobytes()
-        self._meta = pickle.loads(raw)
-        nbytes = self._meta[2]
-        if nbytes:
-            self._payload = torch.empty(nbytes, dtype=torch.uint8, device=self._t.device)
-            self._payload_work = self._t._irecv(self._payload, self.peer, self.tag * _PARTS + 2)
+            self._buffer = torch.empty(transport.capacity(channel), dtype=torch.uint8, device=transport.device)
+            self._work = transport._irecv(self._buffer, peer, tag * 2)
 
     def wait(self) -> Any:
         """Block (at most the transport's timeout per message) until the value is in; return it."""
-        if self._meta is None:
-            self._read_header(self._header_work)
-        assert self._meta is not None
-        spec, metas, _ = self._meta
-        if self._payload_work is not None:
-            self._t._wait(self._payload_work, self, "payload")
-        tensors: list[torch.Tensor] = []
-        for m in metas:
-            assert self._payload is not None
-            t = self._payload[m.offset : m.offset + m.nbytes].view(m.dtype).view(m.shape)
-            if m.requires_grad:
-                t.requires_grad_(True)
-            tensors.append(t)
-        return unflatten(tensors, spec)
+        t = self._t
+        t._wait(self._work, self.peer, self.what)
+        if t.exact:
+            return self._wait_exact()
+        buffer = self._buffer
+        meta_len, length = (int(v) for v in buffer[:_PREFIX].cpu().view(torch.int64))
+        if meta_len < 0:  # overflow: the whole message follows on the overflow tag
+            buffer = torch.empty(length, dtype=torch.uint8, device=t.device)
+            t._wait(t._irecv(buffer, self.peer, self.tag * 2 + 1), self.peer, self.what)
+            meta_len, length = (int(v) for v in buffer[:_PREFIX].cpu().view(torch.int64))
+        base = _aligned(_PREFIX + meta_len)
+        t.observe(self.channel, base + length)
+        meta: _Meta = pickle.loads(buffer[_PREFIX : _PREFIX + meta_len].cpu().numpy().tobytes())
+        return _unpack(buffer, meta, base)
+
+    def _wait_exact(self) -> Any:
+        t = self._t
+        n = int(self._buffer[:8].cpu().view(torch.int64).item())
+        if n <= HEADER_BYTES - 8:
+            raw = self._buffer[8 : 8 + n].cpu().numpy().tobytes()
+        else:
+            long_meta = torch.empty(n, dtype=torch.uint8, device=t.device)
+            t._wait(t._irecv(long_meta, self.peer, self.tag * 3 + 1), self.peer, self.what)
+            raw = long_meta.cpu().numpy().tobytes()
+        meta: _Meta = pickle.loads(raw)
+        payload = torch.empty(meta[2], dtype=torch.uint8, device=t.device)
+        if meta[2]:
+            t._wait(t._irecv(payload, self.peer, self.tag * 3 + 2), self.peer, self.what)
+        return _unpack(payload, meta, 0)
 
 
 class Transport:
     """Sends and receives nested values between the ranks of one pipeline process group.
 
-    ``peer`` arguments are ranks within ``group``. Every wait is bounded by ``timeout`` seconds; a failure or a
-    timeout raises :class:`PipelineCommError` with the context given by ``describe``.
+    Args:
+        group: The pipeline group; ``peer`` arguments are ranks within it (``None``: the default group).
+        device: Where buffers and received tensors live.
+        timeout: Seconds any single wait may take.
+        describe: Returns where the caller is (rank, stage, action), for error messages.
+        exact: Use the exact-size protocol (default: for every backend but gloo).
     """
 
     def __init__(
@@ -108,85 +148,112 @@ class Transport:
         device: torch.device | str = "cpu",
         timeout: float = 300.0,
         describe: Callable[[], str] = lambda: "",
+        exact: bool | None = None,
     ) -> None:
         self.group = group
         self.device = torch.device(device)
         self.timeout = datetime.timedelta(seconds=timeout)
         self.describe = describe
+        self.exact = dist.get_backend(group) != "gloo" if exact is None else exact
+        self._rank = dist.get_rank(group)
+        self._capacity: dict[Hashable, int] = {}
+        self._seen: dict[Hashable, int] = {}
         self._sends: list[tuple[dist.Work, int, str, Any]] = []
 
-    # -- raw operations ------------------------------------------------------------------------------------
+    # -- channel capacities (gloo protocol) ------------------------------------------------------------------
+    def capacity(self, channel: Hashable) -> int:
+        """Bytes the receiver of ``channel`` posts for one message during the current step."""
+        return self._capacity.get(channel, INITIAL_CAPACITY)
+
+    def observe(self, channel: Hashable, nbytes: int) -> None:
+        if nbytes > self._seen.get(channel, 0):
+            self._seen[channel] = nbytes
+
+    def end_step(self) -> None:
+        """Grow each channel's capacity to the largest message of the step just ended.
+
+        Both ends of a channel call this after the same messages, so they agree on every capacity.
+        """
+        for channel, nbytes in self._seen.items():
+            if nbytes > self.capacity(channel):
+                self._capacity[channel] = 1 << (nbytes - 1).bit_length()
+        self._seen.clear()
+
+    # -- raw operations --------------------------------------------------------------------------------------
     def _irecv(self, tensor: torch.Tensor, peer: int, tag: int) -> dist.Work:
         return dist.irecv(tensor, group=self.group, group_src=peer, tag=tag)
 
-    def _wait(self, work: dist.Work, pending: PendingRecv | None, part: str, peer: int | None = None,
-              what: str = "") -> None:
-        if pending is not None:
-            peer, what = pending.peer, pending.what
+    def _isend(self, tensor: torch.Tensor, peer: int, tag: int) -> dist.Work:
+        return dist.isend(tensor, group=self.group, group_dst=peer, tag=tag)
+
+    def _wait(self, work: dist.Work, peer: int, what: str) -> None:
         try:
             ok = work.wait(timeout=self.timeout)
         except RuntimeError as err:
-            raise PipelineCommError(self._message(part, peer, what, str(err))) from err
+            raise PipelineCommError(self._message(peer, what, str(err) or type(err).__name__)) from err
         if ok is False:
-            raise PipelineCommError(self._message(part, peer, what, "the operation reported failure"))
+            raise PipelineCommError(self._message(peer, what, "the operation reported failure"))
 
-    def _message(self, part: str, peer: int | None, what: str, cause: str) -> str:
-        where = self.describe()
-        return (f"{where}: {what} ({part}) with pipeline rank {peer} failed or timed out after at most "
+    def _message(self, peer: int, what: str, cause: str) -> str:
+        return (f"{self.describe()}: {what} with pipeline rank {peer} failed or timed out after at most "
                 f"{self.timeout.total_seconds():g}s (PipelineStrategy(timeout=...) sets the limit). "
                 f"Check the logs of rank {peer}: it may have crashed. Cause: {cause.strip().splitlines()[0][:300]}")
 
-    # -- public API -----------------------------------------------------------------------------------------
-    def recv(self, peer: int, tag: int, what: str) -> PendingRecv:
-        """Post the receive of the value that ``peer`` sends on ``tag``."""
-        return PendingRecv(self, peer, tag, what)
+    # -- public API ------------------------------------------------------------------------------------------
+    def recv(self, peer: int, tag: int, what: str, channel: Hashable = None) -> PendingRecv:
+        """Post the receive of the value that ``peer`` sends on ``tag``; ``channel`` groups messages that share
+        a receive capacity (the same key must be given to :meth:`send` on the other end)."""
+        return PendingRecv(self, peer, tag, (peer, channel), what)
 
-    def send(self, value: Any, peer: int, tag: int, what: str) -> None:
-        """Start sending ``value`` (a tensor or a nested container of tensors and other leaves) to ``peer``."""
-        tensors, spec = flatten(value)
-        metas: list[_TensorMeta] = []
-        offset = 0
-        for t in tensors:
-            nbytes = t.numel() * t.element_size()
-            metas.append(_TensorMeta(t.dtype, tuple(t.shape), bool(t.requires_grad and t.is_floating_point()),
-                                     offset, nbytes))
-            offset = _aligned(offset + nbytes)
-        if len(tensors) == 1 and tensors[0].numel() > 0:
-            # The common case: one activation or gradient, sent as it is without a copy.
-            payload = tensors[0].detach().contiguous().view(-1).view(torch.uint8)
-        elif offset:
-            payload = torch.empty(offset, dtype=torch.uint8, device=self.device)
-            for t, m in zip(tensors, metas):
-                if m.nbytes:
-                    payload[m.offset : m.offset + m.nbytes].view(t.dtype).view(t.shape).copy_(t.detach())
+    def send(self, value: Any, peer: int, tag: int, what: str, channel: Hashable = None) -> None:
+        """Start sending ``value`` to ``peer`` on ``tag``; the buffers are kept until :meth:`flush`."""
+        tensors, meta = _describe_tensors(value)
+        raw = pickle.dumps(meta, protocol=pickle.HIGHEST_PROTOCOL)
+        if self.exact:
+            self._send_exact(tensors, meta, raw, peer, tag, what)
+            return
+        channel = (self._rank, channel)
+        base = _aligned(_PREFIX + len(raw))
+        self.observe(channel, base + meta[2])
+        if len(self._sends) > 64:
+            self.reap()
+        message = torch.empty(base + meta[2], dtype=torch.uint8)
+        message[:_PREFIX].view(torch.int64).copy_(torch.tensor([len(raw), meta[2]]))
+        message[_PREFIX : _PREFIX + len(raw)] = _bytes_tensor(raw)
+        _pack(message, tensors, meta[1], base)
+        message = message.to(self.device)
+        if base + meta[2] <= self.capacity(channel):
+            self._sends.append((self._isend(message, peer, tag * 2), peer, what, message))
         else:
-            payload = None
-        raw = pickle.dumps((spec, metas, offset if payload is not None else 0), protocol=pickle.HIGHEST_PROTOCOL)
+            notice = torch.tensor([-1, message.numel()], dtype=torch.int64).view(torch.uint8).to(self.device)
+            self._sends.append((self._isend(notice, peer, tag * 2), peer, what, notice))
+            self._sends.append((self._isend(message, peer, tag * 2 + 1), peer, what, message))
+
+    def _send_exact(self, tensors: list[torch.Tensor], meta: _Meta, raw: bytes, peer: int, tag: int,
+                    what: str) -> None:
         header = torch.zeros(HEADER_BYTES, dtype=torch.uint8)
         header[:8].view(torch.int64)[0] = len(raw)
-        ops: list[dist.P2POp] = []
-        keep: list[torch.Tensor] = []
+        parts = []
         if len(raw) <= HEADER_BYTES - 8:
-            header[8 : 8 + len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-        header = header.to(self.device)
-        ops.append(dist.P2POp(dist.isend, header, group=self.group, group_peer=peer, tag=tag * _PARTS))
-        keep.append(header)
-        if len(raw) > HEADER_BYTES - 8:
-            long_meta = torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(self.device)
-            ops.append(dist.P2POp(dist.isend, long_meta, group=self.group, group_peer=peer, tag=tag * _PARTS + 1))
-            keep.append(long_meta)
-        if payload is not None:
-            ops.append(dist.P2POp(dist.isend, payload, group=self.group, group_peer=peer, tag=tag * _PARTS + 2))
-            keep.append(payload)
-        for work in dist.batch_isend_irecv(ops):
-            # The buffers are kept alive until the send completes.
-            self._sends.append((work, peer, what, keep))
+            header[8 : 8 + len(raw)] = _bytes_tensor(raw)
+            parts.append((header.to(self.device), 0))
+        else:
+            parts += [(header.to(self.device), 0), (_bytes_tensor(raw).to(self.device), 1)]
+        if meta[2]:
+            if len(tensors) == 1:  # one activation or gradient: sent as it is, without a copy
+                payload = tensors[0].detach().contiguous().view(-1).view(torch.uint8)
+            else:
+                payload = torch.empty(meta[2], dtype=torch.uint8, device=self.device)
+                _pack(payload, tensors, meta[1], 0)
+            parts.append((payload, 2))
+        for tensor, part in parts:
+            self._sends.append((self._isend(tensor, peer, tag * 3 + part), peer, what, tensor))
 
     def flush(self) -> None:
         """Wait (bounded) until every send started so far has completed."""
         sends, self._sends = self._sends, []
         for work, peer, what, _ in sends:
-            self._wait(work, None, "send", peer, what)
+            self._wait(work, peer, what)
 
     def reap(self) -> None:
         """Forget the sends that have already completed (keeps the list short during a long step)."""

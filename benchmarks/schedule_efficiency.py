@@ -1,0 +1,134 @@
+"""How close the executor comes to the ideal pipeline, on stages that sleep instead of compute.
+
+Each stage's forward sleeps ``tf`` and its backward ``2 * tf``, so the figures do not depend on the CPU count.
+For p in {2, 4} and m in {4, 8, 16, 32}, both GPipe and 1F1B, it prints the measured step time (the slowest
+rank's, median of several steps), the simulator's prediction, the ideal ``(m + p - 1) * (tf + tb)`` and the
+overhead ratio measured / ideal. Run: ``python benchmarks/schedule_efficiency.py [--tf-ms 10]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from lightning_pipe.engine import PipelineExecutor  # noqa: E402
+from lightning_pipe.schedules import build_schedule  # noqa: E402
+from lightning_pipe.simulate import Costs, ideal_step_time, simulate  # noqa: E402
+
+
+def _calibrate_overshoot() -> float:
+    """Median time ``time.sleep`` oversleeps here (about 0.1 ms), measured once at start-up."""
+    samples = []
+    for _ in range(25):
+        t0 = time.perf_counter()
+        time.sleep(0.002)
+        samples.append(time.perf_counter() - t0 - 0.002)
+    return statistics.median(samples)
+
+
+_OVERSHOOT = 0.0
+
+
+def sleep_exactly(seconds: float) -> None:
+    """Sleep ``seconds`` on average: the calibrated overshoot of ``time.sleep`` is taken off, so the figures
+    measure the pipeline rather than the scheduler. (Spinning to the deadline would be exact but steals the
+    cores that gloo's threads need.)"""
+    time.sleep(max(0.0, seconds - _OVERSHOOT))
+
+
+class _Sleep(torch.autograd.Function):
+    """Identity whose forward sleeps ``tf`` and backward sleeps ``tb`` seconds."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, tf: float, tb: float) -> torch.Tensor:
+        ctx.tb = tb
+        sleep_exactly(tf)
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        sleep_exactly(ctx.tb)
+        return grad, None, None
+
+
+def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: Any) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    global _OVERSHOOT
+    _OVERSHOOT = _calibrate_overshoot()
+    tf, tb = args.tf_ms / 1000, 2 * args.tf_ms / 1000
+    x0 = torch.randn(4, 64, requires_grad=True)  # 1 KiB activations: per-message cost dominates, as in practice
+
+    def forward_fn(stage: int, microbatch: int, inputs: Any) -> torch.Tensor:
+        out = _Sleep.apply(x0 if stage == 0 else inputs, tf, tb)
+        return out.sum() if stage == world - 1 else out
+
+    for name in args.schedules:
+        for m in args.microbatches:
+            executor = PipelineExecutor(build_schedule(name, num_stages=world, num_microbatches=m), rank=rank)
+            times = []
+            for step in range(args.warmup + args.steps):
+                dist.barrier()
+                t0 = time.perf_counter()
+                executor.run(forward_fn)
+                elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+                dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+                if step >= args.warmup:
+                    times.append(elapsed.item())
+            if rank == 0:
+                queue.put((name, world, m, statistics.median(times)))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tf-ms", type=float, default=10.0, help="forward sleep per stage and micro-batch")
+    parser.add_argument("--stages", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--microbatches", type=int, nargs="+", default=[4, 8, 16, 32])
+    parser.add_argument("--schedules", nargs="+", default=["gpipe", "1f1b"])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    args = parser.parse_args()
+    ctx = mp.get_context("spawn")
+    rows = []
+    for p in args.stages:
+        queue = ctx.SimpleQueue()
+        mp.start_processes(_worker, args=(p, _free_port(), args, queue), nprocs=p, start_method="spawn")
+        while not queue.empty():
+            rows.append(queue.get())
+    tf = args.tf_ms
+    print(f"sleeping stages: tf={tf:g} ms, tb={2 * tf:g} ms; step times in ms (median of {args.steps})")
+    print(f"{'schedule':8} {'p':>2} {'m':>3} {'measured':>9} {'simulated':>9} {'ideal':>8} {'measured/ideal':>14}")
+    worst_1f1b = 0.0
+    for name, p, m, measured in rows:
+        sim = simulate(build_schedule(name, num_stages=p, num_microbatches=m), Costs(tf, 2 * tf)).step_time
+        ideal = ideal_step_time(p, m, tf, 2 * tf)
+        ratio = measured * 1000 / ideal
+        if name == "1f1b":
+            worst_1f1b = max(worst_1f1b, ratio)
+        print(f"{name:8} {p:>2} {m:>3} {measured * 1000:>9.1f} {sim:>9.1f} {ideal:>8.1f} {ratio:>14.3f}")
+    print(f"worst 1F1B overhead: {100 * (worst_1f1b - 1):.1f}% (target: under 5%)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
