@@ -1,1 +1,14 @@
-pass
+"""lightning_pipe: pipeline parallelism for PyTorch Lightning.
+
+``import lightning_pipe`` registers ``Trainer(strategy="pipeline")`` (and ``"pipeline_gpipe"``,
+``"pipeline_1f1b"``). The engine (``lightning_pipe.schedules``, ``lightning_pipe.simulate``,
+``lightning_pipe.engine``) does not import Lightning.
+"""
+
+from lightning_pipe.errors import PipelineCommError, PipelineError, ScheduleDeadlockError, ScheduleError
+from lightning_pipe.strategy import PipelineStrategy, register_strategies
+
+register_strategies()
+
+__all__ = ["PipelineStrategy", "PipelineError", "PipelineCommError", "ScheduleError", "ScheduleDeadlockError"]
+__version__ = "0.1.0"

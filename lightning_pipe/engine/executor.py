@@ -80,7 +80,9 @@ class PipelineExecutor:
         device: Where received tensors are placed.
         timeout: Seconds any single wait may take before it fails with a message naming the peer.
         post_ahead: How many receives to keep posted ahead of need (``None``: all of the step's at its start with
-            gloo, whose posts run on a background thread; one with exact-size backends such as NCCL).
+            gloo; one with exact-size backends such as NCCL).
+        transport: A transport to share with other executors of the same pipeline (``group``, ``device`` and
+            ``timeout`` then come from it).
     """
 
     def __init__(
@@ -92,6 +94,7 @@ class PipelineExecutor:
         device: torch.device | str = "cpu",
         timeout: float = 300.0,
         post_ahead: int | None = None,
+        transport: Transport | None = None,
     ) -> None:
         if not 0 <= rank < schedule.num_ranks:
             raise PipelineError(f"rank {rank} is outside the schedule's {schedule.num_ranks} ranks")
@@ -102,7 +105,12 @@ class PipelineExecutor:
         self.rank = rank
         self.post_ahead = post_ahead
         self._current: Action | None = None
-        self.transport = Transport(group=group, device=device, timeout=timeout, describe=self._describe)
+        if transport is None:
+            transport = Transport(group=group, device=device, timeout=timeout)
+        # Several executors (one per micro-batch count) may share a transport: its channel capacities then stay in
+        # step with the peers whatever executor ran last.
+        self.transport = transport
+        self.transport.describe = self._describe
 
     def _describe(self) -> str:
         action = self._current

@@ -1,0 +1,68 @@
+"""Cutting a chain of blocks into contiguous stages (plain Python: no torch.distributed, no Lightning)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from lightning_pipe.errors import PipelineError
+
+__all__ = ["uniform_partition", "optimal_partition", "check_partition"]
+
+
+def check_partition(counts: Sequence[int], *, num_blocks: int, num_stages: int) -> list[int]:
+    """Validate explicit block counts per stage (``PipelineStrategy(balance=[...])``)."""
+    counts = [int(c) for c in counts]
+    if len(counts) != num_stages:
+        raise PipelineError(f"balance={counts} has {len(counts)} entries for {num_stages} pipeline stages "
+                            "(pipeline_parallel_size); give one block count per stage")
+    if any(c < 1 for c in counts) or sum(counts) != num_blocks:
+        raise PipelineError(f"balance={counts} must be positive block counts that sum to the chain's {num_blocks} "
+                            "blocks")
+    return counts
+
+
+def _check_sizes(num_blocks: int, num_stages: int) -> None:
+    if num_stages > num_blocks:
+        raise PipelineError(f"pipeline_parallel_size={num_stages} is more stages than the chain's {num_blocks} blocks; "
+                            "use fewer stages or a model with more blocks (or point `blocks=` at a longer chain)")
+
+
+def uniform_partition(num_blocks: int, num_stages: int) -> list[int]:
+    """Block counts as even as possible; the later stages get the extra blocks (the first and last stages
+    usually also carry the embedding and the head)."""
+    _check_sizes(num_blocks, num_stages)
+    base, extra = divmod(num_blocks, num_stages)
+    return [base + (1 if i >= num_stages - extra else 0) for i in range(num_stages)]
+
+
+def optimal_partition(costs: Sequence[float], num_stages: int) -> list[int]:
+    """Block counts per stage that minimise the largest stage cost (sum of its blocks' costs).
+
+    Exact, by dynamic programming over prefixes (O(n^2 p)); among optimal cuts it takes the one whose stages are
+    the most even in block count, then the earliest, so every rank computes the same answer.
+    """
+    n = len(costs)
+    _check_sizes(n, num_stages)
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + float(c))
+    inf = float("inf")
+    # best[k][i]: (max stage cost, max block count) to cut the first i blocks into k stages
+    best = [[(inf, inf)] * (n + 1) for _ in range(num_stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(num_stages + 1)]
+    best[0][0] = (0.0, 0)
+    for k in range(1, num_stages + 1):
+        for i in range(k, n - (num_stages - k) + 1):
+            for j in range(k - 1, i):
+                prev = best[k - 1][j]
+                if prev[0] == inf:
+                    continue
+                cand = (max(prev[0], prefix[i] - prefix[j]), max(prev[1], i - j))
+                if cand < best[k][i]:
+                    best[k][i], cut[k][i] = cand, j
+    counts, i = [], n
+    for k in range(num_stages, 0, -1):
+        j = cut[k][i]
+        counts.append(i - j)
+        i = j
+    return counts[::-1]

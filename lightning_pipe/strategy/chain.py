@@ -1,0 +1,190 @@
+"""Finding the user's chain of blocks and cutting it so that a rank keeps only its stage's blocks.
+
+The chain (an ``nn.Sequential``, or an ``nn.ModuleList`` walked in a ``for`` loop) keeps its place in the model;
+its class is swapped for a subclass whose ``_modules`` hold only this stage's blocks, under their original indices
+(so parameter names stay ``layers.5.attn.weight``), and whose iteration yields, in order:
+
+* for blocks of earlier stages, a stand-in that returns its first argument (the code before the chain still runs;
+  its output is replaced at the stage's first block by the activation received from the previous stage);
+* this stage's blocks, watched by hooks that check the order, swap in the received input at the first block and,
+  on every stage but the last, end the step after the last block by raising :class:`StageExit` with its output.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+from torch import nn
+
+from lightning_pipe.errors import PipelineError
+
+__all__ = ["StageExit", "ChainRuntime", "find_chain", "split_chain"]
+
+
+class StageExit(BaseException):
+    """Raised after a non-last stage's last block to end the user's step hook; carries the stage output.
+
+    A ``BaseException`` so that a user's ``except Exception`` in the step does not swallow it.
+    """
+
+    def __init__(self, output: Any) -> None:
+        super().__init__("pipeline stage finished")
+        self.output = output
+
+
+class ChainRuntime:
+    """Per-rank state of the cut chain: which blocks it owns, and the micro-batch being computed."""
+
+    def __init__(self, *, path: str, num_blocks: int, first: int, stop: int, is_last_stage: bool,
+                 stage: int) -> None:
+        self.path, self.num_blocks = path, num_blocks
+        self.first, self.stop = first, stop
+        self.stage, self.is_last_stage = stage, is_last_stage
+        self.blocks: dict[int, nn.Module] = {}
+        self.active = False
+        self.next_index = 0
+        self.received: Any = None
+
+    def begin(self, received: Any) -> None:
+        self.active, self.next_index, self.received = True, 0, received
+
+    def end(self) -> None:
+        self.active, self.received = False, None
+
+    def visit(self, index: int) -> None:
+        if not self.active:
+            raise PipelineError(
+                f"block {index} of `{self.path}` was called outside a pipelined step. After the split, this rank "
+                f"holds blocks {self.first}..{self.stop - 1} only, so the model can run only inside "
+                "training_step/validation_step/test_step/predict_step driven by the PipelineStrategy"
+            )
+        if index != self.next_index:
+            raise PipelineError(
+                f"the blocks of `{self.path}` must each be called once per step, in order (block {self.next_index} "
+                f"was expected, block {index} was called). Pipeline stages cut the chain by position; point "
+                "`PipelineStrategy(blocks=...)` at a chain that is walked in order"
+            )
+        self.next_index = index + 1
+
+    def check_finished(self) -> None:
+        """On the last stage, after the step hook returned: the whole chain must have run."""
+        if self.next_index != self.num_blocks:
+            raise PipelineError(
+                f"the step hook returned after block {self.next_index - 1} of `{self.path}` "
+                f"({self.num_blocks} blocks); every block must run once per step under a pipeline"
+            )
+
+    def iterate(self) -> Iterator[nn.Module | "_Skipped"]:
+        for i in range(self.num_blocks):
+            yield self.block(i)
+
+    def block(self, index: int) -> nn.Module | "_Skipped":
+        """Block ``index`` if this rank holds it, else its stand-in."""
+        block = self.blocks.get(index)
+        return _Skipped(self, index) if block is None else block
+
+
+class _Skipped:
+    """Stands in for a block held by an earlier stage: passes its first argument through."""
+
+    def __init__(self, runtime: ChainRuntime, index: int) -> None:
+        self.runtime, self.index = runtime, index
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.runtime.visit(self.index)
+        if self.index >= self.runtime.stop:  # pragma: no cover - the stage exits before reaching these
+            raise PipelineError(f"block {self.index} of `{self.runtime.path}` belongs to a later stage")
+        return args[0] if args else next(iter(kwargs.values()))
+
+
+class _CutChainMixin:
+    """Iteration, length and indexing over the whole chain, for a container that holds only some blocks."""
+
+    _pipeline_runtime: ChainRuntime
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._pipeline_runtime.iterate()
+
+    def __len__(self) -> int:
+        return self._pipeline_runtime.num_blocks
+
+    def __getitem__(self, index: int) -> Any:
+        if not isinstance(index, int):
+            raise PipelineError(f"`{self._pipeline_runtime.path}` is cut into pipeline stages; index it with an int")
+        runtime = self._pipeline_runtime
+        index = index + runtime.num_blocks if index < 0 else index
+        return runtime.block(index)
+
+
+def _chain_sizes(model: nn.Module) -> list[tuple[str, nn.Module, int]]:
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Sequential, nn.ModuleList)) and len(module) > 0:
+            found.append((name, module, sum(p.numel() for p in module.parameters())))
+    return found
+
+
+def find_chain(model: nn.Module, path: str | None) -> tuple[str, nn.Sequential | nn.ModuleList]:
+    """The chain at ``path``, or (``None``) the ``nn.Sequential``/``nn.ModuleList`` holding the most parameters."""
+    if path is not None:
+        try:
+            chain = model.get_submodule(path)
+        except AttributeError:
+            raise PipelineError(f"blocks={path!r} names no submodule of {type(model).__name__}") from None
+        if not isinstance(chain, (nn.Sequential, nn.ModuleList)):
+            raise PipelineError(f"blocks={path!r} is a {type(chain).__name__}; it must name an nn.Sequential or "
+                                "nn.ModuleList whose blocks are called in order")
+        return path, chain
+    candidates = _chain_sizes(model)
+    if not candidates:
+        raise PipelineError(
+            f"no chain of blocks found in {type(model).__name__}: the pipeline splits an nn.Sequential or an "
+            "nn.ModuleList walked in a for loop. Put the model's body in one, or name it with "
+            "PipelineStrategy(blocks='attribute.path')"
+        )
+    name, chain, _ = max(candidates, key=lambda c: c[2])  # max keeps the first of equals: deterministic
+    return name, chain
+
+
+def split_chain(model: nn.Module, path: str, chain: nn.Module, *, counts: list[int], stage: int) -> ChainRuntime:
+    """Cut ``chain`` in place so that it keeps only the blocks of ``stage`` (``counts[s]`` blocks per stage)."""
+    if isinstance(chain, _CutChainMixin):
+        raise PipelineError(f"`{path}` is already cut into pipeline stages")
+    num_blocks = len(chain)
+    first = sum(counts[:stage])
+    stop = first + counts[stage]
+    runtime = ChainRuntime(path=path or type(chain).__name__, num_blocks=num_blocks, first=first, stop=stop,
+                           is_last_stage=stage == len(counts) - 1, stage=stage)
+    blocks = list(chain._modules.items())
+    for i, (key, block) in enumerate(blocks):
+        if first <= i < stop:
+            assert block is not None
+            runtime.blocks[i] = block
+            block.register_forward_pre_hook(_make_pre_hook(runtime, i), with_kwargs=True)
+            if i == stop - 1 and not runtime.is_last_stage:
+                block.register_forward_hook(_exit_hook)
+        else:
+            del chain._modules[key]
+    cls = type(chain)
+    chain.__class__ = type(f"Pipelined{cls.__name__}", (_CutChainMixin, cls), {})
+    chain._pipeline_runtime = runtime  # type: ignore[attr-defined]
+    return runtime
+
+
+def _make_pre_hook(runtime: ChainRuntime, index: int) -> Any:
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        runtime.visit(index)
+        if index == runtime.first and runtime.stage > 0:
+            # The hidden state computed before the chain on this rank is a placeholder: the real one was received.
+            if args:
+                args = (runtime.received,) + tuple(args[1:])
+            else:
+                key = next(iter(kwargs))
+                kwargs = {**kwargs, key: runtime.received}
+        return args, kwargs
+
+    return hook
+
+
+def _exit_hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+    raise StageExit(output)

@@ -1,0 +1,122 @@
+"""Gradient bookkeeping across stages: keeping step gradients aside for Lightning's closure, summing the gradients
+of parameters held by several stages, the global gradient norm, and agreeing on a GradScaler's inf check."""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["GradStash", "ReplicatedParams", "global_grad_norm", "clip_by_global_norm", "agree_found_inf"]
+
+
+class GradStash:
+    """Holds the gradients one pipelined step computed until Lightning's ``backward`` asks for them.
+
+    Lightning zeroes gradients *after* ``training_step`` (on the first batch of an accumulation window), but the
+    pipeline computes them inside it. :meth:`capture` runs the step on fresh gradients and puts the earlier ones
+    back; :meth:`apply` then adds the step's gradients on top, exactly where ``loss.backward()`` would have.
+    """
+
+    def __init__(self) -> None:
+        self._grads: list[tuple[nn.Parameter, torch.Tensor]] = []
+
+    def begin(self, params: Sequence[nn.Parameter]) -> list[torch.Tensor | None]:
+        before = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        return before
+
+    def end(self, params: Sequence[nn.Parameter], before: Sequence[torch.Tensor | None]) -> None:
+        self._grads = [(p, p.grad) for p in params if p.grad is not None]
+        for p, g in zip(params, before):
+            p.grad = g
+
+    def apply(self) -> None:
+        for p, g in self._grads:
+            p.grad = g if p.grad is None else p.grad + g
+        self._grads = []
+
+
+class ReplicatedParams:
+    """Parameters held by several stages (modules outside the chain, weights tied across stages).
+
+    ``names`` is the same ordered list on every rank; a rank that does not hold one contributes zeros, so every
+    rank enters the same all-reduce. ``count_here[i]`` marks the parameters whose norm this rank counts (the
+    lowest stage holding it), so a global norm counts each once.
+    """
+
+    def __init__(self, aliases: list[list[str]], shapes: list[torch.Size], owners: list[list[int]], stage: int,
+                 module: nn.Module) -> None:
+        self.names = [a[0] for a in aliases]
+        self.shapes = shapes
+        self.owners = owners
+        held = dict(module.named_parameters(remove_duplicate=False))
+        # A parameter tied between blocks of two stages is found under whichever of its names this rank kept.
+        self.params: list[nn.Parameter | None] = [next((held[n] for n in a if n in held), None) for a in aliases]
+        self.count_here = [min(o) == stage for o in owners]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def sum_grads(self, group: dist.ProcessGroup | None) -> None:
+        """Sum each replicated parameter's gradient over the stages, in one all-reduce."""
+        if not self.names:
+            return
+        device = next((p.device for p in self.params if p is not None), torch.device("cpu"))
+        dtype = next((p.dtype for p in self.params if p is not None), torch.float32)
+        flats = []
+        for p, shape in zip(self.params, self.shapes):
+            if p is not None and p.grad is not None:
+                flats.append(p.grad.reshape(-1).to(dtype))
+            else:
+                flats.append(torch.zeros(shape.numel(), device=device, dtype=dtype))
+        buffer = torch.cat(flats)
+        dist.all_reduce(buffer, group=group)
+        offset = 0
+        seen: set[int] = set()
+        for p, shape in zip(self.params, self.shapes):
+            n = shape.numel()
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                grad = buffer[offset : offset + n].view(shape).to(p.dtype)
+                p.grad = grad.clone() if p.grad is None else p.grad.copy_(grad)
+            offset += n
+
+
+def global_grad_norm(params: Iterable[nn.Parameter], counted: set[int], group: dist.ProcessGroup | None,
+                     norm_type: float = 2.0) -> torch.Tensor:
+    """The norm of every stage's gradients together; ``counted`` holds the ids of the parameters this rank counts."""
+    grads = [p.grad for p in params if p.grad is not None and id(p) in counted]
+    device = grads[0].device if grads else torch.device("cpu")
+    if norm_type == float("inf"):
+        local = torch.stack([g.detach().abs().max().float() for g in grads]).max() if grads else torch.zeros((), device=device)
+        dist.all_reduce(local, op=dist.ReduceOp.MAX, group=group)
+        return local
+    norms = [torch.linalg.vector_norm(g.detach(), norm_type).float() for g in grads]
+    local = torch.stack(norms).pow(norm_type).sum() if norms else torch.zeros((), device=device)
+    dist.all_reduce(local, group=group)
+    return local.pow(1.0 / norm_type)
+
+
+def clip_by_global_norm(params: Sequence[nn.Parameter], max_norm: float, counted: set[int],
+                        group: dist.ProcessGroup | None) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` over the union of all stages' parameters."""
+    total = global_grad_norm(params, counted, group)
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for p in params:
+        if p.grad is not None:
+            p.grad.detach().mul_(coef.to(p.grad.device, p.grad.dtype))
+    return total
+
+
+def agree_found_inf(found_inf: Sequence[torch.Tensor], group: dist.ProcessGroup | None) -> None:
+    """Make a GradScaler's per-device inf flags the maximum over all stages, so all stages skip the same steps."""
+    if not found_inf:
+        return
+    flags = torch.stack([f.reshape(()).float() for f in found_inf])
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+    for f, v in zip(found_inf, flags):
+        f.copy_(v.to(f.dtype).reshape(f.shape))

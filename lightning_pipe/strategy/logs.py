@@ -1,0 +1,127 @@
+"""Relaying what the user's step logs on the last stage to every rank, one value per step.
+
+While a micro-batch runs, ``LightningModule.log`` is replaced by a recorder. After the step the last stage
+combines each name's per-micro-batch values as the full batch would give them (weighted mean by default, else the
+``reduce_fx`` given), the combined values are broadcast to every rank of the pipeline, and every rank makes the
+same real ``self.log`` calls, so progress bar, ``callback_metrics``, loggers and callbacks agree everywhere and
+``sync_dist`` collectives are entered by all ranks. A torchmetrics ``Metric`` is relayed by its attribute name and
+logged on every rank from its own copy (copies on other stages hold empty states, which sum-reductions ignore).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+from torchmetrics import Metric
+
+__all__ = ["LogRecord", "LogRecorder", "combine_records", "replay"]
+
+_MEAN, _SUM, _MAX, _MIN = "mean", "sum", "max", "min"
+_REDUCE_NAMES: dict[Any, str] = {
+    "mean": _MEAN, "avg": _MEAN, torch.mean: _MEAN,
+    "sum": _SUM, torch.sum: _SUM,
+    "max": _MAX, torch.max: _MAX, max: _MAX,
+    "min": _MIN, torch.min: _MIN, min: _MIN,
+}
+
+
+@dataclass
+class LogRecord:
+    """One name logged in one step: its value (combined over micro-batches) and the ``self.log`` options."""
+
+    name: str
+    value: Any
+    kwargs: dict[str, Any]
+    metric_attribute: str | None = None
+    """Set when the value is a torchmetrics ``Metric``: its attribute path in the LightningModule."""
+
+
+@dataclass
+class LogRecorder:
+    """Collects ``self.log`` calls per micro-batch."""
+
+    module: torch.nn.Module
+    calls: dict[str, list[tuple[int, Any, dict[str, Any], str | None]]] = field(default_factory=dict)
+    _metric_names: dict[int, str] | None = None
+
+    @contextlib.contextmanager
+    def capture(self, microbatch: int) -> Iterator[None]:
+        """Within this block, ``module.log`` records instead of logging."""
+
+        def record(name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+            if args:
+                raise TypeError("lightning_pipe relays self.log(name, value, **options): pass options by keyword")
+            attribute = kwargs.pop("metric_attribute", None)
+            if isinstance(value, Metric):
+                attribute = attribute or self._metric_name(value, name)
+            elif isinstance(value, torch.Tensor):
+                value = value.detach()
+            self.calls.setdefault(name, []).append((microbatch, value, kwargs, attribute))
+
+        self.module.log = record  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            del self.module.log
+
+    def _metric_name(self, metric: Metric, name: str) -> str:
+        if self._metric_names is None:
+            self._metric_names = {id(m): n for n, m in self.module.named_modules() if isinstance(m, Metric)}
+        try:
+            return self._metric_names[id(metric)]
+        except KeyError:
+            raise ValueError(f"self.log({name!r}, metric): the Metric must be an attribute (submodule) of the "
+                             "LightningModule so that every pipeline stage can log its own copy") from None
+
+
+def _reduce_name(reduce_fx: Any, name: str) -> str:
+    try:
+        return _REDUCE_NAMES[reduce_fx]
+    except (KeyError, TypeError):
+        raise ValueError(f"self.log({name!r}, reduce_fx={reduce_fx!r}): under a pipeline, values logged per "
+                         "micro-batch are combined with 'mean', 'sum', 'max' or 'min'") from None
+
+
+def combine_records(recorder: LogRecorder, weights: list[float]) -> list[LogRecord]:
+    """One record per logged name: the micro-batch values combined as the full batch would give them."""
+    records = []
+    for name, calls in recorder.calls.items():
+        _, last_value, kwargs, attribute = calls[-1]
+        kwargs = dict(kwargs)
+        kwargs.pop("batch_size", None)  # the relayed value stands for the whole batch: Lightning infers its size
+        if attribute is not None:
+            records.append(LogRecord(name, None, kwargs, attribute))
+            continue
+        how = _reduce_name(kwargs.get("reduce_fx", "mean"), name)
+        values = [torch.as_tensor(v, dtype=torch.float64 if not isinstance(v, torch.Tensor) else None)
+                  for _, v, _, _ in calls]
+        if how == _MEAN:
+            if len(calls) != len(weights):
+                raise ValueError(f"self.log({name!r}) was called {len(calls)} times for {len(weights)} micro-batches;"
+                                 " log each value once per step")
+            value: Any = sum(weights[mb] * v for (mb, _, _, _), v in zip(calls, values))
+        elif how == _SUM:
+            value = sum(values)
+        else:
+            stacked = torch.stack([v.to(values[0].dtype) for v in values])
+            value = stacked.max(0).values if how == _MAX else stacked.min(0).values
+        if isinstance(last_value, torch.Tensor):
+            value = value.to(last_value.dtype)
+        records.append(LogRecord(name, value.cpu() if isinstance(value, torch.Tensor) else value, kwargs))
+    return records
+
+
+def replay(module: Any, records: list[LogRecord], device: torch.device,
+           log: Callable[..., None] | None = None) -> None:
+    """Make the real ``self.log`` calls for ``records`` on this rank."""
+    log = log or module.log
+    for record in records:
+        if record.metric_attribute is not None:
+            metric = module.get_submodule(record.metric_attribute)
+            log(record.name, metric, metric_attribute=record.metric_attribute, **record.kwargs)
+        else:
+            value = record.value.to(device) if isinstance(record.value, torch.Tensor) else record.value
+            log(record.name, value, **record.kwargs)

@@ -1,0 +1,460 @@
+"""``PipelineStrategy``: the Lightning face of the engine.
+
+It subclasses ``DDPStrategy`` for what Lightning ties to it (the subprocess launcher, process-group set-up,
+distributed-sampler injection, ``sync_dist``), but never wraps the model in DDP: it cuts the LightningModule's
+chain of blocks into stages, runs each step hook per micro-batch through the executor, and hands Lightning one
+loss, one set of logged values and the stage's gradients per step.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from datetime import timedelta
+from typing import Any, Callable, Literal
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch import LightningModule, Trainer
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_pipe.engine import PipelineExecutor, Transport, merge_microbatches, microbatch_weights, split_microbatches
+from lightning_pipe.errors import PipelineError
+from lightning_pipe.schedules import SCHEDULES, Schedule, build_schedule
+from lightning_pipe.strategy.chain import ChainRuntime, StageExit, find_chain, split_chain
+from lightning_pipe.strategy.grads import GradStash, ReplicatedParams, agree_found_inf, clip_by_global_norm
+from lightning_pipe.strategy.logs import LogRecord, LogRecorder, combine_records, replay
+from lightning_pipe.strategy.placement import block_counts, plan_placement
+
+__all__ = ["PipelineStrategy"]
+
+log = logging.getLogger(__name__)
+
+_BALANCES = ("uniform", "parameters")
+
+
+def _positive(name: str, value: int | None) -> None:
+    if value is not None and (not isinstance(value, int) or value < 1):
+        raise PipelineError(f"{name}={value!r} must be a positive integer or None")
+
+
+class PipelineStrategy(DDPStrategy):
+    """Pipeline parallelism: the LightningModule's chain of blocks is cut into stages, one per process.
+
+    Args:
+        pipeline_parallel_size: Number of stages. Default: every process of the run.
+        num_microbatches: Micro-batches per batch. Default: twice the number of stages. A batch with fewer
+            samples runs with one micro-batch per sample.
+        schedule: ``"1f1b"`` (default) or ``"gpipe"``.
+        balance: ``"parameters"`` (the cut that evens out parameter counts, exactly), ``"uniform"`` (block counts),
+            or a list with the number of blocks of each stage.
+        blocks: Attribute path of the ``nn.Sequential``/``nn.ModuleList`` to cut (``"model.layers"``). Default: the
+            one holding the most parameters.
+        data_parallel_size: Replicas of the pipeline. Default: processes / ``pipeline_parallel_size``.
+        timeout: Longest wait for any collective or point-to-point transfer (also the process-group timeout).
+        **ddp_kwargs: Passed to :class:`~lightning.pytorch.strategies.DDPStrategy` (``process_group_backend``,
+            ``cluster_environment``, ...).
+    """
+
+    strategy_name = "pipeline"
+
+    def __init__(
+        self,
+        pipeline_parallel_size: int | None = None,
+        num_microbatches: int | None = None,
+        schedule: str = "1f1b",
+        balance: Literal["uniform", "parameters"] | list[int] = "parameters",
+        blocks: str | None = None,
+        *,
+        data_parallel_size: int | None = None,
+        timeout: timedelta | float = timedelta(minutes=30),
+        **ddp_kwargs: Any,
+    ) -> None:
+        start_method = ddp_kwargs.pop("start_method", "popen")
+        if start_method != "popen":
+            raise PipelineError(
+                f"PipelineStrategy(start_method={start_method!r}) is not supported: spawn/fork launchers hand only "
+                "rank 0's weights (one stage) back to the main process. Use the default launcher (run your script "
+                "with `python train.py`), torchrun or SLURM"
+            )
+        _positive("pipeline_parallel_size", pipeline_parallel_size)
+        _positive("num_microbatches", num_microbatches)
+        _positive("data_parallel_size", data_parallel_size)
+        if not isinstance(schedule, str) or schedule.lower() not in SCHEDULES:
+            raise PipelineError(f"unknown schedule={schedule!r}; choose one of {sorted(SCHEDULES)}")
+        if isinstance(balance, str):
+            if balance not in _BALANCES:
+                raise PipelineError(f"unknown balance={balance!r}; choose 'uniform', 'parameters' or a list of "
+                                    "block counts per stage")
+        elif not (isinstance(balance, (list, tuple)) and all(isinstance(b, int) for b in balance)):
+            raise PipelineError(f"balance={balance!r} must be 'uniform', 'parameters' or a list of block counts")
+        if not isinstance(timeout, timedelta):
+            timeout = timedelta(seconds=float(timeout))
+        super().__init__(timeout=timeout, start_method="popen", **ddp_kwargs)
+        self.pipeline_parallel_size = pipeline_parallel_size
+        self.data_parallel_size = data_parallel_size
+        self.schedule_name = schedule.lower()
+        self.balance = list(balance) if not isinstance(balance, str) else balance
+        self.blocks = blocks
+        self._num_microbatches = num_microbatches
+        self._mesh: DeviceMesh | None = None
+        self._pp_group: dist.ProcessGroup | None = None
+        self._dp_group: dist.ProcessGroup | None = None
+        self.pp_rank = 0
+        self.dp_rank = 0
+        self._pp_ranks: list[int] = [0]
+        self._runtime: ChainRuntime | None = None
+        self._replicated: ReplicatedParams | None = None
+        self._counted: set[int] = set()
+        self._stash = GradStash()
+        self._transport: Transport | None = None
+        self._executors: dict[int, PipelineExecutor] = {}
+        self._warned_short_batch = False
+
+    # -- layout -----------------------------------------------------------------------------------------------
+    @property
+    def num_stages(self) -> int:
+        return self.pipeline_parallel_size or self.world_size
+
+    @property
+    def num_microbatches(self) -> int:
+        return self._num_microbatches or 2 * self.num_stages
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.num_stages - 1
+
+    @property
+    def device_mesh(self) -> DeviceMesh | None:
+        """The ``("dp", "pp")`` mesh of the run (also published as the LightningModule's ``device_mesh``)."""
+        return self._mesh
+
+    @override
+    def setup_environment(self) -> None:
+        super().setup_environment()  # process group
+        world = self.world_size
+        pp = self.num_stages
+        if world % pp != 0:
+            raise PipelineError(f"pipeline_parallel_size={pp} does not divide the {world} processes of the run; "
+                                "choose a divisor, or change devices/num_nodes")
+        dp = world // pp
+        if self.data_parallel_size is not None and self.data_parallel_size != dp:
+            raise PipelineError(f"data_parallel_size={self.data_parallel_size} x pipeline_parallel_size={pp} must "
+                                f"equal the {world} processes of the run")
+        self.data_parallel_size = dp
+        self.pipeline_parallel_size = pp
+        device_type = self.root_device.type
+        self._mesh = init_device_mesh(device_type, (dp, pp), mesh_dim_names=("dp", "pp"))
+        self._pp_group = self._mesh.get_group("pp")
+        self._dp_group = self._mesh.get_group("dp")
+        self.pp_rank = self._mesh.get_local_rank("pp")
+        self.dp_rank = self._mesh.get_local_rank("dp")
+        self._pp_ranks = dist.get_process_group_ranks(self._pp_group)
+        if self.lightning_module is not None:
+            self.lightning_module._device_mesh = self._mesh
+
+    @property
+    @override
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        # Every stage of a pipeline reads the same batches; replicas read their own shards.
+        return {"num_replicas": self.data_parallel_size or 1, "rank": self.dp_rank}
+
+    @property
+    @override
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True  # the model is cut in setup(); checkpoints are loaded into the cut model
+
+    # -- model surgery ----------------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: Trainer) -> None:
+        module = self.lightning_module
+        assert module is not None and self.accelerator is not None and self.model is not None
+        if not module.automatic_optimization:
+            raise PipelineError("PipelineStrategy supports automatic optimization only; remove "
+                                "`self.automatic_optimization = False` from the LightningModule")
+        self.accelerator.setup(trainer)
+        first_time = self._runtime is None
+        if first_time:
+            self._split(module)
+        self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        if first_time:
+            self._sync_replicated_params()
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if trainer.state.fn == TrainerFn.FITTING:
+            _optimizers_to_device(self.optimizers, self.root_device)
+        self._install_precision_hooks()
+
+    def _split(self, module: LightningModule) -> None:
+        path, chain = find_chain(module, self.blocks)
+        counts = block_counts(chain, self.balance, self.num_stages)
+        placement = plan_placement(module, path, counts)
+        self._runtime = split_chain(module, path, chain, counts=counts, stage=self.pp_rank)
+        self._replicated = ReplicatedParams(placement.replicated_names, placement.replicated_shapes,
+                                            placement.replicated_owners, self.pp_rank, module)
+        replicated_ids = {id(p) for p in self._replicated.params if p is not None}
+        counted_ids = {id(p) for p, c in zip(self._replicated.params, self._replicated.count_here)
+                       if p is not None and c}
+        self._counted = {id(p) for p in module.parameters() if id(p) not in replicated_ids} | counted_ids
+        log.info(f"pipeline stage {self.pp_rank}: blocks {self._runtime.first}..{self._runtime.stop - 1} of "
+                 f"`{path}` (block counts per stage: {counts})")
+
+    def _sync_replicated_params(self) -> None:
+        """Start every copy of a replicated parameter from the lowest stage's values."""
+        assert self._replicated is not None
+        with torch.no_grad():
+            for param, shape, owners in zip(self._replicated.params, self._replicated.shapes,
+                                            self._replicated.owners):
+                buffer = param.data if param is not None else torch.empty(shape, device=self.root_device)
+                dist.broadcast(buffer, src=self._pp_ranks[owners[0]], group=self._pp_group)
+
+    # -- one step -----------------------------------------------------------------------------------------------
+    def _executor(self, num_microbatches: int) -> PipelineExecutor:
+        executor = self._executors.get(num_microbatches)
+        if executor is None:
+            if self._transport is None:
+                self._transport = Transport(group=self._pp_group, device=self.root_device,
+                                            timeout=self._timeout.total_seconds() if self._timeout else 1800.0)
+            schedule: Schedule = build_schedule(self.schedule_name, num_stages=self.num_stages,
+                                                num_microbatches=num_microbatches)
+            executor = PipelineExecutor(schedule, rank=self.pp_rank, transport=self._transport)
+            self._executors[num_microbatches] = executor
+        return executor
+
+    def _split_batch(self, batch: Any) -> list[Any]:
+        micro = split_microbatches(batch, self.num_microbatches)
+        if len(micro) < self.num_microbatches and not self._warned_short_batch:
+            self._warned_short_batch = True
+            warnings.warn(f"a batch of {len(micro)} samples is smaller than num_microbatches="
+                          f"{self.num_microbatches}; it runs with {len(micro)} micro-batches (shown once)")
+        return micro
+
+    def _run_step(self, hook: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], *, train: bool,
+                  gather_outputs: bool = False) -> tuple[torch.Tensor | None, Any]:
+        """Run ``hook`` over the micro-batches of ``args[0]``; relay logs (and loss/outputs) to every stage."""
+        module = self.lightning_module
+        runtime = self._runtime
+        assert module is not None and runtime is not None
+        micro = self._split_batch(args[0])
+        weights = microbatch_weights(micro)
+        recorder = LogRecorder(module)
+        outputs: dict[int, Any] = {}
+
+        def forward_fn(stage: int, microbatch: int, inputs: Any) -> Any:
+            runtime.begin(inputs)
+            try:
+                with recorder.capture(microbatch):
+                    out = hook(micro[microbatch], *args[1:], **kwargs)
+            except StageExit as done:
+                return done.output
+            finally:
+                runtime.end()
+            if not runtime.is_last_stage:
+                raise PipelineError(f"the step hook returned before block {runtime.stop - 1} of `{runtime.path}` "
+                                    f"ran on pipeline stage {stage}; the chain must run in full in every step")
+            runtime.check_finished()
+            if not train:
+                return out
+            loss = out.get("loss") if isinstance(out, dict) else out
+            if not isinstance(loss, torch.Tensor):
+                raise PipelineError("training_step must return the loss (a tensor, or a dict with 'loss') under "
+                                    "PipelineStrategy; skipping a step by returning None is not supported")
+            outputs[microbatch] = out
+            return loss
+
+        executor = self._executor(len(micro))
+        scale = self._loss_scale() if train else None
+        result = executor.run(forward_fn, loss_weights=weights, train=train, scale_loss=scale)
+        payload: list[Any] = [None]
+        if self.is_last_stage:
+            loss = sum(w * result.losses[i].double() for i, w in enumerate(weights)) if train else None
+            merged = merge_microbatches([result.outputs[i] for i in range(len(micro))]) if gather_outputs else None
+            payload = [(loss.cpu() if loss is not None else None, combine_records(recorder, weights), merged)]
+        if self.num_stages > 1:
+            dist.broadcast_object_list(payload, src=self._pp_ranks[-1], group=self._pp_group)
+        loss, records, merged = payload[0]
+        replay(module, records, self.root_device)
+        if not train:
+            return None, merged if gather_outputs else (result.outputs if self.is_last_stage else None)
+        return loss.to(device=self.root_device, dtype=torch.float32), None
+
+    def _loss_scale(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        trainer = self.lightning_module.trainer
+        accumulate = trainer.accumulate_grad_batches
+        scaler = getattr(self.precision_plugin, "scaler", None)
+
+        def scale(loss: torch.Tensor) -> torch.Tensor:
+            # What Lightning's closure does to the loss before backward: 1/accumulate, then the GradScaler.
+            loss = loss / accumulate
+            return scaler.scale(loss) if scaler is not None else loss
+
+        return scale
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        module = self.lightning_module
+        params = [p for p in module.parameters() if p.requires_grad]
+        before = self._stash.begin(params)
+        try:
+            with self.precision_plugin.train_step_context():
+                loss, _ = self._run_step(module.training_step, args, kwargs, train=True)
+        finally:
+            self._stash.end(params, before)
+        assert loss is not None
+        # Lightning needs a loss on every rank; backward() below installs the gradients the step computed.
+        return loss.detach().requires_grad_(True)
+
+    @override
+    def backward(self, closure_loss: torch.Tensor, optimizer: Optimizer | None, *args: Any,
+                 **kwargs: Any) -> torch.Tensor:
+        module = self.lightning_module
+        self.pre_backward(closure_loss)
+        Precision.pre_backward(self.precision_plugin, closure_loss, module)  # hooks only: no loss scaling here
+        self._stash.apply()
+        closure_loss = self.precision_plugin.post_backward(closure_loss, module)
+        self.post_backward(closure_loss)
+        return closure_loss
+
+    @override
+    def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any],
+                       model: LightningModule | torch.nn.Module | None = None, **kwargs: Any) -> Any:
+        def closure_then_sync() -> Any:
+            out = closure()
+            self._reduce_gradients()
+            return out
+
+        return super().optimizer_step(optimizer, closure_then_sync, model, **kwargs)
+
+    def _reduce_gradients(self) -> None:
+        """Once per optimizer step: sum replicated parameters' gradients over the stages, then average every
+        gradient over the data-parallel replicas."""
+        assert self._replicated is not None
+        if self.num_stages > 1:
+            self._replicated.sum_grads(self._pp_group)
+        if (self.data_parallel_size or 1) > 1:
+            grads = [p.grad for p in self.lightning_module.parameters() if p.grad is not None]
+            if grads:
+                flat = torch.cat([g.reshape(-1) for g in grads])
+                dist.all_reduce(flat, group=self._dp_group)
+                flat /= self.data_parallel_size
+                offset = 0
+                for g in grads:
+                    g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                    offset += g.numel()
+
+    def _install_precision_hooks(self) -> None:
+        plugin = self.precision_plugin
+        if getattr(plugin, "_lightning_pipe_hooked", False):
+            return
+        plugin._lightning_pipe_hooked = True  # type: ignore[attr-defined]
+
+        def clip_grad_by_norm(optimizer: Optimizer, clip_val: float) -> None:
+            params = list(plugin.main_params(optimizer))
+            clip_by_global_norm(params, float(clip_val), self._counted, self._pp_group)
+
+        plugin.clip_grad_by_norm = clip_grad_by_norm  # type: ignore[method-assign]
+        scaler = getattr(plugin, "scaler", None)
+        if scaler is not None:
+            unscale = scaler.unscale_
+
+            def unscale_and_agree(optimizer: Optimizer) -> None:
+                unscale(optimizer)
+                state = scaler._per_optimizer_states[id(optimizer)]
+                agree_found_inf(list(state["found_inf_per_device"].values()), None)
+
+            scaler.unscale_ = unscale_and_agree
+
+    # -- evaluation -----------------------------------------------------------------------------------------------
+    @override
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self.precision_plugin.val_step_context():
+            return self._merge_eval(self._run_step(self.lightning_module.validation_step, args, kwargs, train=False))
+
+    @override
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self.precision_plugin.test_step_context():
+            return self._merge_eval(self._run_step(self.lightning_module.test_step, args, kwargs, train=False))
+
+    @override
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self.precision_plugin.predict_step_context():
+            _, merged = self._run_step(self.lightning_module.predict_step, args, kwargs, train=False,
+                                       gather_outputs=True)
+        return merged
+
+    @staticmethod
+    def _merge_eval(result: tuple[Any, Any]) -> Any:
+        outputs = result[1]
+        if not outputs:
+            return None
+        values = [outputs[i] for i in sorted(outputs)]
+        return None if all(v is None for v in values) else merge_microbatches(values)
+
+    # -- reductions -------------------------------------------------------------------------------------------------
+    @override
+    def reduce(self, tensor: Any, group: Any | None = None, reduce_op: Any = "mean") -> Any:
+        # Every stage logs the same relayed values: reducing across stages would count them once per stage.
+        if group is None:
+            if (self.data_parallel_size or 1) == 1:
+                return tensor
+            group = self._dp_group
+        return super().reduce(tensor, group=group, reduce_op=reduce_op)
+
+    # -- checkpoints (one consolidated file written by rank 0) --------------------------------------------------------
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        module = self.lightning_module
+        own = {k: v.detach().cpu() for k, v in module.state_dict().items()} if self.dp_rank == 0 else {}
+        gathered: list[Any] = [None] * self.world_size if self.global_rank == 0 else None  # type: ignore[assignment]
+        dist.gather_object(own, gathered, dst=0)
+        if self.global_rank != 0:
+            return {}
+        merged: dict[str, Any] = {}
+        for part in gathered:
+            merged.update(part)
+        return merged
+
+    @override
+    def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
+        module = self.lightning_module
+        own = module.state_dict()
+        state = checkpoint["state_dict"]
+        missing = [k for k in own if k not in state]
+        if strict and missing:
+            raise PipelineError(f"the checkpoint lacks {len(missing)} entries this stage needs, e.g. {missing[:3]}")
+        module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+
+    @override
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        state = optimizer.state_dict() if self.dp_rank == 0 else None
+        gathered: list[Any] = [None] * self.world_size if self.global_rank == 0 else None  # type: ignore[assignment]
+        dist.gather_object(state, gathered, dst=0)
+        if self.global_rank != 0:
+            return {}
+        stages = [gathered[r] for r in self._pp_ranks]  # replica 0's stages, in stage order
+        return {"pipeline_stage_states": stages}
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Any) -> None:
+        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
+            stages = state.get("pipeline_stage_states") if isinstance(state, dict) else None
+            if stages is None or len(stages) != self.num_stages:
+                found = "a checkpoint without pipeline stages" if stages is None else f"{len(stages)} stages"
+                raise PipelineError(f"the optimizer state was saved with {found}; this run has "
+                                    f"{self.num_stages} stages. Resume with the same pipeline_parallel_size")
+            optimizer.load_state_dict(stages[self.pp_rank])
+            _optimizers_to_device([optimizer], self.root_device)
+
+    @override
+    def teardown(self) -> None:
+        self._executors.clear()
+        self._transport = None
+        super().teardown()

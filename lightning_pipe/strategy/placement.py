@@ -1,0 +1,60 @@
+"""Which stages hold each parameter, decided from the whole model before it is cut (the same on every rank)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lightning_pipe.partition import check_partition, optimal_partition, uniform_partition
+
+__all__ = ["Placement", "plan_placement", "block_counts"]
+
+
+def block_counts(chain: nn.Module, balance: str | list[int], num_stages: int) -> list[int]:
+    """Blocks per stage for ``PipelineStrategy(balance=...)``."""
+    n = len(chain)
+    if isinstance(balance, str):
+        if balance == "uniform":
+            return uniform_partition(n, num_stages)
+        # "parameters": the optimal contiguous cut by parameter count (a parameter shared by blocks counts once
+        # in each block that holds it: each stage that holds it stores a copy)
+        costs = [sum(p.numel() for p in block.parameters()) for block in chain]
+        return optimal_partition(costs, num_stages)
+    return check_partition(balance, num_blocks=n, num_stages=num_stages)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """``replicated``: for every parameter held by more than one stage, its names (aliases), shape and stages."""
+
+    replicated_names: list[list[str]]
+    replicated_shapes: list[torch.Size]
+    replicated_owners: list[list[int]]
+
+
+def plan_placement(model: nn.Module, path: str, counts: list[int]) -> Placement:
+    num_stages = len(counts)
+    stage_of_block = [s for s, c in enumerate(counts) for _ in range(c)]
+    prefix = f"{path}." if path else ""
+    everywhere = set(range(num_stages))
+    owners: dict[int, set[int]] = {}
+    names: dict[int, list[str]] = {}
+    shapes: dict[int, torch.Size] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        stages: set[int]
+        if name.startswith(prefix):
+            index = name[len(prefix):].split(".", 1)[0]
+            stages = {stage_of_block[int(index)]} if index.isdigit() else everywhere
+        else:
+            stages = everywhere
+        owners.setdefault(id(param), set()).update(stages)
+        names.setdefault(id(param), []).append(name)
+        shapes[id(param)] = param.shape
+    replicated = [k for k in names if len(owners[k]) > 1]  # dict order: first appearance in the model
+    return Placement(
+        replicated_names=[names[k] for k in replicated],
+        replicated_shapes=[shapes[k] for k in replicated],
+        replicated_owners=[sorted(owners[k]) for k in replicated],
+    )

@@ -1,0 +1,116 @@
+"""Small LightningModules and data shared by the strategy tests (imported by spawned workers too)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics.classification import MulticlassAccuracy
+
+VOCAB, SEQ = 16, 8
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; builds a causal mask itself unless one is given."""
+
+    def __init__(self, d: int, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        # No qkv bias: the key bias has an exactly-zero gradient, which Adam would turn from rounding noise into
+        # full-size steps and so make the comparison with one device meaningless.
+        self.qkv, self.proj = nn.Linear(d, 3 * d, bias=False), nn.Linear(d, d)
+        self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, t, c = x.shape
+        if mask is None:
+            mask = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+        q, k, v = self.qkv(self.ln1(x)).split(c, dim=-1)
+        q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(c // self.heads)
+        att = att.masked_fill(~mask, float("-inf")).softmax(-1)
+        x = x + self.proj((att @ v).transpose(1, 2).reshape(b, t, c))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class TinyGPT(LightningModule):
+    """GPT-style: token and position embeddings and a tied head outside the chain of blocks.
+
+    ``body="sequential"`` puts the blocks in an ``nn.Sequential``; ``"modulelist"`` walks an ``nn.ModuleList`` in a
+    loop with a mask computed before the chain.
+    """
+
+    def __init__(self, body: str = "sequential", n_layer: int = 4, d: int = 16, lr: float = 1e-2,
+                 weight_decay: float = 0.1) -> None:
+        super().__init__()
+        self.body = body
+        self.tok, self.pos = nn.Embedding(VOCAB, d), nn.Embedding(SEQ, d)
+        blocks = [Block(d) for _ in range(n_layer)]
+        if body == "sequential":
+            self.blocks = nn.Sequential(*blocks)
+        else:
+            self.layers = nn.ModuleList(blocks)
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, VOCAB, bias=False)
+        self.head.weight = self.tok.weight  # tied
+        self.val_acc = MulticlassAccuracy(num_classes=VOCAB, average="micro")
+        self.lr, self.weight_decay = lr, weight_decay
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        t = idx.shape[1]
+        x = self.tok(idx) + self.pos(torch.arange(t, device=idx.device))
+        if self.body == "sequential":
+            x = self.blocks(x)
+        else:
+            mask = torch.ones(t, t, dtype=torch.bool, device=idx.device).tril()
+            for block in self.layers:
+                x = block(x, mask)
+        return self.head(self.ln_f(x))
+
+    def _loss(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        idx, target = batch
+        logits = self(idx)
+        return F.cross_entropy(logits.reshape(-1, VOCAB), target.reshape(-1)), logits
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss, _ = self._loss(batch)
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        loss, logits = self._loss(batch)
+        self.val_acc(logits.argmax(-1).reshape(-1), batch[1].reshape(-1))
+        self.log("val_loss", loss, prog_bar=True)
+        self.log("val_acc", self.val_acc)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        loss, _ = self._loss(batch)
+        self.log("test_loss", loss)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self(batch[0]).argmax(-1)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+
+def token_data(n: int = 48, seed: int = 0) -> TensorDataset:
+    """Sequences of a noisy affine rule x[t+1] = (3 x[t] + 1) mod VOCAB: learnable, not trivial."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.empty(n, SEQ + 1, dtype=torch.long)
+    x[:, 0] = torch.randint(0, VOCAB, (n,), generator=g)
+    for t in range(SEQ):
+        x[:, t + 1] = (3 * x[:, t] + 1) % VOCAB
+    noise = torch.rand(n, SEQ + 1, generator=g) < 0.1
+    x[noise] = torch.randint(0, VOCAB, (int(noise.sum()),), generator=g)
+    return TensorDataset(x[:, :-1], x[:, 1:])
+
+
+def loader(batch_size: int = 8, n: int = 48, seed: int = 0) -> DataLoader:
+    return DataLoader(token_data(n, seed), batch_size=batch_size, shuffle=False)
