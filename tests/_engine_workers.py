@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import copy
+import os
 import time
 from typing import Any
 
@@ -110,7 +110,8 @@ def transparency(rank: int, world_size: int, *, models: list[str], schedules: li
 
 
 def failing_step(rank: int, world_size: int, *, fail_rank: int, mode: str, timeout: float) -> str:
-    """Run 1F1B steps in which ``fail_rank`` raises (``mode="raise"``) or stalls (``"hang"``) mid-step."""
+    """Run 1F1B steps in which ``fail_rank`` raises (``mode="raise"``), dies (``"exit"``) or stalls (``"hang"``)
+    in the middle of the second step."""
     model = make_model("mlp")
     mine = split_sequential(model, _balance(len(model), world_size))[rank]
     x, y = make_batch("mlp", 0, 8)
@@ -124,6 +125,8 @@ def failing_step(rank: int, world_size: int, *, fail_rank: int, mode: str, timeo
         if rank == fail_rank and microbatch == 2:
             if mode == "raise":
                 raise ValueError("injected failure in the user's forward")
+            if mode == "exit":
+                os._exit(3)  # a crash that says nothing
             time.sleep(3 * timeout)  # far past the peers' timeout, yet bounded
             raise TimeoutError("stalled on purpose")
         return stages(stage, microbatch, inputs)

@@ -47,10 +47,26 @@ def test_a_rank_that_raises_stops_every_other_rank_quickly() -> None:
         if outcome.rank == 1:
             continue
         assert outcome.error_type == "PipelineCommError", (outcome.rank, outcome.error_type, outcome.error)
-        assert f"pipeline rank {outcome.rank}" in outcome.error and "with pipeline rank" in outcome.error
-        assert "stage" in outcome.error and "action" in outcome.error
-        # Peers learn of the crash from the closed connection, long before the wait timeout.
+        # Each rank names itself and where it was, and carries the original cause, passed from rank to rank.
+        assert outcome.error.startswith(f"pipeline rank {outcome.rank} (stage {outcome.rank}, action ")
+        assert "failed instead of sending" in outcome.error
+        assert "ValueError: injected failure in the user's forward" in outcome.error
+        # The failure notice arrives long before the wait timeout.
         assert outcome.elapsed < timeout / 2, outcome.elapsed
+
+
+@pytest.mark.timeout(120)
+def test_a_crashed_process_is_noticed_without_waiting_for_the_timeout() -> None:
+    """A rank that dies without a word (os._exit) is noticed through the closed connection."""
+    timeout = 30.0
+    outcomes = launch("tests._engine_workers.failing_step", 2, deadline=90, fail_rank=1, mode="exit",
+                      timeout=timeout)
+    assert outcomes[1].error_type == "ProcessDied"
+    rank0 = outcomes[0]
+    assert rank0.error_type == "PipelineCommError", (rank0.error_type, rank0.error)
+    assert "pipeline rank 0 (stage 0" in rank0.error and "with pipeline rank 1" in rank0.error
+    assert "it may have crashed" in rank0.error
+    assert rank0.elapsed < timeout / 2
 
 
 @pytest.mark.timeout(120)

@@ -175,9 +175,11 @@ class PipelineExecutor:
                        f"{action.microbatch} to stage {dst_stage}"
                 self.transport.send(value, transfer.dst_rank, _tag(transfer, sched.num_stages), what,
                                     channel=(is_gradient, action.stage))
+                sent.add(transfer.key)
 
         post_until(window)
         recv_index = 0
+        sent: set[tuple[bool, int, int]] = set()
         try:
             for i, action in enumerate(actions):
                 self._current = action
@@ -220,6 +222,9 @@ class PipelineExecutor:
             self._current = None
             self.transport.flush()
             self.transport.end_step()
+        except BaseException as error:
+            self._notify_peers(actions, sent, error)
+            raise
         finally:
             self._current = None
         result.end = time.perf_counter()
@@ -227,6 +232,15 @@ class PipelineExecutor:
             raise PipelineError(f"pipeline rank {rank}: schedule {sched.name!r} left work unfinished "
                                 f"(saved={sorted(saved)}, local={sorted(local)}, pending={sorted(pending)})")
         return result
+
+    def _notify_peers(self, actions: Sequence[Action], sent: set[tuple[bool, int, int]],
+                      error: BaseException) -> None:
+        """Send a failure notice in place of every value this rank still owed its peers in this step, so that
+        they stop at once with this error instead of waiting for the timeout."""
+        for action in actions:
+            transfer = self.schedule.outgoing(action)
+            if transfer is not None and transfer.key not in sent:
+                self.transport.send_failure(error, transfer.dst_rank, _tag(transfer, self.schedule.num_stages))
 
     @staticmethod
     def _backward(

@@ -33,6 +33,8 @@ HEADER_BYTES = 1024
 INITIAL_CAPACITY = 4096
 """gloo protocol: the receive buffer of a channel before any message was seen on it."""
 _PREFIX = 16  # gloo protocol: int64 metadata length (-1: overflow), int64 payload length (overflow: total length)
+_OVERFLOW, _FAILURE = -1, -2  # markers in the first int64 of a message (both protocols)
+_FAILURE_TEXT = 900  # bytes of a failure message that travel (fits any receive buffer of either protocol)
 _ALIGN = 16
 
 
@@ -105,7 +107,9 @@ class PendingRecv:
             return self._wait_exact()
         buffer = self._buffer
         meta_len, length = (int(v) for v in buffer[:_PREFIX].cpu().view(torch.int64))
-        if meta_len < 0:  # overflow: the whole message follows on the overflow tag
+        if meta_len == _FAILURE:
+            self._raise_failure(buffer[_PREFIX : _PREFIX + length])
+        if meta_len == _OVERFLOW:  # the whole message follows on the overflow tag
             buffer = torch.empty(length, dtype=torch.uint8, device=t.device)
             t._wait(t._irecv(buffer, self.peer, self.tag * 2 + 1), self.peer, self.what)
             meta_len, length = (int(v) for v in buffer[:_PREFIX].cpu().view(torch.int64))
@@ -114,9 +118,16 @@ class PendingRecv:
         meta: _Meta = pickle.loads(buffer[_PREFIX : _PREFIX + meta_len].cpu().numpy().tobytes())
         return _unpack(buffer, meta, base)
 
+    def _raise_failure(self, text: torch.Tensor) -> None:
+        message = text.cpu().numpy().tobytes().decode("utf-8", errors="replace")
+        raise PipelineCommError(f"{self._t.describe()}: pipeline rank {self.peer} failed instead of sending "
+                                f"{self.what.split(' of ', 1)[-1]}: {message}")
+
     def _wait_exact(self) -> Any:
         t = self._t
-        n = int(self._buffer[:8].cpu().view(torch.int64).item())
+        n, length = (int(v) for v in self._buffer[:16].cpu().view(torch.int64))
+        if n == _FAILURE:
+            self._raise_failure(self._buffer[16 : 16 + length])
         if n <= HEADER_BYTES - 8:
             raw = self._buffer[8 : 8 + n].cpu().numpy().tobytes()
         else:
@@ -248,6 +259,25 @@ class Transport:
             parts.append((payload, 2))
         for tensor, part in parts:
             self._sends.append((self._isend(tensor, peer, tag * 3 + part), peer, what, tensor))
+
+    def send_failure(self, error: BaseException, peer: int, tag: int) -> None:
+        """Tell ``peer``, waiting for a value on ``tag``, that this rank failed (best effort, never blocks).
+
+        The receiver raises :class:`PipelineCommError` with ``error``'s type and message, and passes it on in turn,
+        so every rank of the pipeline stops with the original cause instead of waiting for the timeout.
+        """
+        text = f"{type(error).__name__}: {error}".encode("utf-8", errors="replace")[:_FAILURE_TEXT]
+        # Exact-size backends receive a whole header; gloo accepts any message up to its receive buffer.
+        message = torch.zeros(HEADER_BYTES if self.exact else _PREFIX + len(text), dtype=torch.uint8)
+        message[:_PREFIX].view(torch.int64).copy_(torch.tensor([_FAILURE, len(text)]))
+        if text:
+            message[_PREFIX : _PREFIX + len(text)] = _bytes_tensor(text)
+        message = message.to(self.device)
+        try:
+            work = self._isend(message, peer, tag * (3 if self.exact else 2))
+        except RuntimeError:  # the peer may be gone already
+            return
+        self._sends.append((work, peer, "failure notice", message))
 
     def flush(self) -> None:
         """Wait (bounded) until every send started so far has completed."""
