@@ -1,0 +1,98 @@
+"""Trainer(strategy=PipelineStrategy(...)) against Trainer(devices=1) on the same GPT-style module.
+
+Each launch runs several fits in the same processes (torchrun style); the references run in this process.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from typing import Any
+
+import pytest
+import torch
+
+from tests._launch import launch
+
+pytestmark = pytest.mark.distributed
+
+TOLERANCE = 1e-5
+# bf16-mixed: matmuls run in bfloat16 (8 significant bits, relative rounding 2**-8 = 0.4%); micro-batches change
+# the shapes, hence the rounding, of every matmul, and AdamW (lr 1e-2) turns a gradient's rounding into at most one
+# step of size lr in the first steps. After 4 steps the weights may therefore differ by a few lr; 0.05 = 5 lr.
+BF16_TOLERANCE = 5e-2
+
+
+@functools.lru_cache(maxsize=None)
+def _reference(config_json: str) -> dict[str, Any]:
+    from tests._strategy_workers import reference
+
+    return reference(json.loads(config_json))
+
+
+def reference(config: dict[str, Any]) -> dict[str, Any]:
+    keys = ("body", "steps", "accumulate", "clip", "clip_algorithm", "precision", "batch_size", "n_layer", "n",
+            "val_batches", "val_every", "predict", "validate", "sanity")
+    return _reference(json.dumps({k: config[k] for k in keys if k in config}, sort_keys=True))
+
+
+def max_param_diff(result: dict[str, Any], ref: dict[str, Any]) -> tuple[float, str]:
+    worst = (0.0, "")
+    for name, value in result["params"].items():
+        diff = (value - ref["params"][name]).abs().max().item()
+        worst = max(worst, (diff, name))
+    return worst
+
+
+def _configs(world_size: int) -> list[dict[str, Any]]:
+    configs: list[dict[str, Any]] = []
+    for body in ("sequential", "modulelist"):
+        for schedule in ("gpipe", "1f1b"):
+            configs.append({"body": body, "schedule": schedule})
+    configs += [
+        {"body": "modulelist", "schedule": "1f1b", "accumulate": 2, "steps": 3},
+        {"body": "sequential", "schedule": "gpipe", "accumulate": 2, "steps": 3},
+        {"body": "sequential", "schedule": "1f1b", "clip": 0.05},
+        {"body": "modulelist", "schedule": "gpipe", "clip": 0.05, "accumulate": 2, "steps": 3},
+        {"body": "modulelist", "schedule": "1f1b", "clip": 0.002, "clip_algorithm": "value"},
+        # 42 samples in batches of 8: the last batch (2 samples) is smaller than num_microbatches.
+        {"body": "sequential", "schedule": "1f1b", "n": 42, "steps": 6, "microbatches": 3},
+    ]
+    if world_size == 2:
+        configs.append({"body": "modulelist", "schedule": "1f1b", "precision": "bf16-mixed"})
+    return configs
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_pipeline_matches_one_device(world_size: int, tmp_path: Any) -> None:
+    configs = _configs(world_size)
+    outcomes = launch("tests._strategy_workers.pipeline_jobs", world_size, deadline=360, configs=configs,
+                      log_root=str(tmp_path))
+    results = [o.unwrap() for o in outcomes]
+    report = []
+    for i, config in enumerate(configs):
+        ref = reference(config)
+        tolerance = BF16_TOLERANCE if config.get("precision") == "bf16-mixed" else TOLERANCE
+        held: set[str] = set()
+        for rank in range(world_size):
+            result = results[rank][i]
+            held |= set(result["params"])
+            diff, name = max_param_diff(result, ref)
+            report.append((world_size, config, rank, diff))
+            assert diff <= tolerance, f"{config} rank {rank}: {name} differs by {diff:.3g}"
+            # The loss shown everywhere is the single-device one.
+            assert math.isclose(result["metrics"]["train_loss"], ref["metrics"]["train_loss"], rel_tol=1e-5,
+                                abs_tol=tolerance)
+        assert held == set(ref["params"]), "every parameter lives on some stage, under its full name"
+    print("\n".join(f"pp={w} {c} rank {r}: max |diff| {d:.2e}" for w, c, r, d in report))
+
+
+@pytest.mark.timeout(200)
+def test_clipping_acts_in_the_configs_above() -> None:
+    """The clip values used above change training on one device (so the equality above tests clipping)."""
+    for config in ({"body": "sequential", "clip": 0.05},
+                   {"body": "modulelist", "clip": 0.002, "clip_algorithm": "value"}):
+        unclipped = {k: v for k, v in config.items() if not k.startswith("clip")}
+        assert max_param_diff(reference(config), reference(unclipped))[0] > 1e-3
