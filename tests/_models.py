@@ -47,9 +47,11 @@ class TinyGPT(LightningModule):
     """
 
     def __init__(self, body: str = "sequential", n_layer: int = 4, d: int = 16, lr: float = 1e-2,
-                 weight_decay: float = 0.1) -> None:
+                 weight_decay: float = 0.1, sync_dist: bool = False) -> None:
         super().__init__()
+        self.save_hyperparameters()
         self.body = body
+        self.sync_dist = sync_dist
         self.tok, self.pos = nn.Embedding(VOCAB, d), nn.Embedding(SEQ, d)
         blocks = [Block(d) for _ in range(n_layer)]
         if body == "sequential":
@@ -80,13 +82,13 @@ class TinyGPT(LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss, _ = self._loss(batch)
-        self.log("train_loss", loss, prog_bar=True)
+        self.log("train_loss", loss, prog_bar=True, sync_dist=self.sync_dist)
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         loss, logits = self._loss(batch)
         self.val_acc(logits.argmax(-1).reshape(-1), batch[1].reshape(-1))
-        self.log("val_loss", loss, prog_bar=True)
+        self.log("val_loss", loss, prog_bar=True, sync_dist=self.sync_dist)
         self.log("val_acc", self.val_acc)
 
     def test_step(self, batch: Any, batch_idx: int) -> None:

@@ -6,10 +6,12 @@ from __future__ import annotations
 import csv
 import glob
 import os
+import tempfile
 from typing import Any
 
 import torch
 from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 import lightning_pipe  # noqa: F401 - registers the strategy
@@ -25,49 +27,127 @@ def _read_csv(log_dir: str) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def train(config: dict[str, Any], *, devices: int, strategy: Any, log_dir: str | None) -> dict[str, Any]:
+def train(config: dict[str, Any], *, devices: int, strategy: Any) -> dict[str, Any]:
     """Fit TinyGPT per ``config``; return parameters held here, callback metrics and rank 0's CSV rows."""
+    with tempfile.TemporaryDirectory() as log_dir:
+        return _train(config, devices=devices, strategy=strategy, log_dir=log_dir if config.get("csv") else None)
+
+
+def _train(config: dict[str, Any], *, devices: int, strategy: Any, log_dir: str | None) -> dict[str, Any]:
     seed_everything(0, workers=True)
-    model = TinyGPT(body=config["body"], n_layer=config.get("n_layer", 4))
+    model = TinyGPT(body=config["body"], n_layer=config.get("n_layer", 4), sync_dist=config.get("sync_dist", False))
+    callbacks: list[Any] = []
+    if config.get("callbacks"):
+        ckpt_dir = os.path.join(log_dir or tempfile.mkdtemp(), "checkpoints")
+        callbacks = [ModelCheckpoint(dirpath=ckpt_dir, monitor="val_loss", save_top_k=1),
+                     EarlyStopping(monitor="val_loss", patience=100)]
     trainer = Trainer(
         accelerator="cpu", devices=devices, strategy=strategy, max_steps=config.get("steps", 4),
         accumulate_grad_batches=config.get("accumulate", 1),
         gradient_clip_val=config.get("clip"), gradient_clip_algorithm=config.get("clip_algorithm", "norm"),
         precision=config.get("precision", "32-true"),
         logger=CSVLogger(log_dir) if log_dir else False, log_every_n_steps=1,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=bool(callbacks), callbacks=callbacks,
+        enable_progress_bar=False, enable_model_summary=False,
         limit_val_batches=config.get("val_batches", 0), val_check_interval=config.get("val_every"),
         num_sanity_val_steps=config.get("sanity", 0),
         # Lightning's injected DistributedSampler always shuffles training data; with a single replica every
         # stage reads the whole data set, so the plain loader keeps the reference's order.
         use_distributed_sampler=False,
     )
-    trainer.fit(model, loader(config.get("batch_size", 8)), loader(8, 16, seed=1) if config.get("val_batches") else None)
+    trainer.fit(model, loader(config.get("batch_size", 8), config.get("n", 48)),
+                loader(8, 16, seed=1) if config.get("val_batches") else None)
     result: dict[str, Any] = {
         "params": {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)},
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+        "logged": {k: float(v) for k, v in trainer.logged_metrics.items()},
+        "progress_bar": {k: float(v) for k, v in trainer.progress_bar_metrics.items()},
     }
+    if callbacks:
+        best = callbacks[0]
+        result["best_model_score"] = float(best.best_model_score)
+        if trainer.global_rank == 0:
+            # The checkpoint is one ordinary file that loads on one device.
+            loaded = TinyGPT.load_from_checkpoint(best.best_model_path, map_location="cpu")
+            result["checkpoint_params"] = {n: p.detach().clone()
+                                           for n, p in loaded.named_parameters(remove_duplicate=False)}
     if config.get("predict"):
         result["predictions"] = torch.cat(trainer.predict(model, loader(8, 16, seed=1)))
     if config.get("validate"):
         result["validate"] = trainer.validate(model, loader(8, 16, seed=1), verbose=False)
+        result["test"] = trainer.test(model, loader(8, 16, seed=1), verbose=False)
     if log_dir and trainer.global_rank == 0:
         trainer.logger.finalize("success")
         result["csv"] = _read_csv(log_dir)
     return result
 
 
-def pipeline_jobs(rank: int, world_size: int, *, configs: list[dict[str, Any]], log_root: str) -> list[dict[str, Any]]:
+def pipeline_jobs(rank: int, world_size: int, *, configs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     results = []
-    for i, config in enumerate(configs):
+    for config in configs:
         strategy = PipelineStrategy(pipeline_parallel_size=config.get("pp", world_size),
                                     schedule=config.get("schedule", "1f1b"),
                                     num_microbatches=config.get("microbatches"),
                                     balance=config.get("balance", "parameters"))
-        results.append(train(config, devices=world_size, strategy=strategy,
-                             log_dir=os.path.join(log_root, f"job{i}") if config.get("csv") else None))
+        results.append(train(config, devices=world_size, strategy=strategy))
     return results
 
 
-def reference(config: dict[str, Any], log_dir: str | None = None) -> dict[str, Any]:
-    return train(config, devices=1, strategy="auto", log_dir=log_dir)
+def reference(config: dict[str, Any]) -> dict[str, Any]:
+    return train(config, devices=1, strategy="auto")
+
+
+class _NoChain(TinyGPT):
+    """A module whose body is not in an nn.Sequential or nn.ModuleList."""
+
+    def __init__(self) -> None:
+        super().__init__(n_layer=2)
+        self.block_a, self.block_b = self.blocks[0], self.blocks[1]
+        del self.blocks
+        del self.val_acc
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1]))
+        return self.head(self.ln_f(self.block_b(self.block_a(x))))
+
+
+class _Manual(TinyGPT):
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+
+class _BlockTwice(TinyGPT):
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1]))
+        x = self.blocks[0](x)
+        x = self.blocks[0](x)  # the same block twice: not a chain
+        for i in range(1, len(self.blocks)):
+            x = self.blocks[i](x)
+        return self.head(self.ln_f(x))
+
+
+def bad_inputs(rank: int, world_size: int, *, cases: list[str]) -> dict[str, tuple[str, str]]:
+    """Run each bad set-up; return, per case, the type and message of the error this rank raised."""
+    setups: dict[str, tuple[Any, dict[str, Any]]] = {
+        "no_chain": (_NoChain, {}),
+        "more_stages_than_blocks": (lambda: TinyGPT(n_layer=1), {}),
+        "pipeline_size_does_not_divide": (TinyGPT, {"pipeline_parallel_size": 3}),
+        "balance_list_wrong_sum": (TinyGPT, {"balance": [1, 2]}),
+        "blocks_path_unknown": (TinyGPT, {"blocks": "body.layers"}),
+        "manual_optimization": (_Manual, {}),
+        "block_called_twice": (_BlockTwice, {}),
+    }
+    out: dict[str, tuple[str, str]] = {}
+    for case in cases:
+        make_model, kwargs = setups[case]
+        seed_everything(0)
+        trainer = Trainer(accelerator="cpu", devices=world_size, strategy=PipelineStrategy(timeout=60, **kwargs),
+                          max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                          enable_model_summary=False, use_distributed_sampler=False)
+        try:
+            trainer.fit(make_model(), loader())
+            out[case] = ("no error", "")
+        except Exception as err:  # noqa: BLE001 - reported to the test
+            out[case] = (type(err).__name__, str(err))
+    return out

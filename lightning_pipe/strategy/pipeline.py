@@ -408,6 +408,13 @@ class PipelineStrategy(DDPStrategy):
             group = self._dp_group
         return super().reduce(tensor, group=group, reduce_op=reduce_op)
 
+    @override
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        # Callbacks' decisions (ModelCheckpoint, EarlyStopping) are agreed over every process, unlike logged values.
+        flag = torch.tensor(int(decision), device=self.root_device)
+        dist.all_reduce(flag)
+        return bool(flag == self.world_size) if all else bool(flag)
+
     # -- checkpoints (one consolidated file written by rank 0) --------------------------------------------------------
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:

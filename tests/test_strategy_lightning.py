@@ -1,0 +1,121 @@
+"""Lightning behaviour under the pipeline: metrics on every rank, loggers, callbacks, evaluation, prediction,
+bad input, registration and launchers."""
+
+from __future__ import annotations
+
+import csv
+import math
+from typing import Any
+
+import pytest
+import torch
+
+from tests._launch import launch
+from tests.test_strategy_transparency import TOLERANCE, max_param_diff, reference
+
+METRICS_CONFIG: dict[str, Any] = {
+    "body": "modulelist", "schedule": "1f1b", "steps": 4, "val_batches": 2, "val_every": 2, "sanity": 2,
+    "csv": True, "predict": True, "validate": True, "callbacks": True, "sync_dist": True,
+}
+
+
+def _close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-5, abs_tol=TOLERANCE)
+
+
+def _rows_close(rows: list[dict[str, str]], ref_rows: list[dict[str, str]]) -> None:
+    assert len(rows) == len(ref_rows) > 0
+    for row, ref_row in zip(rows, ref_rows):
+        assert set(row) == set(ref_row)
+        for key, ref_value in ref_row.items():
+            if ref_value == "":
+                assert row[key] == ""
+            else:
+                assert _close(float(row[key]), float(ref_value)), (key, row, ref_row)
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+def test_metrics_loggers_callbacks_and_evaluation_match_one_device() -> None:
+    outcomes = launch("tests._strategy_workers.pipeline_jobs", 2, deadline=240, configs=[METRICS_CONFIG])
+    results = [o.unwrap()[0] for o in outcomes]
+    ref = reference(METRICS_CONFIG)
+    assert {"train_loss", "val_loss", "val_acc"} <= set(ref["metrics"])
+    for rank, result in enumerate(results):
+        for what in ("metrics", "logged", "progress_bar"):
+            assert set(result[what]) == set(ref[what]), (rank, what)
+            for key, value in ref[what].items():
+                assert _close(result[what][key], value), (rank, what, key, result[what][key], value)
+        # ModelCheckpoint(monitor="val_loss") picked the same score everywhere.
+        assert _close(result["best_model_score"], ref["best_model_score"])
+        # trainer.predict returns the last stage's predictions on every rank.
+        assert torch.equal(result["predictions"], ref["predictions"])
+        for what in ("validate", "test"):
+            assert result[what][0].keys() == ref[what][0].keys()
+            for key, value in ref[what][0].items():
+                assert _close(result[what][0][key], value), (rank, what, key)
+        assert max_param_diff(result, ref)[0] <= TOLERANCE
+    # Rank 0's CSV log holds the single-device values, step by step.
+    _rows_close(results[0]["csv"], ref["csv"])
+    # The best checkpoint is one file with every stage's weights, loadable on one device.
+    loaded = results[0]["checkpoint_params"]
+    assert set(loaded) == set(ref["checkpoint_params"])
+    for name, value in ref["checkpoint_params"].items():
+        assert (loaded[name] - value).abs().max().item() <= TOLERANCE, name
+
+
+BAD_INPUTS = {
+    "no_chain": "no chain of blocks found",
+    "more_stages_than_blocks": "pipeline_parallel_size=2 is more stages than the chain's 1 blocks",
+    "pipeline_size_does_not_divide": "pipeline_parallel_size=3 does not divide the 2 processes",
+    "balance_list_wrong_sum": "balance=[1, 2] must be positive block counts that sum to the chain's 4 blocks",
+    "blocks_path_unknown": "blocks='body.layers' names no submodule",
+    "manual_optimization": "automatic optimization only",
+    "block_called_twice": "must each be called once per step, in order",
+}
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(200)
+def test_bad_input_fails_clearly_on_every_rank() -> None:
+    outcomes = launch("tests._strategy_workers.bad_inputs", 2, deadline=150, cases=list(BAD_INPUTS))
+    for outcome in outcomes:
+        errors = outcome.unwrap()
+        for case, expected in BAD_INPUTS.items():
+            kind, message = errors[case]
+            # A rank that was waiting for a peer's value gets the peer's error relayed (a PipelineCommError,
+            # itself a PipelineError) with the same message.
+            assert kind in ("PipelineError", "PipelineCommError") and expected in message, (outcome.rank, case,
+                                                                                               kind, message)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({"schedule": "zigzag"}, "unknown schedule='zigzag'"),
+        ({"balance": "flops"}, "unknown balance='flops'"),
+        ({"balance": [2, "x"]}, "balance=[2, 'x'] must be"),
+        ({"num_microbatches": 0}, "num_microbatches=0 must be a positive integer"),
+        ({"pipeline_parallel_size": -1}, "pipeline_parallel_size=-1 must be a positive integer"),
+        ({"start_method": "spawn"}, "start_method='spawn'"),
+    ],
+)
+def test_bad_arguments_are_rejected_at_construction(kwargs: dict[str, Any], expected: str) -> None:
+    from lightning_pipe import PipelineError, PipelineStrategy
+
+    with pytest.raises(PipelineError, match=None) as info:
+        PipelineStrategy(**kwargs)
+    assert expected in str(info.value)
+
+
+def test_registered_names() -> None:
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    import lightning_pipe
+
+    for name, schedule in (("pipeline", "1f1b"), ("pipeline_gpipe", "gpipe"), ("pipeline_1f1b", "1f1b")):
+        assert name in StrategyRegistry
+        trainer = Trainer(strategy=name, accelerator="cpu", devices=2, logger=False)
+        assert isinstance(trainer.strategy, lightning_pipe.PipelineStrategy)
+        assert trainer.strategy.schedule_name == schedule
