@@ -20,7 +20,7 @@ $(STAMP): $(PY) pyproject.toml
 setup: $(STAMP)
 
 train: $(STAMP)
-	$(PY) examples/train_pipelined_mlp.py
+	$(PY) examples/gpt.py
 
 test: $(STAMP)
 	$(PY) -m pytest tests $(PYTEST_ARGS)

@@ -8,6 +8,8 @@ loss, one set of logged values and the stage's gradients per step.
 
 from __future__ import annotations
 
+import atexit
+import functools
 import logging
 import warnings
 from datetime import timedelta
@@ -37,6 +39,18 @@ __all__ = ["PipelineStrategy"]
 log = logging.getLogger(__name__)
 
 _BALANCES = ("uniform", "parameters")
+
+
+@functools.cache
+def _destroy_process_group_at_exit() -> None:
+    """Tear the process group down before the interpreter does: gloo's threads otherwise sometimes abort the
+    process at exit ("terminate called without an active exception") after a successful run."""
+
+    def destroy() -> None:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+    atexit.register(destroy)
 
 
 def _positive(name: str, value: int | None) -> None:
@@ -138,6 +152,7 @@ class PipelineStrategy(DDPStrategy):
     @override
     def setup_environment(self) -> None:
         super().setup_environment()  # process group
+        _destroy_process_group_at_exit()
         world = self.world_size
         pp = self.num_stages
         if world % pp != 0:
