@@ -47,7 +47,8 @@ class TinyGPT(LightningModule):
     """
 
     def __init__(self, body: str = "sequential", n_layer: int = 4, d: int = 16, lr: float = 1e-2,
-                 weight_decay: float = 0.1, sync_dist: bool = False) -> None:
+                 weight_decay: float = 0.1, sync_dist: bool = False, tie_blocks: bool = False,
+                 scheduler: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.body = body
@@ -61,6 +62,9 @@ class TinyGPT(LightningModule):
         self.ln_f = nn.LayerNorm(d)
         self.head = nn.Linear(d, VOCAB, bias=False)
         self.head.weight = self.tok.weight  # tied
+        if tie_blocks:  # a weight shared by the first and the last block (different stages)
+            blocks[-1].fc2.weight = blocks[0].fc2.weight
+        self.scheduler = scheduler
         self.val_acc = MulticlassAccuracy(num_classes=VOCAB, average="micro")
         self.lr, self.weight_decay = lr, weight_decay
 
@@ -98,8 +102,12 @@ class TinyGPT(LightningModule):
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         return self(batch[0]).argmax(-1)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        if not self.scheduler:
+            return optimizer
+        schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
 def token_data(n: int = 48, seed: int = 0) -> TensorDataset:

@@ -35,7 +35,8 @@ def train(config: dict[str, Any], *, devices: int, strategy: Any) -> dict[str, A
 
 def _train(config: dict[str, Any], *, devices: int, strategy: Any, log_dir: str | None) -> dict[str, Any]:
     seed_everything(0, workers=True)
-    model = TinyGPT(body=config["body"], n_layer=config.get("n_layer", 4), sync_dist=config.get("sync_dist", False))
+    model = TinyGPT(body=config["body"], n_layer=config.get("n_layer", 4), sync_dist=config.get("sync_dist", False),
+                    tie_blocks=config.get("tie_blocks", False), scheduler=config.get("scheduler", False))
     callbacks: list[Any] = []
     if config.get("callbacks"):
         ckpt_dir = os.path.join(log_dir or tempfile.mkdtemp(), "checkpoints")
@@ -151,3 +152,21 @@ def bad_inputs(rank: int, world_size: int, *, cases: list[str]) -> dict[str, tup
         except Exception as err:  # noqa: BLE001 - reported to the test
             out[case] = (type(err).__name__, str(err))
     return out
+
+
+def scaler_agreement(rank: int, world_size: int, *, agree: bool) -> tuple[list[float], float]:
+    """One GradScaler step where only the last rank's gradient overflows."""
+    from lightning_pipe.strategy.grads import make_scaler_agree
+
+    param = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([param], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=16.0)
+    if agree:
+        make_scaler_agree(scaler, None)
+    scaler.scale(param.sum()).backward()
+    if rank == world_size - 1:
+        param.grad[0] = float("inf")
+    scaler.unscale_(optimizer)
+    scaler.step(optimizer)
+    scaler.update()
+    return param.detach().tolist(), scaler.get_scale()

@@ -119,3 +119,18 @@ def test_registered_names() -> None:
         trainer = Trainer(strategy=name, accelerator="cpu", devices=2, logger=False)
         assert isinstance(trainer.strategy, lightning_pipe.PipelineStrategy)
         assert trainer.strategy.schedule_name == schedule
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("agree", [True, False])
+def test_gradient_scaler_inf_check_is_agreed_across_stages(agree: bool) -> None:
+    """16-mixed: one stage overflowing must make every stage skip the step (on CPU Lightning runs 16-mixed as
+    bf16 without a scaler, so the scaler hook is tested directly). Without the agreement the stages diverge."""
+    outcomes = launch("tests._strategy_workers.scaler_agreement", 2, deadline=90, agree=agree)
+    (params0, scale0), (params1, scale1) = (o.unwrap() for o in outcomes)
+    assert params1 == [1.0, 1.0, 1.0] and scale1 == 8.0  # the overflowing stage skipped and halved its scale
+    if agree:
+        assert params0 == [1.0, 1.0, 1.0] and scale0 == 8.0
+    else:
+        assert params0 != [1.0, 1.0, 1.0] and scale0 == 16.0

@@ -58,6 +58,7 @@ def _configs(world_size: int) -> list[dict[str, Any]]:
         {"body": "modulelist", "schedule": "1f1b", "clip": 0.002, "clip_algorithm": "value"},
         # 42 samples in batches of 8: the last batch (2 samples) is smaller than num_microbatches.
         {"body": "sequential", "schedule": "1f1b", "n": 42, "steps": 6, "microbatches": 3},
+        {"body": "modulelist", "schedule": "gpipe", "tie_blocks": True, "scheduler": True, "clip": 0.05},
     ]
     if world_size == 2:
         configs.append({"body": "modulelist", "schedule": "1f1b", "precision": "bf16-mixed"})

@@ -9,7 +9,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["GradStash", "ReplicatedParams", "global_grad_norm", "clip_by_global_norm", "agree_found_inf"]
+__all__ = ["GradStash", "ReplicatedParams", "global_grad_norm", "clip_by_global_norm", "agree_found_inf",
+           "make_scaler_agree"]
 
 
 class GradStash:
@@ -120,3 +121,16 @@ def agree_found_inf(found_inf: Sequence[torch.Tensor], group: dist.ProcessGroup 
     dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
     for f, v in zip(found_inf, flags):
         f.copy_(v.to(f.dtype).reshape(f.shape))
+
+
+def make_scaler_agree(scaler: torch.amp.GradScaler, group: dist.ProcessGroup | None) -> None:
+    """Wrap ``scaler.unscale_`` so that, after unscaling, its inf flags are agreed over ``group``: a stage whose
+    gradients overflowed makes every stage skip the step and lower the scale alike."""
+    unscale = scaler.unscale_
+
+    def unscale_and_agree(optimizer: torch.optim.Optimizer) -> None:
+        unscale(optimizer)
+        state = scaler._per_optimizer_states[id(optimizer)]
+        agree_found_inf(list(state["found_inf_per_device"].values()), group)
+
+    scaler.unscale_ = unscale_and_agree  # type: ignore[method-assign]

@@ -30,7 +30,7 @@ from lightning_pipe.engine import PipelineExecutor, Transport, merge_microbatche
 from lightning_pipe.errors import PipelineError
 from lightning_pipe.schedules import SCHEDULES, Schedule, build_schedule
 from lightning_pipe.strategy.chain import ChainRuntime, StageExit, find_chain, split_chain
-from lightning_pipe.strategy.grads import GradStash, ReplicatedParams, agree_found_inf, clip_by_global_norm
+from lightning_pipe.strategy.grads import GradStash, ReplicatedParams, clip_by_global_norm, make_scaler_agree
 from lightning_pipe.strategy.logs import LogRecord, LogRecorder, combine_records, replay
 from lightning_pipe.strategy.placement import block_counts, plan_placement
 
@@ -378,14 +378,7 @@ class PipelineStrategy(DDPStrategy):
         plugin.clip_grad_by_norm = clip_grad_by_norm  # type: ignore[method-assign]
         scaler = getattr(plugin, "scaler", None)
         if scaler is not None:
-            unscale = scaler.unscale_
-
-            def unscale_and_agree(optimizer: Optimizer) -> None:
-                unscale(optimizer)
-                state = scaler._per_optimizer_states[id(optimizer)]
-                agree_found_inf(list(state["found_inf_per_device"].values()), None)
-
-            scaler.unscale_ = unscale_and_agree
+            make_scaler_agree(scaler, None)  # over every process: replicas and stages skip the same steps
 
     # -- evaluation -----------------------------------------------------------------------------------------------
     @override
