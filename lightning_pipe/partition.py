@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 from lightning_pipe.errors import PipelineError
 
@@ -38,31 +38,36 @@ def uniform_partition(num_blocks: int, num_stages: int) -> list[int]:
 def optimal_partition(costs: Sequence[float], num_stages: int) -> list[int]:
     """Block counts per stage that minimise the largest stage cost (sum of its blocks' costs).
 
-    Exact, by dynamic programming over prefixes (O(n^2 p)); among optimal cuts it takes the one whose stages are
-    the most even in block count, then the earliest, so every rank computes the same answer.
+    Exact, by two dynamic programmes over prefixes (O(n^2 p) each): the first finds the smallest achievable
+    largest stage cost; the second, among the cuts that achieve it, the one whose largest stage has the fewest
+    blocks (the most even in block count), taking the earliest cut on ties, so every rank computes the same answer.
     """
     n = len(costs)
     _check_sizes(n, num_stages)
     prefix = [0.0]
     for c in costs:
         prefix.append(prefix[-1] + float(c))
-    inf = float("inf")
-    # best[k][i]: (max stage cost, max block count) to cut the first i blocks into k stages
-    best = [[(inf, inf)] * (n + 1) for _ in range(num_stages + 1)]
-    cut = [[0] * (n + 1) for _ in range(num_stages + 1)]
-    best[0][0] = (0.0, 0)
-    for k in range(1, num_stages + 1):
-        for i in range(k, n - (num_stages - k) + 1):
-            for j in range(k - 1, i):
-                prev = best[k - 1][j]
-                if prev[0] == inf:
-                    continue
-                cand = (max(prev[0], prefix[i] - prefix[j]), max(prev[1], i - j))
-                if cand < best[k][i]:
-                    best[k][i], cut[k][i] = cand, j
-    counts, i = [], n
-    for k in range(num_stages, 0, -1):
-        j = cut[k][i]
-        counts.append(i - j)
-        i = j
-    return counts[::-1]
+
+    def solve(score: Callable[[int, int], float]) -> tuple[float, list[int]]:
+        # best[k][i]: the smallest largest score to cut the first i blocks into k stages
+        inf = float("inf")
+        best = [[inf] * (n + 1) for _ in range(num_stages + 1)]
+        cut = [[0] * (n + 1) for _ in range(num_stages + 1)]
+        best[0][0] = 0.0
+        for k in range(1, num_stages + 1):
+            for i in range(k, n - (num_stages - k) + 1):
+                for j in range(k - 1, i):
+                    value = max(best[k - 1][j], score(j, i))
+                    if value < best[k][i]:
+                        best[k][i], cut[k][i] = value, j
+        counts, i = [], n
+        for k in range(num_stages, 0, -1):
+            j = cut[k][i]
+            counts.append(i - j)
+            i = j
+        return best[num_stages][n], counts[::-1]
+
+    optimum, _ = solve(lambda j, i: prefix[i] - prefix[j])
+    limit = optimum + 1e-9 * max(1.0, abs(optimum))  # prefix sums may round differently for equal stage costs
+    _, counts = solve(lambda j, i: float(i - j) if prefix[i] - prefix[j] <= limit else float("inf"))
+    return counts

@@ -61,11 +61,15 @@ class LogRecorder:
                 value = value.detach()
             self.calls.setdefault(name, []).append((microbatch, value, kwargs, attribute))
 
+        own = self.module.__dict__.get("log")  # an instance attribute of the user's, if any, is put back
         self.module.log = record  # type: ignore[method-assign]
         try:
             yield
         finally:
-            del self.module.log
+            if own is None:
+                del self.module.log
+            else:
+                self.module.log = own
 
     def _metric_name(self, metric: Metric, name: str) -> str:
         if self._metric_names is None:
@@ -99,9 +103,9 @@ def combine_records(recorder: LogRecorder, weights: list[float]) -> list[LogReco
         values = [torch.as_tensor(v, dtype=torch.float64 if not isinstance(v, torch.Tensor) else None)
                   for _, v, _, _ in calls]
         if how == _MEAN:
-            if len(calls) != len(weights):
-                raise ValueError(f"self.log({name!r}) was called {len(calls)} times for {len(weights)} micro-batches;"
-                                 " log each value once per step")
+            if sorted(mb for mb, _, _, _ in calls) != list(range(len(weights))):
+                raise ValueError(f"self.log({name!r}) must be called once per micro-batch under a pipeline (it was "
+                                 f"called {len(calls)} times for {len(weights)} micro-batches)")
             value: Any = sum(weights[mb] * v for (mb, _, _, _), v in zip(calls, values))
         elif how == _SUM:
             value = sum(values)

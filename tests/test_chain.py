@@ -1,0 +1,227 @@
+"""Finding the chain of blocks and cutting it per stage (``lightning_pipe.strategy.chain``), on one process."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_pipe.errors import PipelineError
+from lightning_pipe.strategy.chain import ChainRuntime, StageExit, find_chain, split_chain
+from tests._models import SEQ, VOCAB, TinyGPT
+
+COUNTS = [1, 2, 1]
+OWNED = {0: {0}, 1: {1, 2}, 2: {3}}
+NON_CHAIN = {"tok.weight", "pos.weight", "ln_f.weight", "ln_f.bias"}
+
+
+def make_model(body: str = "sequential") -> TinyGPT:
+    torch.manual_seed(0)
+    return TinyGPT(body=body).eval()
+
+
+def chain_path(body: str) -> str:
+    return "blocks" if body == "sequential" else "layers"
+
+
+def cut(model: TinyGPT, stage: int, counts: list[int] = COUNTS) -> tuple[TinyGPT, ChainRuntime]:
+    """A deep copy of ``model`` cut for ``stage``."""
+    copy_ = copy.deepcopy(model)
+    path, chain = find_chain(copy_, None)
+    return copy_, split_chain(copy_, path, chain, counts=counts, stage=stage)
+
+
+def call_block(block: nn.Module, x: torch.Tensor, body: str) -> torch.Tensor:
+    """Call a block as the model's forward does (the ModuleList form passes a mask)."""
+    if body == "sequential":
+        return block(x)
+    t = x.shape[1]
+    return block(x, torch.ones(t, t, dtype=torch.bool).tril())
+
+
+def tokens() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(1))
+
+
+# --- find_chain ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("body", ["sequential", "modulelist"])
+def test_find_chain_picks_largest_container(body: str) -> None:
+    model = make_model(body)
+    path, chain = find_chain(model, None)
+    assert path == chain_path(body)
+    assert chain is model.get_submodule(path)
+
+
+def test_find_chain_prefers_most_parameters() -> None:
+    """A small Sequential that comes first loses to a larger ModuleList."""
+
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.small = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2))
+            self.big = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8)])
+
+    model = Two()
+    assert find_chain(model, None) == ("big", model.big)
+
+
+def test_find_chain_explicit_path() -> None:
+    model = make_model()
+    path, chain = find_chain(model, "blocks")
+    assert path == "blocks" and chain is model.blocks
+
+
+def test_find_chain_unknown_path() -> None:
+    with pytest.raises(PipelineError, match="blocks='nope' names no submodule"):
+        find_chain(make_model(), "nope")
+
+
+def test_find_chain_not_a_container() -> None:
+    with pytest.raises(PipelineError, match="blocks='ln_f' is a LayerNorm"):
+        find_chain(make_model(), "ln_f")
+
+
+def test_find_chain_no_container() -> None:
+    with pytest.raises(PipelineError, match="no chain of blocks found"):
+        find_chain(nn.Linear(3, 3), None)
+
+
+# --- split_chain: structure ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_split_keeps_full_names_of_own_blocks(stage: int) -> None:
+    model, runtime = cut(make_model(), stage)
+    names = {n for n, _ in model.named_parameters()}
+    block_indices = {int(n.split(".")[1]) for n in names if n.startswith("blocks.")}
+    assert block_indices == OWNED[stage]
+    assert NON_CHAIN <= names
+    assert names - NON_CHAIN == {n for n in names if n.startswith("blocks.")}
+    for i in OWNED[stage]:
+        assert f"blocks.{i}.qkv.weight" in names
+    assert (runtime.first, runtime.stop, runtime.is_last_stage) == (sum(COUNTS[:stage]), sum(COUNTS[: stage + 1]),
+                                                                    stage == 2)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_split_len_and_iteration(stage: int) -> None:
+    model, runtime = cut(make_model(), stage)
+    assert len(model.blocks) == 4
+    items = list(model.blocks)
+    assert len(items) == 4
+    for i, item in enumerate(items):
+        if i in OWNED[stage]:
+            assert isinstance(item, nn.Module) and item is runtime.blocks[i]
+            assert model.blocks[i] is item
+        else:
+            assert not isinstance(item, nn.Module)  # a stand-in that passes its input through
+    if stage == 2:
+        assert model.blocks[-1] is runtime.blocks[3]  # negative indices count over the whole chain
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_block_call_outside_step(stage: int) -> None:
+    model, _ = cut(make_model(), stage)
+    with pytest.raises(PipelineError, match="outside a pipelined step"):
+        model(tokens())
+
+
+def test_split_twice() -> None:
+    model, _ = cut(make_model(), 1)
+    with pytest.raises(PipelineError, match="already cut"):
+        split_chain(model, "blocks", model.blocks, counts=COUNTS, stage=1)
+
+
+# --- split_chain: running a step -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("body", ["sequential", "modulelist"])
+def test_first_stage_exits_with_block_output(body: str) -> None:
+    reference = make_model(body)
+    model, runtime = cut(reference, 0)
+    idx = tokens()
+    with torch.no_grad():
+        x = reference.tok(idx) + reference.pos(torch.arange(SEQ))
+        expected = call_block(reference.get_submodule(chain_path(body))[0], x, body)
+        runtime.begin(None)
+        with pytest.raises(StageExit) as info:
+            model(idx)
+    assert not isinstance(info.value, Exception)  # a BaseException: `except Exception` does not swallow it
+    torch.testing.assert_close(info.value.output, expected)
+
+
+@pytest.mark.parametrize("body", ["sequential", "modulelist"])
+def test_middle_stage_swaps_in_received(body: str) -> None:
+    reference = make_model(body)
+    model, runtime = cut(reference, 1)
+    chain = model.get_submodule(chain_path(body))
+    received = torch.randn(2, SEQ, 16, generator=torch.Generator().manual_seed(2))
+    seen: list[Any] = []
+    chain[1].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    ref_chain = reference.get_submodule(chain_path(body))
+    with torch.no_grad():
+        expected = call_block(ref_chain[2], call_block(ref_chain[1], received, body), body)
+        runtime.begin(received)
+        with pytest.raises(StageExit) as info:
+            model(tokens())
+    assert len(seen) == 1 and seen[0] is received
+    torch.testing.assert_close(info.value.output, expected)
+
+
+@pytest.mark.parametrize("body", ["sequential", "modulelist"])
+def test_last_stage_returns_logits(body: str) -> None:
+    reference = make_model(body)
+    model, runtime = cut(reference, 2)
+    received = torch.randn(2, SEQ, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        h = call_block(reference.get_submodule(chain_path(body))[3], received, body)
+        expected = reference.head(reference.ln_f(h))
+        runtime.begin(received)
+        logits = model(tokens())
+    torch.testing.assert_close(logits, expected)
+    runtime.check_finished()
+    runtime.end()
+    with pytest.raises(PipelineError, match="outside a pipelined step"):
+        model(tokens())
+
+
+def test_out_of_order_block_call() -> None:
+    model, runtime = cut(make_model(), 1)
+    runtime.begin(torch.zeros(2, SEQ, 16))
+    with pytest.raises(PipelineError, match="must each be called once per step, in order"):
+        model.blocks[2](torch.zeros(2, SEQ, 16))
+
+
+def test_repeated_block_call() -> None:
+    model, runtime = cut(make_model(), 2)
+    x = torch.zeros(2, SEQ, 16)
+    runtime.begin(x)
+    assert model.blocks[0](x) is x  # stand-in passes its input through
+    with pytest.raises(PipelineError, match="must each be called once per step, in order"):
+        model.blocks[0](x)
+
+
+def test_check_finished_incomplete_chain() -> None:
+    model, runtime = cut(make_model(), 2)
+    x = torch.zeros(2, SEQ, 16)
+    runtime.begin(x)
+    model.blocks[0](x)
+    model.blocks[1](x)
+    with pytest.raises(PipelineError, match="every block must run once per step"):
+        runtime.check_finished()
+
+
+def test_begin_resets_order() -> None:
+    """A new micro-batch starts the chain from block 0 again."""
+    model, runtime = cut(make_model(), 2)
+    received = torch.zeros(2, SEQ, 16)
+    with torch.no_grad():
+        for _ in range(2):
+            runtime.begin(received)
+            model(tokens())
+            runtime.check_finished()

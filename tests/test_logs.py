@@ -1,0 +1,208 @@
+"""Recording ``self.log`` per micro-batch, combining and replaying (``lightning_pipe.strategy.logs``)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import pytest
+import torch
+from torch import nn
+from torchmetrics import MeanMetric, SumMetric
+
+from lightning_pipe.strategy.logs import LogRecord, LogRecorder, combine_records, replay
+
+
+class Module(nn.Module):
+    """Stands in for a LightningModule: a ``log`` method and a metric attribute (one nested)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(2, 2)
+        self.acc = MeanMetric()
+        self.sub = nn.Module()
+        self.sub.total = SumMetric()
+        self.real_calls: list[tuple[str, Any]] = []
+
+    def log(self, name: str, value: Any, **kwargs: Any) -> None:
+        self.real_calls.append((name, value))
+
+
+Call = tuple[str, Any, dict[str, Any]]
+
+
+def recording() -> tuple[list[Call], Callable[..., None]]:
+    calls: list[Call] = []
+
+    def log(name: str, value: Any, **kwargs: Any) -> None:
+        calls.append((name, value, kwargs))
+
+    return calls, log
+
+
+def record(module: Module, per_microbatch: list[list[tuple[str, Any, dict[str, Any]]]]) -> LogRecorder:
+    """Run ``module.log(name, value, **kwargs)`` for each micro-batch under capture."""
+    recorder = LogRecorder(module)
+    for mb, calls in enumerate(per_microbatch):
+        with recorder.capture(mb):
+            for name, value, kwargs in calls:
+                module.log(name, value, **kwargs)
+    return recorder
+
+
+def by_name(records: list[LogRecord]) -> dict[str, LogRecord]:
+    return {r.name: r for r in records}
+
+
+# --- capture -------------------------------------------------------------------------------------------------
+
+
+def test_capture_replaces_and_restores_log() -> None:
+    module = Module()
+    recorder = LogRecorder(module)
+    with recorder.capture(0):
+        assert getattr(module.log, "__func__", None) is not Module.log
+        module.log("loss", torch.tensor(1.0))
+    assert module.log.__func__ is Module.log  # type: ignore[attr-defined]
+    assert module.real_calls == []
+    assert list(recorder.calls) == ["loss"]
+    module.log("after", 1.0)
+    assert module.real_calls == [("after", 1.0)]
+
+
+def test_capture_restores_log_when_body_raises() -> None:
+    module = Module()
+    recorder = LogRecorder(module)
+    with pytest.raises(RuntimeError, match="boom"):
+        with recorder.capture(0):
+            raise RuntimeError("boom")
+    assert module.log.__func__ is Module.log  # type: ignore[attr-defined]
+
+
+def test_capture_detaches_tensors() -> None:
+    module = Module()
+    loss = module.linear(torch.ones(1, 2)).sum()
+    recorder = record(module, [[("loss", loss, {})]])
+    (_, value, _, _), = recorder.calls["loss"]
+    assert not value.requires_grad
+
+
+def test_capture_rejects_positional_options() -> None:
+    module = Module()
+    recorder = LogRecorder(module)
+    with recorder.capture(0), pytest.raises(TypeError, match="by keyword"):
+        module.log("loss", 1.0, True)  # type: ignore[call-arg]
+
+
+# --- combine_records -----------------------------------------------------------------------------------------
+
+
+def test_weighted_mean_equals_full_batch_mean() -> None:
+    """Micro-batches of 3, 1 and 2 samples: weights 3/6, 1/6, 2/6 give the mean over all 6."""
+    full = torch.tensor([0.5, 2.0, -1.0, 4.0, 3.0, 7.5])
+    parts = [full[:3], full[3:4], full[4:]]
+    weights = [len(p) / len(full) for p in parts]
+    recorder = record(Module(), [[("loss", p.mean(), {"prog_bar": True})] for p in parts])
+    (rec,) = combine_records(recorder, weights)
+    assert rec.name == "loss" and rec.kwargs == {"prog_bar": True} and rec.metric_attribute is None
+    assert rec.value.dtype == torch.float32
+    torch.testing.assert_close(rec.value, full.mean())
+
+
+@pytest.mark.parametrize(
+    ("reduce_fx", "expected"),
+    [("sum", 6.0), (torch.sum, 6.0), ("max", 4.0), (torch.max, 4.0), (max, 4.0), ("min", -1.0),
+     (torch.min, -1.0), (min, -1.0), ("mean", 2.0), ("avg", 2.0), (torch.mean, 2.0)],
+)
+def test_reduce_fx(reduce_fx: Any, expected: float) -> None:
+    values = [torch.tensor(3.0), torch.tensor(-1.0), torch.tensor(4.0)]
+    recorder = record(Module(), [[("x", v, {"reduce_fx": reduce_fx})] for v in values])
+    (rec,) = combine_records(recorder, [1 / 3] * 3)
+    assert rec.kwargs == {"reduce_fx": reduce_fx}
+    assert rec.value.dtype == torch.float32
+    torch.testing.assert_close(rec.value, torch.tensor(expected))
+
+
+def test_batch_size_dropped() -> None:
+    recorder = record(Module(), [[("x", torch.tensor(1.0), {"batch_size": 3, "on_epoch": True})],
+                                 [("x", torch.tensor(2.0), {"batch_size": 1, "on_epoch": True})]])
+    (rec,) = combine_records(recorder, [0.75, 0.25])
+    assert rec.kwargs == {"on_epoch": True}
+    torch.testing.assert_close(rec.value, torch.tensor(1.25))
+
+
+def test_python_floats() -> None:
+    recorder = record(Module(), [[("lr", 0.5, {}), ("n", 2.0, {"reduce_fx": "sum"})],
+                                 [("lr", 1.5, {}), ("n", 3.0, {"reduce_fx": "sum"})]])
+    records = by_name(combine_records(recorder, [0.5, 0.5]))
+    assert float(records["lr"].value) == 1.0
+    assert float(records["n"].value) == 5.0
+
+
+def test_metric_relayed_by_attribute() -> None:
+    module = Module()
+    recorder = record(module, [[("acc", module.acc, {"prog_bar": True}), ("total", module.sub.total, {})],
+                               [("acc", module.acc, {"prog_bar": True}), ("total", module.sub.total, {})]])
+    records = by_name(combine_records(recorder, [0.5, 0.5]))
+    assert records["acc"].metric_attribute == "acc" and records["acc"].value is None
+    assert records["acc"].kwargs == {"prog_bar": True}
+    assert records["total"].metric_attribute == "sub.total"
+
+
+def test_metric_not_a_submodule() -> None:
+    module = Module()
+    loose = MeanMetric()
+    recorder = LogRecorder(module)
+    with recorder.capture(0), pytest.raises(ValueError, match="must be an attribute"):
+        module.log("loose", loose)
+
+
+def test_unknown_reduce_fx() -> None:
+    recorder = record(Module(), [[("x", torch.tensor(1.0), {"reduce_fx": "median"})]])
+    with pytest.raises(ValueError, match="reduce_fx='median'"):
+        combine_records(recorder, [1.0])
+
+
+def test_mean_logged_wrong_number_of_times() -> None:
+    recorder = record(Module(), [[("x", torch.tensor(1.0), {})], []])
+    with pytest.raises(ValueError, match="called 1 times for 2 micro-batches"):
+        combine_records(recorder, [0.5, 0.5])
+
+
+def test_mean_logged_twice_in_one_microbatch_none_in_other() -> None:
+    recorder = record(Module(), [[("x", torch.tensor(1.0), {}), ("x", torch.tensor(2.0), {})], []])
+    with pytest.raises(ValueError, match="micro-batches"):
+        combine_records(recorder, [0.5, 0.5])
+
+
+# --- replay --------------------------------------------------------------------------------------------------
+
+
+def test_replay_calls_log() -> None:
+    module = Module()
+    records = [
+        LogRecord("loss", torch.tensor(0.25), {"prog_bar": True, "sync_dist": True}),
+        LogRecord("lr", 0.1, {}),
+        LogRecord("acc", None, {"on_epoch": True}, metric_attribute="acc"),
+        LogRecord("total", None, {}, metric_attribute="sub.total"),
+    ]
+    calls, log = recording()
+    replay(module, records, torch.device("cpu"), log=log)
+    assert [c[0] for c in calls] == ["loss", "lr", "acc", "total"]
+    torch.testing.assert_close(calls[0][1], torch.tensor(0.25))
+    assert calls[0][2] == {"prog_bar": True, "sync_dist": True}
+    assert calls[1][1:] == (0.1, {})
+    assert calls[2][1] is module.acc and calls[2][2] == {"on_epoch": True, "metric_attribute": "acc"}
+    assert calls[3][1] is module.sub.total and calls[3][2] == {"metric_attribute": "sub.total"}
+    assert module.real_calls == []
+
+
+def test_round_trip_to_another_copy() -> None:
+    """Records made on one stage's module, replayed on another's: metrics resolve to the other copy."""
+    last, other = Module(), Module()
+    recorder = record(last, [[("loss", torch.tensor(1.0), {}), ("acc", last.acc, {})],
+                             [("loss", torch.tensor(3.0), {}), ("acc", last.acc, {})]])
+    calls, log = recording()
+    replay(other, combine_records(recorder, [0.5, 0.5]), torch.device("cpu"), log=log)
+    assert [c[0] for c in calls] == ["loss", "acc"]
+    torch.testing.assert_close(calls[0][1], torch.tensor(2.0))
+    assert calls[1][1] is other.acc
