@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import pickle
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable
 
@@ -284,6 +285,19 @@ class Transport:
         sends, self._sends = self._sends, []
         for work, peer, what, _ in sends:
             self._wait(work, peer, what)
+
+    def drain(self, seconds: float) -> None:
+        """Wait at most ``seconds`` in all for the pending sends, ignoring failures (used while failing)."""
+        sends, self._sends = self._sends, []
+        deadline = time.monotonic() + seconds
+        for work, *_ in sends:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            try:
+                work.wait(timeout=datetime.timedelta(seconds=left))
+            except RuntimeError:
+                pass  # the peer is gone: nothing more to tell it
 
     def reap(self) -> None:
         """Forget the sends that have already completed (keeps the list short during a long step)."""
