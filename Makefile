@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: setup train test bench clean
+.PHONY: setup train test bench lint clean
 
 $(PY):
 	# --system-site-packages: a torch the user already has (a CUDA build, say) is seen and kept.
@@ -28,6 +28,9 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/schedule_efficiency.py
 	$(PY) benchmarks/simulator_speed.py
+
+lint: $(STAMP)
+	$(PY) -m ruff check lightning_pipe tests examples benchmarks
 
 clean:
 	rm -rf $(VENV) build *.egg-info

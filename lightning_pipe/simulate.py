@@ -15,7 +15,7 @@ from typing import Sequence
 from lightning_pipe.errors import ScheduleDeadlockError
 from lightning_pipe.schedules.actions import Action, ActionKind, Schedule
 
-__all__ = ["Costs", "SimulationResult", "simulate", "ideal_step_time"]
+__all__ = ["Costs", "SimulationResult", "simulate", "ideal_step_time", "format_timeline", "main"]
 
 _F, _B, _W = ActionKind.FORWARD, ActionKind.BACKWARD, ActionKind.WEIGHT
 
@@ -173,3 +173,46 @@ def _peak_activations(actions: Sequence[Action], split: bool) -> int:
         elif action.kind is release:
             held -= 1
     return peak
+
+
+def format_timeline(result: SimulationResult, *, width: int = 100) -> str:
+    """One text row per rank: each action as its kind letter and micro-batch, idle time as dots."""
+    scale = width / result.step_time if result.step_time > 0 else 1.0
+    rows = []
+    for rank, actions in enumerate(result.schedule.actions):
+        row = ["."] * width
+        for action, start, end in zip(actions, result.start[rank], result.end[rank]):
+            a, b = int(round(start * scale)), max(int(round(end * scale)), int(round(start * scale)) + 1)
+            label = f"{action.kind.value}{action.microbatch}"
+            for i in range(a, min(b, width)):
+                row[i] = label[i - a] if i - a < len(label) else "-"
+        rows.append(f"rank {rank:2d} |{''.join(row)}| bubble {result.bubble_fraction[rank]:.3f}")
+    return "\n".join(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``lightning-pipe-simulate``: simulate a schedule and print its timeline, bubble and held activations."""
+    import argparse
+
+    from lightning_pipe.schedules import SCHEDULES, build_schedule
+
+    parser = argparse.ArgumentParser(description="Simulate a pipeline schedule (no processes needed).")
+    parser.add_argument("--schedule", default="1f1b", choices=sorted(SCHEDULES))
+    parser.add_argument("--stages", type=int, default=4)
+    parser.add_argument("--microbatches", type=int, default=8)
+    parser.add_argument("--forward", type=float, default=1.0, help="time of one forward per stage")
+    parser.add_argument("--backward", type=float, default=2.0, help="time of one backward per stage")
+    parser.add_argument("--transfer", type=float, default=0.0, help="latency of one transfer between ranks")
+    parser.add_argument("--width", type=int, default=100)
+    args = parser.parse_args(argv)
+    schedule = build_schedule(args.schedule, num_stages=args.stages, num_microbatches=args.microbatches)
+    result = simulate(schedule, Costs(args.forward, args.backward, transfer=args.transfer))
+    print(format_timeline(result, width=args.width))
+    print(f"step time {result.step_time:g}; ideal (m+p-1)(tf+tb) = "
+          f"{ideal_step_time(args.stages, args.microbatches, args.forward, args.backward):g}; "
+          f"peak held activations per rank {list(result.peak_activations)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -9,7 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_pipe.engine import ModuleStages, PipelineExecutor, microbatch_weights, split_microbatches, split_sequential
+from lightning_pipe.engine import (
+    ModuleStages, PipelineExecutor, microbatch_weights, split_microbatches, split_sequential,
+)
 from lightning_pipe.schedules import build_schedule
 
 

@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 import torch
+
+from tests._helpers import assert_same
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -42,27 +44,6 @@ class WithDerived:
 
     def __post_init__(self) -> None:
         self.n = self.x.shape[0]
-
-
-def assert_same(a: Any, b: Any) -> None:
-    """Structural equality comparing tensors by value and checking exact container types."""
-    assert type(a) is type(b), f"{type(a)} != {type(b)}"
-    if isinstance(a, torch.Tensor):
-        assert a.shape == b.shape and a.dtype == b.dtype
-        assert torch.equal(a, b)
-    elif dataclasses.is_dataclass(a):
-        for f in dataclasses.fields(a):
-            assert_same(getattr(a, f.name), getattr(b, f.name))
-    elif isinstance(a, dict):
-        assert list(a.keys()) == list(b.keys())
-        for k in a:
-            assert_same(a[k], b[k])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for u, v in zip(a, b):
-            assert_same(u, v)
-    else:
-        assert a == b
 
 
 def sizes(mbs: list[Any]) -> list[int]:
@@ -151,7 +132,8 @@ def test_split_default_collate_triple_with_batch_size_three():
     assert len(mbs) == 3
     for i, mb in enumerate(mbs):
         assert type(mb) is list and len(mb) == 3
-        assert torch.equal(mb[0], x[i : i + 1]) and torch.equal(mb[1], y[i : i + 1]) and torch.equal(mb[2], w[i : i + 1])
+        for part, whole in zip(mb, (x, y, w)):
+            assert torch.equal(part, whole[i : i + 1])
 
 
 def test_split_dict_keeps_keys_and_order():

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from typing import Callable
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given
 
 from lightning_pipe.errors import ScheduleDeadlockError, ScheduleError
 from lightning_pipe.schedules import (
@@ -25,14 +23,7 @@ from lightning_pipe.schedules import (
 )
 from lightning_pipe.simulate import Costs, simulate
 
-Generator = Callable[[int, int], Schedule]
-
-GENERATORS: list[Generator] = [gpipe, one_f_one_b]
-PROPERTY = settings(max_examples=150, deadline=None)
-
-stages = st.integers(min_value=1, max_value=8)
-microbatches = st.integers(min_value=1, max_value=32)
-generators = st.sampled_from(GENERATORS)
+from tests._helpers import GENERATORS, PROPERTY, Generator, generators, microbatches, stages
 
 
 # --------------------------------------------------------------------------------------------------------------

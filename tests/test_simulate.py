@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Callable
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from lightning_pipe.errors import ScheduleDeadlockError
 from lightning_pipe.schedules import Action, ActionKind, B, F, Schedule, W, gpipe, one_f_one_b
 from lightning_pipe.simulate import Costs, SimulationResult, ideal_step_time, simulate
 
-Generator = Callable[[int, int], Schedule]
-
-GENERATORS: list[Generator] = [gpipe, one_f_one_b]
-PROPERTY = settings(max_examples=150, deadline=None)
-
-stages = st.integers(min_value=1, max_value=8)
-microbatches = st.integers(min_value=1, max_value=32)
-generators = st.sampled_from(GENERATORS)
+from tests._helpers import PROPERTY, Generator, generators, microbatches, stages
 # Multiples of 1/4 keep every sum exact in binary floating point.
 quarters = st.integers(min_value=1, max_value=40).map(lambda n: n / 4)
 

@@ -3,7 +3,6 @@ bad input, registration and launchers."""
 
 from __future__ import annotations
 
-import csv
 import math
 from typing import Any
 

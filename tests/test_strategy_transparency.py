@@ -11,7 +11,6 @@ import math
 from typing import Any
 
 import pytest
-import torch
 
 from tests._launch import launch
 

@@ -9,6 +9,8 @@ from typing import Any, NamedTuple, Optional
 import pytest
 import torch
 
+from tests._helpers import assert_same
+
 from lightning_pipe.engine.tree import TreeSpec, flatten, unflatten
 
 Pair = namedtuple("Pair", ["first", "second"])
@@ -18,24 +20,6 @@ class Output(NamedTuple):
     logits: torch.Tensor
     aux: Optional[torch.Tensor]
     step: int = 0
-
-
-def assert_same(a: Any, b: Any) -> None:
-    """Structural equality that compares tensors by value and checks every container's exact type."""
-    assert type(a) is type(b), f"{type(a)} != {type(b)}"
-    if isinstance(a, torch.Tensor):
-        assert a.shape == b.shape and a.dtype == b.dtype
-        assert torch.equal(a, b)
-    elif isinstance(a, dict):
-        assert list(a.keys()) == list(b.keys())
-        for k in a:
-            assert_same(a[k], b[k])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for u, v in zip(a, b):
-            assert_same(u, v)
-    else:
-        assert a == b
 
 
 def round_trip(value: Any) -> Any:

@@ -91,7 +91,8 @@ class Schedule:
         stages_of: list[list[int]] = [[] for _ in self.actions]
         for stage, rank in enumerate(self.stage_to_rank):
             if not 0 <= rank < len(self.actions):
-                raise ValueError(f"stage {stage} is mapped to rank {rank}, but the schedule has {len(self.actions)} ranks")
+                raise ValueError(f"stage {stage} is mapped to rank {rank}, but the schedule has "
+                                 f"{len(self.actions)} ranks")
             stages_of[rank].append(stage)
         object.__setattr__(self, "_stages_of", tuple(tuple(s) for s in stages_of))
 

@@ -39,7 +39,8 @@ def validate_schedule(schedule: Schedule) -> None:
                 n = counts[Action(kind, mb, s)]
                 expected = 1 if (kind is not ActionKind.WEIGHT or split) else 0
                 if n != expected:
-                    raise ScheduleError(f"{schedule.name}: {Action(kind, mb, s)} appears {n} times, expected {expected}")
+                    raise ScheduleError(f"{schedule.name}: {Action(kind, mb, s)} appears {n} times, "
+                                        f"expected {expected}")
     # Imported here: simulate imports this package.
     from lightning_pipe.simulate import Costs, simulate
 

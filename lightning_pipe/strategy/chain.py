@@ -172,7 +172,8 @@ def split_chain(model: nn.Module, path: str, chain: nn.Module, *, counts: list[i
 
 
 def _make_pre_hook(runtime: ChainRuntime, index: int) -> Any:
-    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def hook(module: nn.Module, args: tuple[Any, ...],
+             kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         runtime.visit(index)
         if index == runtime.first and runtime.stage > 0:
             # The hidden state computed before the chain on this rank is a placeholder: the real one was received.

@@ -93,7 +93,8 @@ def global_grad_norm(params: Iterable[nn.Parameter], counted: set[int], group: d
     grads = [p.grad for p in params if p.grad is not None and id(p) in counted]
     device = grads[0].device if grads else torch.device("cpu")
     if norm_type == float("inf"):
-        local = torch.stack([g.detach().abs().max().float() for g in grads]).max() if grads else torch.zeros((), device=device)
+        local = (torch.stack([g.detach().abs().max().float() for g in grads]).max() if grads
+                 else torch.zeros((), device=device))
         dist.all_reduce(local, op=dist.ReduceOp.MAX, group=group)
         return local
     norms = [torch.linalg.vector_norm(g.detach(), norm_type).float() for g in grads]

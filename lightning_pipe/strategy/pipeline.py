@@ -26,12 +26,14 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_pipe.engine import PipelineExecutor, Transport, merge_microbatches, microbatch_weights, split_microbatches
+from lightning_pipe.engine import (
+    PipelineExecutor, Transport, merge_microbatches, microbatch_weights, split_microbatches,
+)
 from lightning_pipe.errors import PipelineError
 from lightning_pipe.schedules import SCHEDULES, Schedule, build_schedule
 from lightning_pipe.strategy.chain import ChainRuntime, StageExit, find_chain, split_chain
 from lightning_pipe.strategy.grads import GradStash, ReplicatedParams, clip_by_global_norm, make_scaler_agree
-from lightning_pipe.strategy.logs import LogRecord, LogRecorder, combine_records, replay
+from lightning_pipe.strategy.logs import LogRecorder, combine_records, replay
 from lightning_pipe.strategy.placement import block_counts, plan_placement
 
 __all__ = ["PipelineStrategy"]

@@ -1,0 +1,42 @@
+"""Helpers shared by several test modules."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import torch
+from hypothesis import settings
+from hypothesis import strategies as st
+
+from lightning_pipe.schedules import Schedule, gpipe, one_f_one_b
+
+Generator = Callable[[int, int], Schedule]
+
+GENERATORS: list[Generator] = [gpipe, one_f_one_b]
+PROPERTY = settings(max_examples=150, deadline=None)
+
+stages = st.integers(min_value=1, max_value=8)
+microbatches = st.integers(min_value=1, max_value=32)
+generators = st.sampled_from(GENERATORS)
+
+
+def assert_same(a: Any, b: Any) -> None:
+    """Equal structure, types, tensor shapes/dtypes/values and leaves."""
+    assert type(a) is type(b), f"{type(a)} != {type(b)}"
+    if isinstance(a, torch.Tensor):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        assert torch.equal(a, b)
+    elif dataclasses.is_dataclass(a):
+        for f in dataclasses.fields(a):
+            assert_same(getattr(a, f.name), getattr(b, f.name))
+    elif isinstance(a, dict):
+        assert list(a.keys()) == list(b.keys())
+        for k in a:
+            assert_same(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for u, v in zip(a, b):
+            assert_same(u, v)
+    else:
+        assert a == b
