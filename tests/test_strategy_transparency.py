@@ -85,6 +85,11 @@ def test_pipeline_matches_one_device(world_size: int) -> None:
             assert math.isclose(result["metrics"]["train_loss"], ref["metrics"]["train_loss"], rel_tol=1e-5,
                                 abs_tol=tolerance)
         assert held == set(ref["params"]), "every parameter lives on some stage, under its full name"
+        # Each rank holds only its own contiguous run of blocks; together they hold each block once.
+        chain = "blocks." if config["body"] == "sequential" else "layers."
+        owned = [sorted({int(n[len(chain):].split(".")[0]) for n in results[r][i]["params"] if n.startswith(chain)})
+                 for r in range(world_size)]
+        assert [b for blocks in owned for b in blocks] == list(range(config.get("n_layer", 4))), owned
     print("\n".join(f"pp={w} {c} rank {r}: max |diff| {d:.2e}" for w, c, r, d in report))
 
 
