@@ -48,7 +48,7 @@ class TinyGPT(LightningModule):
 
     def __init__(self, body: str = "sequential", n_layer: int = 4, d: int = 16, lr: float = 1e-2,
                  weight_decay: float = 0.1, sync_dist: bool = False, tie_blocks: bool = False,
-                 scheduler: bool = False) -> None:
+                 scheduler: bool = False, optimizer: str = "adamw") -> None:
         super().__init__()
         self.save_hyperparameters()
         self.body = body
@@ -65,6 +65,7 @@ class TinyGPT(LightningModule):
         if tie_blocks:  # a weight shared by the first and the last block (different stages)
             blocks[-1].fc2.weight = blocks[0].fc2.weight
         self.scheduler = scheduler
+        self.optimizer_name = optimizer
         self.val_acc = MulticlassAccuracy(num_classes=VOCAB, average="micro")
         self.lr, self.weight_decay = lr, weight_decay
 
@@ -103,7 +104,10 @@ class TinyGPT(LightningModule):
         return self(batch[0]).argmax(-1)
 
     def configure_optimizers(self) -> Any:
-        optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        if self.optimizer_name == "sgd":
+            optimizer: torch.optim.Optimizer = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+        else:
+            optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         if not self.scheduler:
             return optimizer
         schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)

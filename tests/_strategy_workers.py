@@ -170,3 +170,76 @@ def scaler_agreement(rank: int, world_size: int, *, agree: bool) -> tuple[list[f
     scaler.step(optimizer)
     scaler.update()
     return param.detach().tolist(), scaler.get_scale()
+
+
+class GlobalBatchSampler(torch.utils.data.Sampler):
+    """The global batches of ``replicas`` data-parallel replicas under Lightning's DistributedSampler (shuffled with
+    seed 0): batch k is the union of every replica's k-th local batch, for the single-device reference."""
+
+    def __init__(self, n: int, replicas: int, local_batch: int, seed: int = 0, epochs: int = 1) -> None:
+        self.batches = []
+        for epoch in range(epochs):
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+            shards = [order[r::replicas] for r in range(replicas)]
+            for k in range(0, len(shards[0]), local_batch):
+                self.batches.append([i for shard in shards for i in shard[k : k + local_batch]])
+
+    def __iter__(self) -> Any:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+# SGD with momentum, not AdamW: a handful of weights here have gradients that are pure cancellation noise
+# (|g| ~ 1e-7 from terms ~ 1e-3), whose rounding depends on how the batch is summed (over replicas and
+# micro-batches here, in one piece on one device). AdamW divides by |g| and turns that rounding into a visible step
+# (2.6e-5 after one step, for 1 weight of 3,000); SGD keeps the difference at rounding size.
+HYBRID_OPTIMIZER = "sgd"
+
+
+def hybrid_jobs(rank: int, world_size: int, *, configs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Fits with data-parallel replicas; Lightning's DistributedSampler shards the data over the replicas."""
+    from tests._models import token_data
+
+    results = []
+    for config in configs:
+        seed_everything(0, workers=True)
+        model = TinyGPT(body=config["body"], optimizer=HYBRID_OPTIMIZER)
+        if config.get("ddp"):
+            strategy: Any = "ddp"
+        else:
+            strategy = PipelineStrategy(pipeline_parallel_size=config["pp"], schedule=config.get("schedule", "1f1b"),
+                                        data_parallel_size=world_size // config["pp"])
+        trainer = Trainer(accelerator="cpu", devices=world_size, strategy=strategy, max_steps=config.get("steps", 3),
+                          gradient_clip_val=config.get("clip"), accumulate_grad_batches=config.get("accumulate", 1),
+                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                          enable_model_summary=False)
+        trainer.fit(model, torch.utils.data.DataLoader(token_data(48), batch_size=config.get("batch_size", 4),
+                                                       shuffle=True))
+        result = {"params": {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)},
+                  "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()}}
+        if not config.get("ddp"):
+            mesh = trainer.strategy.device_mesh
+            result["mesh"] = (mesh.mesh_dim_names, tuple(mesh.shape), model.device_mesh is mesh)
+            result["sampler"] = trainer.strategy.distributed_sampler_kwargs
+        results.append(result)
+    return results
+
+
+def hybrid_reference(config: dict[str, Any], replicas: int) -> dict[str, Any]:
+    """One device, on the replicas' global batches."""
+    from tests._models import token_data
+
+    seed_everything(0, workers=True)
+    model = TinyGPT(body=config["body"], optimizer=HYBRID_OPTIMIZER)
+    batch = config.get("batch_size", 4)
+    # Spanning epochs: the replicas' sampler reshuffles each epoch (seed + epoch); one long reference epoch
+    # reproduces that order (the replicas' epochs hold an even number of batches, so accumulation windows agree).
+    sampler = GlobalBatchSampler(48, replicas, batch, epochs=3)
+    trainer = Trainer(accelerator="cpu", devices=1, max_steps=config.get("steps", 3),
+                      gradient_clip_val=config.get("clip"), accumulate_grad_batches=config.get("accumulate", 1),
+                      logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, use_distributed_sampler=False)
+    trainer.fit(model, torch.utils.data.DataLoader(token_data(48), batch_sampler=sampler))
+    return {"params": {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)}}

@@ -202,7 +202,7 @@ class PipelineStrategy(DDPStrategy):
         self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         if first_time:
-            self._sync_replicated_params()
+            self._sync_initial_params()
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
@@ -224,14 +224,22 @@ class PipelineStrategy(DDPStrategy):
         log.info(f"pipeline stage {self.pp_rank}: blocks {self._runtime.first}..{self._runtime.stop - 1} of "
                  f"`{path}` (block counts per stage: {counts})")
 
-    def _sync_replicated_params(self) -> None:
-        """Start every copy of a replicated parameter from the lowest stage's values."""
+    def _sync_initial_params(self) -> None:
+        """Start all copies alike: each replicated parameter from its lowest stage, then every parameter and buffer
+        of a stage from replica 0 (what DDP does when it wraps a model)."""
         assert self._replicated is not None
+        module = self.lightning_module
+        dtype = next(module.parameters()).dtype
         with torch.no_grad():
             for param, shape, owners in zip(self._replicated.params, self._replicated.shapes,
                                             self._replicated.owners):
-                buffer = param.data if param is not None else torch.empty(shape, device=self.root_device)
+                buffer = param.data if param is not None else torch.empty(shape, device=self.root_device,
+                                                                          dtype=dtype)
                 dist.broadcast(buffer, src=self._pp_ranks[owners[0]], group=self._pp_group)
+            if (self.data_parallel_size or 1) > 1:
+                src = dist.get_global_rank(self._dp_group, 0)
+                for tensor in [*module.parameters(), *module.buffers()]:
+                    dist.broadcast(tensor.data, src=src, group=self._dp_group)
 
     # -- one step -----------------------------------------------------------------------------------------------
     def _executor(self, num_microbatches: int) -> PipelineExecutor:

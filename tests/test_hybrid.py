@@ -1,0 +1,50 @@
+"""Pipeline x data parallelism: N processes as N/p replicas of a p-stage pipeline."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests._launch import launch
+from tests.test_strategy_transparency import TOLERANCE, max_param_diff
+
+pytestmark = pytest.mark.distributed
+
+HYBRID_CONFIGS: list[dict[str, Any]] = [
+    {"body": "modulelist", "pp": 2, "schedule": "1f1b"},
+    {"body": "sequential", "pp": 2, "schedule": "gpipe", "clip": 0.05, "accumulate": 2, "steps": 4},
+]
+
+
+@pytest.mark.timeout(300)
+def test_pp2_x_dp2_matches_one_device_on_the_global_batches() -> None:
+    from tests._strategy_workers import hybrid_reference
+
+    outcomes = launch("tests._strategy_workers.hybrid_jobs", 4, deadline=240, configs=HYBRID_CONFIGS)
+    results = [o.unwrap() for o in outcomes]
+    for i, config in enumerate(HYBRID_CONFIGS):
+        ref = hybrid_reference(config, replicas=2)
+        for rank in range(4):
+            result = results[rank][i]
+            assert result["mesh"] == (("dp", "pp"), (2, 2), True)
+            # ranks 0,1 form replica 0 (stages 0,1), ranks 2,3 replica 1: the sampler shards over replicas only.
+            assert result["sampler"] == {"num_replicas": 2, "rank": rank // 2}
+            diff, name = max_param_diff(result, ref)
+            print(f"pp=2 x dp=2 {config} rank {rank}: max |diff| {diff:.2e}")
+            assert diff <= TOLERANCE, (config, rank, name, diff)
+
+
+@pytest.mark.timeout(300)
+def test_pp1_x_dp2_matches_lightning_ddp() -> None:
+    configs = [{"body": "sequential", "pp": 1}, {"body": "sequential", "ddp": True},
+               {"body": "modulelist", "pp": 1, "clip": 0.05}, {"body": "modulelist", "ddp": True, "clip": 0.05}]
+    outcomes = launch("tests._strategy_workers.hybrid_jobs", 2, deadline=240, configs=configs)
+    for outcome in outcomes:
+        pipe_a, ddp_a, pipe_b, ddp_b = outcome.unwrap()
+        for pipe, ddp in ((pipe_a, ddp_a), (pipe_b, ddp_b)):
+            assert pipe["mesh"] == (("dp", "pp"), (2, 1), True)
+            diff, name = max_param_diff(pipe, ddp)
+            print(f"pp=1 x dp=2 vs ddp rank {outcome.rank}: max |diff| {diff:.2e}")
+            assert diff <= TOLERANCE, (name, diff)
+            assert abs(pipe["metrics"]["train_loss"] - ddp["metrics"]["train_loss"]) <= 1e-5
