@@ -7,8 +7,9 @@
 
 from lightning_pipe.errors import PipelineCommError, PipelineError, ScheduleDeadlockError, ScheduleError
 from lightning_pipe.strategy import PipelineStrategy, register_strategies
+from lightning_pipe.strategy.checkpoint import consolidate
 
 register_strategies()
 
-__all__ = ["PipelineStrategy", "PipelineError", "PipelineCommError", "ScheduleError", "ScheduleDeadlockError"]
+__all__ = ["PipelineStrategy", "consolidate", "PipelineError", "PipelineCommError", "ScheduleError", "ScheduleDeadlockError"]
 __version__ = "0.1.0"

@@ -14,7 +14,7 @@ from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-import lightning_pipe  # noqa: F401 - registers the strategy
+import lightning_pipe
 from lightning_pipe import PipelineStrategy
 from tests._models import TinyGPT, loader
 
@@ -68,8 +68,11 @@ def _train(config: dict[str, Any], *, devices: int, strategy: Any, log_dir: str 
         best = callbacks[0]
         result["best_model_score"] = float(best.best_model_score)
         if trainer.global_rank == 0:
-            # The checkpoint is one ordinary file that loads on one device.
-            loaded = TinyGPT.load_from_checkpoint(best.best_model_path, map_location="cpu")
+            # A pipeline writes a sharded directory; consolidated, it is one file that loads on one device.
+            path = best.best_model_path
+            if os.path.isdir(path):
+                path = str(lightning_pipe.consolidate(path))
+            loaded = TinyGPT.load_from_checkpoint(path, map_location="cpu")
             result["checkpoint_params"] = {n: p.detach().clone()
                                            for n, p in loaded.named_parameters(remove_duplicate=False)}
     if config.get("predict"):

@@ -11,14 +11,16 @@ from __future__ import annotations
 import atexit
 import functools
 import logging
+import shutil
 import warnings
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Callable, Literal
 
 import torch
 import torch.distributed as dist
-from lightning.pytorch import LightningModule, Trainer
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
@@ -27,11 +29,22 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_pipe.engine import (
-    PipelineExecutor, Transport, merge_microbatches, microbatch_weights, split_microbatches,
+    PipelineExecutor,
+    Transport,
+    merge_microbatches,
+    microbatch_weights,
+    split_microbatches,
 )
 from lightning_pipe.errors import PipelineError
 from lightning_pipe.schedules import SCHEDULES, Schedule, build_schedule
 from lightning_pipe.strategy.chain import ChainRuntime, StageExit, find_chain, split_chain
+from lightning_pipe.strategy.checkpoint import (
+    load_optimizer_state_by_name,
+    load_sharded,
+    optimizer_state_by_name,
+    plain_optimizer_state_by_name,
+    save_sharded,
+)
 from lightning_pipe.strategy.grads import GradStash, ReplicatedParams, clip_by_global_norm, make_scaler_agree
 from lightning_pipe.strategy.logs import LogRecorder, combine_records, replay
 from lightning_pipe.strategy.placement import block_counts, plan_placement
@@ -132,6 +145,7 @@ class PipelineStrategy(DDPStrategy):
         self._transport: Transport | None = None
         self._executors: dict[int, PipelineExecutor] = {}
         self._warned_short_batch = False
+        self._param_order: list[str] = []
 
     # -- layout -----------------------------------------------------------------------------------------------
     @property
@@ -212,6 +226,7 @@ class PipelineStrategy(DDPStrategy):
 
     def _split(self, module: LightningModule) -> None:
         path, chain = find_chain(module, self.blocks)
+        self._param_order = [name for name, _ in module.named_parameters()]  # the whole model's, before the cut
         counts = block_counts(chain, self.balance, self.num_stages)
         placement = plan_placement(module, path, counts)
         self._runtime = split_chain(module, path, chain, counts=counts, stage=self.pp_rank)
@@ -433,19 +448,46 @@ class PipelineStrategy(DDPStrategy):
         dist.all_reduce(flag)
         return bool(flag == self.world_size) if all else bool(flag)
 
-    # -- checkpoints (one consolidated file written by rank 0) --------------------------------------------------------
+    # -- checkpoints: sharded, keyed by full names (see checkpoint.py) ------------------------------------------------
+    def _names(self) -> dict[int, str]:
+        return {id(p): n for n, p in self.lightning_module.named_parameters()}
+
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        module = self.lightning_module
-        own = {k: v.detach().cpu() for k, v in module.state_dict().items()} if self.dp_rank == 0 else {}
-        gathered: list[Any] = [None] * self.world_size if self.global_rank == 0 else None  # type: ignore[assignment]
-        dist.gather_object(own, gathered, dst=0)
-        if self.global_rank != 0:
-            return {}
-        merged: dict[str, Any] = {}
-        for part in gathered:
-            merged.update(part)
-        return merged
+        return self.lightning_module.state_dict()  # this stage's part; save_checkpoint writes every stage's
+
+    @override
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        return optimizer_state_by_name(optimizer, self._names())
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError("PipelineStrategy.save_checkpoint(..., storage_options=...) is not supported: the "
+                            "checkpoint is written with torch.distributed.checkpoint")
+        path = Path(self.broadcast(str(filepath)))
+        state = {"state_dict": checkpoint.pop("state_dict")}
+        state.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
+        checkpoint["pipeline"] = {"param_order": self._param_order, "pipeline_parallel_size": self.num_stages,
+                                  "data_parallel_size": self.data_parallel_size}
+        save_sharded(path, state=state, meta=checkpoint if self.is_global_zero else None,
+                     is_rank_zero=self.is_global_zero, barrier=self.barrier)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        path = Path(self.broadcast(str(checkpoint_path)))
+        if path.is_dir():
+            return load_sharded(
+                path, model_state=self.lightning_module.state_dict(), weights_only=weights_only,
+                optimizer_names=[[self._names()[id(p)] for g in opt.param_groups for p in g["params"]]
+                                 for opt in self.optimizers],
+            )
+        if not path.is_file():
+            raise PipelineError(f"checkpoint not found: {path}")
+        checkpoint = super().load_checkpoint(path, weights_only=weights_only)  # an ordinary single file
+        if "pipeline_optimizer_states" in checkpoint:  # consolidated from a pipeline checkpoint: exact by name
+            checkpoint["optimizer_states"] = checkpoint.pop("pipeline_optimizer_states")
+        return checkpoint
 
     @override
     def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
@@ -458,25 +500,21 @@ class PipelineStrategy(DDPStrategy):
         module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
 
     @override
-    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
-        state = optimizer.state_dict() if self.dp_rank == 0 else None
-        gathered: list[Any] = [None] * self.world_size if self.global_rank == 0 else None  # type: ignore[assignment]
-        dist.gather_object(state, gathered, dst=0)
-        if self.global_rank != 0:
-            return {}
-        stages = [gathered[r] for r in self._pp_ranks]  # replica 0's stages, in stage order
-        return {"pipeline_stage_states": stages}
+    def load_optimizer_state_dict(self, checkpoint: Any) -> None:
+        names = self._names()
+        for optimizer, saved in zip(self.optimizers, checkpoint["optimizer_states"]):
+            if "param_groups" in saved:  # an ordinary index-keyed state from single-device training
+                saved = plain_optimizer_state_by_name(saved, self._param_order)
+            load_optimizer_state_by_name(optimizer, names, saved)
+            _optimizers_to_device([optimizer], self.root_device)
 
     @override
-    def load_optimizer_state_dict(self, checkpoint: Any) -> None:
-        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
-            stages = state.get("pipeline_stage_states") if isinstance(state, dict) else None
-            if stages is None or len(stages) != self.num_stages:
-                found = "a checkpoint without pipeline stages" if stages is None else f"{len(stages)} stages"
-                raise PipelineError(f"the optimizer state was saved with {found}; this run has "
-                                    f"{self.num_stages} stages. Resume with the same pipeline_parallel_size")
-            optimizer.load_state_dict(stages[self.pp_rank])
-            _optimizers_to_device([optimizer], self.root_device)
+    def remove_checkpoint(self, filepath: Any) -> None:
+        if self.is_global_zero:
+            if Path(filepath).is_dir():
+                shutil.rmtree(filepath)
+            else:
+                super().remove_checkpoint(filepath)
 
     @override
     def teardown(self) -> None:

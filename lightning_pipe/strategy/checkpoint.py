@@ -1,0 +1,261 @@
+"""Sharded checkpoints keyed by full parameter names, written with ``torch.distributed.checkpoint`` (DCP).
+
+Layout (Lightning's sharded layout, as its FSDP and ModelParallel strategies write it): a directory holding the
+DCP shards and ``meta.pt`` (everything but weights and optimizer states, written by rank 0). In the shards:
+
+* ``state_dict.<full name>``: every stage's weights; a name held by several ranks (replicas, modules outside the
+  chain) is written once;
+* ``optimizer_<i>.state.<full name>.<key>``: the optimizer state of each parameter, and
+  ``optimizer_<i>.hparams.<full name>.<key>`` the hyper-parameters of the group it belongs to (so stages whose
+  param groups differ restore exactly).
+
+Everything is addressed by name, so a checkpoint loads into any layout (pp, dp) with no conversion: each rank reads
+the names it holds. A save goes to a temporary directory that replaces the old checkpoint only once every rank has
+written, so an interrupted save leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+
+from lightning_pipe.errors import PipelineError
+
+__all__ = [
+    "META_FILE", "optimizer_state_by_name", "load_optimizer_state_by_name", "save_sharded", "load_sharded",
+    "is_sharded_checkpoint", "consolidate", "plain_optimizer_state_by_name", "main",
+]
+
+META_FILE = "meta.pt"  # the name Lightning's sharded checkpoints use for their non-tensor part
+_HPARAMS_SKIP = ("params",)
+
+
+def is_sharded_checkpoint(path: str | os.PathLike[str]) -> bool:
+    path = Path(path)
+    return path.is_dir() and (path / META_FILE).is_file()
+
+
+# -- optimizer state by parameter name ---------------------------------------------------------------------------
+def optimizer_state_by_name(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> dict[str, Any]:
+    """``{"state": {name: {key: value}}, "hparams": {name: group hyper-parameters}}`` for ``optimizer``."""
+    sd = optimizer.state_dict()
+    state: dict[str, Any] = {}
+    hparams: dict[str, Any] = {}
+    for group_sd, group in zip(sd["param_groups"], optimizer.param_groups):
+        hp = {k: v for k, v in group_sd.items() if k not in _HPARAMS_SKIP}
+        for index, param in zip(group_sd["params"], group["params"]):
+            name = names[id(param)]
+            hparams[name] = hp
+            if index in sd["state"]:
+                state[name] = sd["state"][index]
+    return {"state": state, "hparams": hparams}
+
+
+def load_optimizer_state_by_name(optimizer: torch.optim.Optimizer, names: dict[int, str],
+                                 saved: dict[str, Any]) -> None:
+    """Load a name-keyed optimizer state into ``optimizer`` (whose groups may be cut differently)."""
+    sd = optimizer.state_dict()
+    state: dict[int, Any] = {}
+    for group_sd, group in zip(sd["param_groups"], optimizer.param_groups):
+        saved_hparams = []
+        for index, param in zip(group_sd["params"], group["params"]):
+            name = names[id(param)]
+            if name in saved["state"]:
+                state[index] = saved["state"][name]
+            if name in saved.get("hparams", {}):
+                saved_hparams.append(saved["hparams"][name])
+        distinct = [h for i, h in enumerate(saved_hparams) if h not in saved_hparams[:i]]
+        if len(distinct) > 1:
+            raise PipelineError(
+                "a param group of this stage's optimizer holds parameters that were saved with different "
+                f"hyper-parameters ({distinct[0]} vs {distinct[1]}); configure_optimizers must group them as when "
+                "the checkpoint was written"
+            )
+        if distinct:
+            group_sd.update({k: v for k, v in distinct[0].items() if k in group_sd and k not in _HPARAMS_SKIP})
+    sd["state"] = state
+    optimizer.load_state_dict(sd)
+
+
+def plain_optimizer_state_by_name(plain: dict[str, Any], param_order: list[str]) -> dict[str, Any]:
+    """Name-keyed form of an ordinary optimizer state dict saved by single-device training.
+
+    The saved indices follow the order in which ``configure_optimizers`` listed the parameters. With one param group
+    that is the model's parameter order, which ``param_order`` gives; with several it cannot be known here.
+    """
+    groups = plain["param_groups"]
+    if len(groups) != 1:
+        raise PipelineError(
+            f"this checkpoint's optimizer has {len(groups)} param groups and no parameter names, so its state "
+            "cannot be matched to pipeline stages. Load the weights only (MyModule.load_from_checkpoint), or "
+            "resume from a checkpoint written by PipelineStrategy or lightning_pipe.consolidate"
+        )
+    indices = groups[0]["params"]
+    if len(indices) != len(param_order):
+        raise PipelineError(f"the checkpoint's optimizer holds {len(indices)} parameters; the model has "
+                            f"{len(param_order)}")
+    hp = {k: v for k, v in groups[0].items() if k not in _HPARAMS_SKIP}
+    return {
+        "state": {param_order[i]: plain["state"][idx] for i, idx in enumerate(indices) if idx in plain["state"]},
+        "hparams": {name: hp for name in param_order},
+    }
+
+
+# -- save -----------------------------------------------------------------------------------------------------------
+def save_sharded(path: Path, *, state: dict[str, Any], meta: dict[str, Any] | None, is_rank_zero: bool,
+                 barrier: Callable[[], None]) -> None:
+    """Write ``state`` (this rank's part) with DCP and ``meta`` (rank 0's) to ``path``, replacing it atomically."""
+    tmp = path.with_name(f".{path.name}.partial")
+    old = path.with_name(f".{path.name}.old")
+    if is_rank_zero:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted save
+        tmp.mkdir(parents=True)
+    barrier()
+    dcp.save(state, checkpoint_id=tmp)
+    if is_rank_zero:
+        torch.save(meta, tmp / META_FILE)
+    barrier()  # every rank has written: the new checkpoint is complete
+    if is_rank_zero:
+        shutil.rmtree(old, ignore_errors=True)
+        if path.is_file():
+            path.unlink()
+        elif path.exists():
+            path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    barrier()
+
+
+# -- load -----------------------------------------------------------------------------------------------------------
+def _read_metadata(path: Path) -> Metadata:
+    try:
+        return dcp.FileSystemReader(path).read_metadata()
+    except Exception as err:  # noqa: BLE001 - reported with the path
+        raise PipelineError(f"{path} is not a readable sharded checkpoint ({type(err).__name__}: {err})") from err
+
+
+def load_sharded(path: Path, *, model_state: dict[str, torch.Tensor], optimizer_names: list[list[str]],
+                 weights_only: bool | None) -> dict[str, Any]:
+    """Read this rank's names from the checkpoint at ``path``; ``model_state`` is filled in place.
+
+    Returns Lightning's checkpoint dict: ``meta.pt`` plus ``state_dict`` and name-keyed ``optimizer_states``.
+    """
+    if not (path / META_FILE).is_file():
+        raise PipelineError(f"{path} has no {META_FILE}: not a checkpoint written by PipelineStrategy (or the save "
+                            "was interrupted)")
+    metadata = _read_metadata(path)
+    entries = metadata.state_dict_metadata
+    request: dict[str, Any] = {}
+    problems = []
+    for name, tensor in model_state.items():
+        key = f"state_dict.{name}"
+        saved = entries.get(key)
+        if saved is None:
+            problems.append(f"`{name}` is missing")
+        elif isinstance(saved, TensorStorageMetadata) and tuple(saved.size) != tuple(tensor.shape):
+            problems.append(f"`{name}` has shape {tuple(saved.size)} in the checkpoint but {tuple(tensor.shape)} "
+                            "in the model")
+        else:
+            request[key] = tensor
+    if problems:
+        raise PipelineError(f"cannot load {path} into this model: " + "; ".join(problems[:5])
+                            + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
+    for i, names in enumerate(optimizer_names):
+        for name in names:
+            for prefix in (f"optimizer_{i}.state.{name}.", f"optimizer_{i}.hparams.{name}."):
+                for key, entry in entries.items():
+                    if key.startswith(prefix) and "." not in key[len(prefix):]:
+                        request[key] = (torch.empty(entry.size, dtype=entry.properties.dtype)
+                                        if isinstance(entry, TensorStorageMetadata) else None)
+    try:
+        dcp.load(request, checkpoint_id=path)
+    except Exception as err:  # noqa: BLE001 - a missing or damaged shard file
+        raise PipelineError(f"reading the shards of {path} failed: {type(err).__name__}: {err}") from err
+    meta = torch.load(path / META_FILE, map_location="cpu", weights_only=True if weights_only is None
+                      else weights_only)
+    optimizer_states = []
+    for i, names in enumerate(optimizer_names):
+        saved: dict[str, Any] = {"state": {}, "hparams": {}}
+        for name in names:
+            for part in ("state", "hparams"):
+                prefix = f"optimizer_{i}.{part}.{name}."
+                values = {k[len(prefix):]: v for k, v in request.items() if k.startswith(prefix)}
+                if values:
+                    saved[part][name] = values
+        optimizer_states.append(saved)
+    return {**meta, "state_dict": dict(model_state), "optimizer_states": optimizer_states}
+
+
+# -- consolidation ----------------------------------------------------------------------------------------------------
+def consolidate(path: str | os.PathLike[str], output: str | os.PathLike[str] | None = None) -> Path:
+    """Turn a sharded checkpoint directory into one ordinary Lightning ``.ckpt`` file; return its path.
+
+    The file has ``state_dict`` (every stage's weights, full names) for ``MyModule.load_from_checkpoint``, and
+    ``optimizer_states`` in the ordinary index-keyed form (one param group per distinct set of hyper-parameters,
+    parameters in model order) so that plain Lightning can resume from it; ``lightning_pipe`` resumes from its
+    name-keyed copy, exactly, in any layout.
+    """
+    from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+    path = Path(path)
+    if not is_sharded_checkpoint(path):
+        raise PipelineError(f"{path} is not a sharded checkpoint directory (no {META_FILE})")
+    output = Path(output) if output is not None else path.with_name(path.name + ".consolidated.ckpt")
+    if output.exists():
+        raise PipelineError(f"{output} exists; choose another output path")
+    full = _load_distributed_checkpoint(path)
+    order: list[str] = full.get("pipeline", {}).get("param_order") or list(full["state_dict"])
+    by_name, plain = [], []
+    i = 0
+    while f"optimizer_{i}" in full:
+        saved = full.pop(f"optimizer_{i}")
+        by_name.append(saved)
+        plain.append(_to_plain(saved, order))
+        i += 1
+    full["optimizer_states"] = plain
+    full["pipeline_optimizer_states"] = by_name
+    tmp = output.with_name(f".{output.name}.partial")
+    torch.save(full, tmp)
+    tmp.rename(output)
+    return output
+
+
+def _to_plain(saved: dict[str, Any], order: list[str]) -> dict[str, Any]:
+    names = [n for n in order if n in saved["hparams"]]
+    groups: list[dict[str, Any]] = []
+    state: dict[int, Any] = {}
+    for name in names:
+        hp = saved["hparams"][name]
+        group = next((g for g in groups if {k: v for k, v in g.items() if k != "params"} == hp), None)
+        if group is None:
+            group = {**hp, "params": []}
+            groups.append(group)
+        group["params"].append(name)
+    index = 0
+    for group in groups:
+        ids = []
+        for name in group["params"]:
+            if name in saved["state"]:
+                state[index] = saved["state"][name]
+            ids.append(index)
+            index += 1
+        group["params"] = ids
+    return {"state": state, "param_groups": groups}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``lightning-pipe-consolidate DIR [--output FILE]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Consolidate a lightning_pipe sharded checkpoint into one file.")
+    parser.add_argument("checkpoint")
+    parser.add_argument("--output", default=None)
+    args = parser.parse_args(argv)
+    print(consolidate(args.checkpoint, args.output))
+    return 0
