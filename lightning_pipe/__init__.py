@@ -11,5 +11,8 @@ from lightning_pipe.strategy.checkpoint import consolidate
 
 register_strategies()
 
-__all__ = ["PipelineStrategy", "consolidate", "PipelineError", "PipelineCommError", "ScheduleError", "ScheduleDeadlockError"]
+__all__ = [
+    "PipelineStrategy", "consolidate",
+    "PipelineError", "PipelineCommError", "ScheduleError", "ScheduleDeadlockError",
+]
 __version__ = "0.1.0"

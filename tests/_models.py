@@ -106,6 +106,11 @@ class TinyGPT(LightningModule):
     def configure_optimizers(self) -> Any:
         if self.optimizer_name == "sgd":
             optimizer: torch.optim.Optimizer = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+        elif self.optimizer_name == "groups":  # decay for matrices, none (and half the lr) for the rest
+            matrices = [p for p in self.parameters() if p.dim() >= 2]
+            others = [p for p in self.parameters() if p.dim() < 2]
+            optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": self.weight_decay},
+                                           {"params": others, "weight_decay": 0.0, "lr": self.lr / 2}], lr=self.lr)
         else:
             optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         if not self.scheduler:

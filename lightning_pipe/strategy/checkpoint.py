@@ -175,8 +175,8 @@ def load_sharded(path: Path, *, model_state: dict[str, torch.Tensor], optimizer_
                                         if isinstance(entry, TensorStorageMetadata) else None)
     try:
         dcp.load(request, checkpoint_id=path)
-    except Exception as err:  # noqa: BLE001 - a missing or damaged shard file
-        raise PipelineError(f"reading the shards of {path} failed: {type(err).__name__}: {err}") from err
+    except (Exception, dcp.CheckpointException) as err:  # a missing or damaged shard file (on any rank)
+        raise PipelineError(f"reading the shards of {path} failed: {_first_cause(err)}") from err
     meta = torch.load(path / META_FILE, map_location="cpu", weights_only=True if weights_only is None
                       else weights_only)
     optimizer_states = []
@@ -190,6 +190,16 @@ def load_sharded(path: Path, *, model_state: dict[str, torch.Tensor], optimizer_
                     saved[part][name] = values
         optimizer_states.append(saved)
     return {**meta, "state_dict": dict(model_state), "optimizer_states": optimizer_states}
+
+
+def _first_cause(err: BaseException) -> str:
+    """The first rank's underlying error of a DCP ``CheckpointException`` (which gathers every rank's)."""
+    failures = getattr(err, "failures", None)
+    if isinstance(failures, dict) and failures:
+        cause = next(iter(failures.values()))
+        cause = getattr(cause, "exc", cause)  # a wrapped traceback in some torch versions
+        return f"{type(cause).__name__}: {cause}"
+    return f"{type(err).__name__}: {err}"
 
 
 # -- consolidation ----------------------------------------------------------------------------------------------------

@@ -1,0 +1,158 @@
+"""Sharded checkpoints: exact resume, resume under another layout, plain Lightning checkpoints both ways,
+consolidation, interrupted saves and damaged checkpoints."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests._launch import launch
+
+pytestmark = pytest.mark.distributed
+
+TOLERANCE = 1e-5
+CKPT = "epoch=1-step=9.ckpt"  # written mid-epoch by ModelCheckpoint(every_n_train_steps=3)
+
+
+def _merge(results: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for r in results:
+        merged.update(r[key] if key == "params" else r["optimizer"]["state"])
+    return merged
+
+
+def _max_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
+    assert set(a) == set(b)
+    worst = 0.0
+    for name, value in a.items():
+        if isinstance(value, dict):
+            worst = max(worst, _max_diff(value, b[name]))
+        else:
+            worst = max(worst, (value.float() - b[name].float()).abs().max().item())
+    return worst
+
+
+def _run(world: int, **kwargs: Any) -> list[dict[str, Any]]:
+    return [o.unwrap() for o in launch("tests._checkpoint_workers.job", world, deadline=200, **kwargs)]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
+    """12 steps at pp=2 with param groups that differ in lr and weight decay, checkpointing every 3 steps."""
+    ckpt_dir = tmp_path_factory.mktemp("straight")
+    return ckpt_dir, _run(2, pp=2, steps=12, optimizer="groups", checkpoint_dir=str(ckpt_dir))
+
+
+@pytest.mark.timeout(400)
+def test_resume_is_exact_in_the_same_and_in_other_layouts(straight: tuple[Path, list[dict[str, Any]]],
+                                                          tmp_path: Path) -> None:
+    ckpt_dir, reference = straight
+    path = ckpt_dir / CKPT
+    files = sorted(os.listdir(path))
+    assert "meta.pt" in files and sum(f.endswith(".distcp") for f in files) == 2  # one shard per rank
+    ref_params, ref_state = _merge(reference, "params"), _merge(reference, "optimizer")
+    ref_losses = reference[-1]["losses"]
+    report = []
+    for pp, world in ((2, 2), (1, 1), (4, 4), (2, 4)):
+        out = str(tmp_path / f"resaved-pp{pp}-w{world}.ckpt")
+        resumed = _run(world, pp=pp, steps=12, optimizer="groups", ckpt_in=str(path), ckpt_out=out)
+        params, state = _merge(resumed, "params"), _merge(resumed, "optimizer")
+        diff_p, diff_s = _max_diff(params, ref_params), _max_diff(state, ref_state)
+        report.append(f"pp={pp} x dp={world // pp}: params {diff_p:.1e}, optimizer state {diff_s:.1e}")
+        if (pp, world) == (2, 2):
+            assert diff_p == 0.0 and diff_s == 0.0, "same layout: bit for bit"
+        assert diff_p <= TOLERANCE and diff_s <= TOLERANCE, report[-1]
+        for step in (10, 11, 12):  # the losses logged after the resume (last stage's, relayed everywhere)
+            # Each replica logs the loss of its half of the batch (as with DDP, without sync_dist): their mean is
+            # the batch's.
+            replicas = [resumed[r]["losses"][step] for r in range(0, world, pp)]
+            assert abs(sum(replicas) / len(replicas) - ref_losses[step]) <= TOLERANCE, (pp, world, step)
+        _assert_written_once(Path(out))
+    print("\n".join(report))
+
+
+def _assert_written_once(path: Path) -> None:
+    """Every tensor of the checkpoint is stored once, whatever the number of stages and replicas holding it."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(path).read_metadata()
+    stored = [index.fqn for index in metadata.storage_data]
+    assert len(stored) == len(set(stored))
+    assert "state_dict.tok.weight" in stored
+
+
+@pytest.mark.timeout(300)
+def test_plain_lightning_checkpoint_resumes_under_the_pipeline(tmp_path: Path) -> None:
+    plain = _run(1, pp=None, steps=12, checkpoint_dir=str(tmp_path))
+    assert (tmp_path / CKPT).is_file()  # an ordinary single-file checkpoint
+    resumed = _run(2, pp=2, steps=12, ckpt_in=str(tmp_path / CKPT))
+    assert _max_diff(_merge(resumed, "params"), plain[0]["params"]) <= TOLERANCE
+    assert _max_diff(_merge(resumed, "optimizer"), plain[0]["optimizer"]["state"]) <= TOLERANCE
+
+
+@pytest.mark.timeout(300)
+def test_consolidated_checkpoint_resumes_plain_lightning_and_loads_on_one_device(
+        straight: tuple[Path, list[dict[str, Any]]], tmp_path: Path) -> None:
+    import lightning_pipe
+    from tests._models import TinyGPT
+
+    ckpt_dir, reference = straight
+    sharded = tmp_path / CKPT
+    shutil.copytree(ckpt_dir / CKPT, sharded)
+    single = lightning_pipe.consolidate(sharded)
+    resumed = _run(1, pp=None, steps=12, optimizer="groups", ckpt_in=str(single))
+    assert _max_diff(resumed[0]["params"], _merge(reference, "params")) <= TOLERANCE
+    assert _max_diff(resumed[0]["optimizer"]["state"], _merge(reference, "optimizer")) <= TOLERANCE
+    model = TinyGPT.load_from_checkpoint(single, map_location="cpu")  # weights_only loading works on it
+    # Lightning's own tool reads the sharded directory too.
+    out = tmp_path / "by-lightning.ckpt"
+    subprocess.run([sys.executable, "-m", "lightning.fabric.utilities.consolidate_checkpoint", str(sharded),
+                    "--output_file", str(out)], check=True, timeout=120)
+    other = TinyGPT.load_from_checkpoint(out, map_location="cpu")
+    for (name, a), (_, b) in zip(model.named_parameters(), other.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.timeout(200)
+def test_interrupted_save_leaves_the_previous_checkpoint(tmp_path: Path) -> None:
+    import lightning_pipe
+
+    path = tmp_path / "last.ckpt"
+    outcomes = launch("tests._checkpoint_workers.interrupted_save", 2, deadline=150, path=str(path))
+    assert outcomes[1].error_type == "ProcessDied" and outcomes[1].exitcode == 7
+    assert outcomes[0].error_type is not None  # the surviving rank's save failed instead of hanging
+    full = torch.load(lightning_pipe.consolidate(path), weights_only=True)
+    for rank in range(2):
+        expected = torch.load(f"{path}.rank{rank}.expected", weights_only=True)
+        for name, value in expected.items():
+            assert torch.equal(full["state_dict"][name], value), name
+
+
+@pytest.mark.timeout(300)
+def test_damaged_or_incompatible_checkpoints_fail_with_a_clear_error(
+        straight: tuple[Path, list[dict[str, Any]]], tmp_path: Path) -> None:
+    ckpt_dir, _ = straight
+    cases = {}
+    for case in ("missing_shard", "missing_meta", "shape"):
+        cases[case] = str(tmp_path / case)
+        shutil.copytree(ckpt_dir / CKPT, cases[case])
+    os.remove(Path(cases["missing_shard"]) / "__1_0.distcp")
+    os.remove(Path(cases["missing_meta"]) / "meta.pt")
+    outcomes = launch("tests._checkpoint_workers.damaged", 2, deadline=240, cases=cases)
+    expected = {
+        "missing_shard": "reading the shards of",
+        "missing_meta": "has no meta.pt",
+        "shape": "`tok.weight` has shape (16, 16) in the checkpoint but (16, 24) in the model",
+    }
+    for outcome in outcomes:
+        errors = outcome.unwrap()
+        for case, text in expected.items():
+            kind, message = errors[case]
+            assert kind == "PipelineError" and text in message, (outcome.rank, case, kind, message)
