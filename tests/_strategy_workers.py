@@ -208,7 +208,7 @@ def hybrid_jobs(rank: int, world_size: int, *, configs: list[dict[str, Any]]) ->
     results = []
     for config in configs:
         seed_everything(0, workers=True)
-        model = TinyGPT(body=config["body"], optimizer=HYBRID_OPTIMIZER)
+        model = TinyGPT(body=config["body"], optimizer=HYBRID_OPTIMIZER, sync_dist=config.get("sync_dist", False))
         if config.get("ddp"):
             strategy: Any = "ddp"
         else:
@@ -245,4 +245,5 @@ def hybrid_reference(config: dict[str, Any], replicas: int) -> dict[str, Any]:
                       logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False, use_distributed_sampler=False)
     trainer.fit(model, torch.utils.data.DataLoader(token_data(48), batch_sampler=sampler))
-    return {"params": {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)}}
+    return {"params": {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)},
+            "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()}}

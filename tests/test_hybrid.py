@@ -12,7 +12,7 @@ from tests.test_strategy_transparency import TOLERANCE, max_param_diff
 pytestmark = pytest.mark.distributed
 
 HYBRID_CONFIGS: list[dict[str, Any]] = [
-    {"body": "modulelist", "pp": 2, "schedule": "1f1b"},
+    {"body": "modulelist", "pp": 2, "schedule": "1f1b", "sync_dist": True},
     {"body": "sequential", "pp": 2, "schedule": "gpipe", "clip": 0.05, "accumulate": 2, "steps": 4},
 ]
 
@@ -33,6 +33,9 @@ def test_pp2_x_dp2_matches_one_device_on_the_global_batches() -> None:
             diff, name = max_param_diff(result, ref)
             print(f"pp=2 x dp=2 {config} rank {rank}: max |diff| {diff:.2e}")
             assert diff <= TOLERANCE, (config, rank, name, diff)
+            if config.get("sync_dist"):
+                # sync_dist averages over the two replicas (not over stages): the global batch's loss, everywhere.
+                assert abs(result["metrics"]["train_loss"] - ref["metrics"]["train_loss"]) <= 1e-5
 
 
 @pytest.mark.timeout(300)
