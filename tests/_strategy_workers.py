@@ -226,6 +226,8 @@ def hybrid_jobs(rank: int, world_size: int, *, configs: list[dict[str, Any]]) ->
             mesh = trainer.strategy.device_mesh
             result["mesh"] = (mesh.mesh_dim_names, tuple(mesh.shape), model.device_mesh is mesh)
             result["sampler"] = trainer.strategy.distributed_sampler_kwargs
+            result["async_dp_averages"] = trainer.strategy.async_dp_averages
+            result["optimizer_steps"] = trainer.global_step
         results.append(result)
     return results
 

@@ -30,6 +30,8 @@ def test_pp2_x_dp2_matches_one_device_on_the_global_batches() -> None:
             assert result["mesh"] == (("dp", "pp"), (2, 2), True)
             # ranks 0,1 form replica 0 (stages 0,1), ranks 2,3 replica 1: the sampler shards over replicas only.
             assert result["sampler"] == {"num_replicas": 2, "rank": rank // 2}
+            # Every optimizer step averaged over the replicas asynchronously, once (not per accumulated batch).
+            assert result["async_dp_averages"] == result["optimizer_steps"] == config.get("steps", 3)
             diff, name = max_param_diff(result, ref)
             print(f"pp=2 x dp=2 {config} rank {rank}: max |diff| {diff:.2e}")
             assert diff <= TOLERANCE, (config, rank, name, diff)

@@ -9,7 +9,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["GradStash", "ReplicatedParams", "global_grad_norm", "clip_by_global_norm", "agree_found_inf",
+__all__ = ["GradStash", "AsyncGradAverage", "ReplicatedParams", "global_grad_norm", "clip_by_global_norm",
+           "agree_found_inf",
            "make_scaler_agree"]
 
 
@@ -39,6 +40,43 @@ class GradStash:
         for p, g in self._grads:
             p.grad = g if p.grad is None else p.grad + g
         self._grads = []
+
+
+class AsyncGradAverage:
+    """Averages a step's gradients over the data-parallel replicas, started as soon as the pipeline's backward for
+    the last batch of an accumulation window has ended, so the reduction overlaps what follows (the relay of logged
+    values, Lightning's bookkeeping, and the stages still finishing their backward)."""
+
+    def __init__(self) -> None:
+        self._pending: tuple[dist.Work, torch.Tensor, list[tuple[nn.Parameter, int, int]], int] | None = None
+
+    def start(self, params: Sequence[nn.Parameter], earlier: Sequence[torch.Tensor | None],
+              group: dist.ProcessGroup | None, size: int) -> None:
+        """Start summing ``earlier + p.grad`` (the whole window's gradient) over ``group``."""
+        totals, layout, offset = [], [], 0
+        for p, before in zip(params, earlier):
+            grad = p.grad
+            if grad is None and before is None:
+                continue
+            total = grad if before is None else (before if grad is None else before + grad)
+            totals.append(total.reshape(-1))
+            layout.append((p, offset, total.numel()))
+            offset += total.numel()
+        if totals:
+            flat = torch.cat(totals)
+            self._pending = (dist.all_reduce(flat, group=group, async_op=True), flat, layout, size)
+
+    def finish(self) -> bool:
+        """Wait for the reduction started last and make each gradient the replicas' average; ``False`` if none."""
+        if self._pending is None:
+            return False
+        work, flat, layout, size = self._pending
+        self._pending = None
+        work.wait()
+        flat /= size
+        for p, offset, n in layout:
+            p.grad = flat[offset : offset + n].view_as(p)
+        return True
 
 
 class ReplicatedParams:

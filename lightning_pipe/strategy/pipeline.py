@@ -45,7 +45,9 @@ from lightning_pipe.strategy.checkpoint import (
     plain_optimizer_state_by_name,
     save_sharded,
 )
-from lightning_pipe.strategy.grads import GradStash, ReplicatedParams, clip_by_global_norm, make_scaler_agree
+from lightning_pipe.strategy.grads import (
+    AsyncGradAverage, GradStash, ReplicatedParams, clip_by_global_norm, make_scaler_agree,
+)
 from lightning_pipe.strategy.logs import LogRecorder, combine_records, replay
 from lightning_pipe.strategy.placement import block_counts, plan_placement
 
@@ -142,6 +144,9 @@ class PipelineStrategy(DDPStrategy):
         self._replicated: ReplicatedParams | None = None
         self._counted: set[int] = set()
         self._stash = GradStash()
+        self._dp_average = AsyncGradAverage()
+        self._dp_averaged = False
+        self.async_dp_averages = 0  # optimizer steps whose replica average ran overlapped (tests, diagnostics)
         self._transport: Transport | None = None
         self._executors: dict[int, PipelineExecutor] = {}
         self._warned_short_batch = False
@@ -346,6 +351,7 @@ class PipelineStrategy(DDPStrategy):
         try:
             with self.precision_plugin.train_step_context():
                 loss, _ = self._run_step(module.training_step, args, kwargs, train=True)
+            self._start_data_parallel_average(params, before, args)
         finally:
             self._stash.end(params, before)
         assert loss is not None
@@ -359,6 +365,9 @@ class PipelineStrategy(DDPStrategy):
         self.pre_backward(closure_loss)
         Precision.pre_backward(self.precision_plugin, closure_loss, module)  # hooks only: no loss scaling here
         self._stash.apply()
+        if self._dp_average.finish():
+            self._dp_averaged = True
+            self.async_dp_averages += 1
         closure_loss = self.precision_plugin.post_backward(closure_loss, module)
         self.post_backward(closure_loss)
         return closure_loss
@@ -373,13 +382,27 @@ class PipelineStrategy(DDPStrategy):
 
         return super().optimizer_step(optimizer, closure_then_sync, model, **kwargs)
 
+    def _start_data_parallel_average(self, params: list[torch.nn.Parameter], before: list[torch.Tensor | None],
+                                     args: tuple[Any, ...]) -> None:
+        """On the last batch of an accumulation window, start averaging the window's gradients over the replicas
+        right away (it completes in ``backward``, overlapping what runs in between)."""
+        trainer = self.lightning_module.trainer
+        if (self.data_parallel_size or 1) == 1 or trainer.fit_loop.epoch_loop._should_accumulate():
+            return
+        accumulate = trainer.accumulate_grad_batches
+        batch_idx = args[1] if len(args) > 1 and isinstance(args[1], int) else 0
+        # On the first batch of a window Lightning zeroes the earlier gradients after this hook: they do not count.
+        earlier = [None] * len(params) if batch_idx % accumulate == 0 else before
+        self._dp_average.start(params, earlier, self._dp_group, self.data_parallel_size or 1)
+
     def _reduce_gradients(self) -> None:
-        """Once per optimizer step: sum replicated parameters' gradients over the stages, then average every
-        gradient over the data-parallel replicas."""
+        """Once per optimizer step: sum replicated parameters' gradients over the stages, and average every
+        gradient over the data-parallel replicas unless that already happened asynchronously."""
         assert self._replicated is not None
         if self.num_stages > 1:
             self._replicated.sum_grads(self._pp_group)
-        if (self.data_parallel_size or 1) > 1:
+        averaged, self._dp_averaged = self._dp_averaged, False
+        if (self.data_parallel_size or 1) > 1 and not averaged:
             grads = [p.grad for p in self.lightning_module.parameters() if p.grad is not None]
             if grads:
                 flat = torch.cat([g.reshape(-1) for g in grads])
