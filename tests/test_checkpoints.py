@@ -111,6 +111,12 @@ def test_consolidated_checkpoint_resumes_plain_lightning_and_loads_on_one_device
     assert _max_diff(resumed[0]["params"], _merge(reference, "params")) <= TOLERANCE
     assert _max_diff(resumed[0]["optimizer"]["state"], _merge(reference, "optimizer")) <= TOLERANCE
     model = TinyGPT.load_from_checkpoint(single, map_location="cpu")  # weights_only loading works on it
+    # The console command (lightning-pipe-consolidate) gives the same file.
+    by_cli = tmp_path / "by-cli.ckpt"
+    subprocess.run([sys.executable, "-m", "lightning_pipe.strategy.checkpoint", str(sharded), "--output",
+                    str(by_cli)], check=True, timeout=120)
+    cli_state = torch.load(by_cli, weights_only=True)["state_dict"]
+    assert all(torch.equal(cli_state[n], p) for n, p in model.state_dict().items())
     # Lightning's own tool reads the sharded directory too.
     out = tmp_path / "by-lightning.ckpt"
     subprocess.run([sys.executable, "-m", "lightning.fabric.utilities.consolidate_checkpoint", str(sharded),

@@ -269,3 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     print(consolidate(args.checkpoint, args.output))
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
