@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import gc
 import logging
 import shutil
 import warnings
@@ -66,6 +67,9 @@ def _destroy_process_group_at_exit() -> None:
     def destroy() -> None:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+        # Free what still refers to the groups (works, meshes) now, while the interpreter is whole: left to the
+        # final garbage collection, a gloo worker thread may throw during Py_Finalize and abort the process.
+        gc.collect()
 
     atexit.register(destroy)
 
