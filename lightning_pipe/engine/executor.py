@@ -79,8 +79,8 @@ class PipelineExecutor:
         group: The pipeline process group (``None``: the default group).
         device: Where received tensors are placed.
         timeout: Seconds any single wait may take before it fails with a message naming the peer.
-        post_ahead: How many receives to keep posted ahead of need (``None``: all of the step's at its start with
-            gloo; one with exact-size backends such as NCCL).
+        post_ahead: How many receives gloo keeps posted ahead of need (``None``: one more than the ranks). With
+            exact-size backends (NCCL) each receive is posted when its action starts.
         transport: A transport to share with other executors of the same pipeline (``group``, ``device`` and
             ``timeout`` then come from it).
     """
@@ -134,6 +134,11 @@ class PipelineExecutor:
             scale_loss: Applied to the weighted loss before backward (a gradient scaler's ``scale``).
         """
         sched, rank = self.schedule, self.rank
+        if self.transport.broken is not None:
+            raise PipelineError(f"pipeline rank {rank}: an earlier step failed ({self.transport.broken}); "
+                                "messages of that step may still be in flight, so this pipeline cannot run again: "
+                                "restart the processes")
+        self.transport.describe = self._describe
         m, last = sched.num_microbatches, sched.last_stage
         weights = list(loss_weights) if loss_weights is not None else [1.0 / m] * m
         if len(weights) != m:
@@ -145,10 +150,15 @@ class PipelineExecutor:
         local: dict[tuple[bool, int, int], Any] = {}  # values handed between two stages of this rank
         saved: dict[tuple[int, int], tuple[list[torch.Tensor], Any]] = {}
         next_recv = 0
-        if self.post_ahead is not None:
+        if self.transport.exact:
+            # Exact-size backends (NCCL) match messages in posting order: a receive is posted only when its
+            # action starts, after the sends of the actions before it.
+            window = 0
+        elif self.post_ahead is not None:
             window = self.post_ahead
         else:
-            window = 1 if self.transport.exact else len(receives)
+            # A few receives ahead are enough to overlap transfers; each holds a buffer of the channel's capacity.
+            window = sched.num_ranks + 1
 
         def post_until(limit: int) -> None:
             nonlocal next_recv
@@ -164,6 +174,8 @@ class PipelineExecutor:
             key = (is_gradient, microbatch, src_stage)
             if key in local:
                 return local.pop(key)
+            if key not in pending:  # not posted ahead (exact-size protocol): post it now
+                post_until(next_recv + 1)
             return pending.pop(key).wait()
 
         def give(value: Any, action: Action, dst_stage: int, is_gradient: bool) -> None:
@@ -223,6 +235,7 @@ class PipelineExecutor:
             self.transport.flush()
             self.transport.end_step()
         except BaseException as error:
+            self.transport.broken = f"{type(error).__name__}: {str(error)[:200]}"
             self._notify_peers(actions, sent, error)
             raise
         finally:

@@ -171,6 +171,7 @@ class Transport:
         self._capacity: dict[Hashable, int] = {}
         self._seen: dict[Hashable, int] = {}
         self._sends: list[tuple[dist.Work, int, str, Any]] = []
+        self.broken: str | None = None  # set when a step failed: its messages may still be in flight
 
     # -- channel capacities (gloo protocol) ------------------------------------------------------------------
     def capacity(self, channel: Hashable) -> int:
@@ -252,7 +253,7 @@ class Transport:
         else:
             parts += [(header.to(self.device), 0), (_bytes_tensor(raw).to(self.device), 1)]
         if meta[2]:
-            if len(tensors) == 1:  # one activation or gradient: sent as it is, without a copy
+            if len(tensors) == 1 and meta[1][0].nbytes == meta[2]:  # one aligned tensor: sent as it is, no copy
                 payload = tensors[0].detach().contiguous().view(-1).view(torch.uint8)
             else:
                 payload = torch.empty(meta[2], dtype=torch.uint8, device=self.device)

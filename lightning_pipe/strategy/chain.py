@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
+import torch
 from torch import nn
 
 from lightning_pipe.errors import PipelineError
@@ -52,6 +53,11 @@ class ChainRuntime:
         self.active, self.received = False, None
 
     def visit(self, index: int) -> None:
+        if not self.active and torch._C._current_graph_task_id() != -1:
+            raise PipelineError(
+                f"block {index} of `{self.path}` ran again during backward: activation checkpointing of whole "
+                "blocks of the pipelined chain is not supported; checkpoint the layers inside a block instead"
+            )
         if not self.active:
             raise PipelineError(
                 f"block {index} of `{self.path}` was called outside a pipelined step. After the split, this rank "

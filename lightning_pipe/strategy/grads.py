@@ -45,37 +45,55 @@ class GradStash:
 class AsyncGradAverage:
     """Averages a step's gradients over the data-parallel replicas, started as soon as the pipeline's backward for
     the last batch of an accumulation window has ended, so the reduction overlaps what follows (the relay of logged
-    values, Lightning's bookkeeping, and the stages still finishing their backward)."""
+    values, Lightning's bookkeeping, and the stages still finishing their backward).
+
+    Every trainable parameter takes part (zeros where a replica has no gradient), one buffer per dtype, so all
+    replicas enter the same collectives; a parameter gets a gradient if any replica had one.
+    """
 
     def __init__(self) -> None:
-        self._pending: tuple[dist.Work, torch.Tensor, list[tuple[nn.Parameter, int, int]], int] | None = None
+        self._pending: list[tuple[dist.Work, torch.Tensor, list[tuple[nn.Parameter, int]]]] = []
+        self._flags: tuple[dist.Work, torch.Tensor, list[nn.Parameter]] | None = None
+        self._size = 1
 
     def start(self, params: Sequence[nn.Parameter], earlier: Sequence[torch.Tensor | None],
               group: dist.ProcessGroup | None, size: int) -> None:
         """Start summing ``earlier + p.grad`` (the whole window's gradient) over ``group``."""
-        totals, layout, offset = [], [], 0
+        buckets: dict[torch.dtype, list[tuple[nn.Parameter, torch.Tensor]]] = {}
+        flags = []
         for p, before in zip(params, earlier):
             grad = p.grad
+            flags.append(float(grad is not None or before is not None))
             if grad is None and before is None:
-                continue
-            total = grad if before is None else (before if grad is None else before + grad)
-            totals.append(total.reshape(-1))
-            layout.append((p, offset, total.numel()))
-            offset += total.numel()
-        if totals:
-            flat = torch.cat(totals)
-            self._pending = (dist.all_reduce(flat, group=group, async_op=True), flat, layout, size)
+                total = torch.zeros_like(p)
+            else:
+                total = grad if before is None else (before if grad is None else before + grad)
+            buckets.setdefault(total.dtype, []).append((p, total))
+        self._size = size
+        for _, entries in sorted(buckets.items(), key=lambda kv: str(kv[0])):  # same order on every replica
+            flat = torch.cat([t.reshape(-1) for _, t in entries])
+            layout, offset = [], 0
+            for p, t in entries:
+                layout.append((p, offset))
+                offset += t.numel()
+            self._pending.append((dist.all_reduce(flat, group=group, async_op=True), flat, layout))
+        device = params[0].device if params else torch.device("cpu")
+        flag_tensor = torch.tensor(flags, device=device)
+        self._flags = (dist.all_reduce(flag_tensor, group=group, async_op=True), flag_tensor, list(params))
 
     def finish(self) -> bool:
-        """Wait for the reduction started last and make each gradient the replicas' average; ``False`` if none."""
-        if self._pending is None:
+        """Wait for the reductions started last and make each gradient the replicas' average; ``False`` if none."""
+        if self._flags is None:
             return False
-        work, flat, layout, size = self._pending
-        self._pending = None
+        work, flag_tensor, params = self._flags
         work.wait()
-        flat /= size
-        for p, offset, n in layout:
-            p.grad = flat[offset : offset + n].view_as(p)
+        has_grad = {id(p): bool(f) for p, f in zip(params, flag_tensor.tolist())}
+        for work, flat, layout in self._pending:
+            work.wait()
+            flat /= self._size
+            for p, offset in layout:
+                p.grad = flat[offset : offset + p.numel()].view_as(p) if has_grad[id(p)] else None
+        self._pending, self._flags = [], None
         return True
 
 

@@ -21,6 +21,7 @@ from typing import Any, Callable, Literal
 import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
@@ -49,7 +50,7 @@ from lightning_pipe.strategy.checkpoint import (
 from lightning_pipe.strategy.grads import (
     AsyncGradAverage, GradStash, ReplicatedParams, clip_by_global_norm, make_scaler_agree,
 )
-from lightning_pipe.strategy.logs import LogRecorder, combine_records, replay
+from lightning_pipe.strategy.logs import LogRecord, LogRecorder, combine_records, replay
 from lightning_pipe.strategy.placement import block_counts, plan_placement
 
 __all__ = ["PipelineStrategy"]
@@ -72,6 +73,10 @@ def _destroy_process_group_at_exit() -> None:
         gc.collect()
 
     atexit.register(destroy)
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    return apply_to_collection(value, torch.Tensor, lambda t: t.to(device))
 
 
 def _positive(name: str, value: int | None) -> None:
@@ -287,8 +292,9 @@ class PipelineStrategy(DDPStrategy):
         return micro
 
     def _run_step(self, hook: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], *, train: bool,
-                  gather_outputs: bool = False) -> tuple[torch.Tensor | None, Any]:
-        """Run ``hook`` over the micro-batches of ``args[0]``; relay logs (and loss/outputs) to every stage."""
+                  after_run: Callable[[], None] | None = None) -> tuple[torch.Tensor | None, Any]:
+        """Run ``hook`` over the micro-batches of ``args[0]``; relay the loss, the logged values and the outputs
+        (merged over micro-batches) from the last stage to every stage."""
         module = self.lightning_module
         runtime = self._runtime
         assert module is not None and runtime is not None
@@ -322,18 +328,41 @@ class PipelineStrategy(DDPStrategy):
         executor = self._executor(len(micro))
         scale = self._loss_scale() if train else None
         result = executor.run(forward_fn, loss_weights=weights, train=train, scale_loss=scale)
+        if after_run is not None:
+            after_run()
         payload: list[Any] = [None]
         if self.is_last_stage:
-            loss = sum(w * result.losses[i].double() for i, w in enumerate(weights)) if train else None
-            merged = merge_microbatches([result.outputs[i] for i in range(len(micro))]) if gather_outputs else None
-            payload = [(loss.cpu() if loss is not None else None, combine_records(recorder, weights), merged)]
+            try:
+                payload = [self._step_payload(result, recorder, weights, outputs if train else result.outputs,
+                                              train=train)]
+            except Exception as err:  # noqa: BLE001 - every stage must learn of it, not wait in the broadcast
+                payload = [("error", f"{type(err).__name__}: {err}")]
+                if self.num_stages == 1:
+                    raise
         if self.num_stages > 1:
             dist.broadcast_object_list(payload, src=self._pp_ranks[-1], group=self._pp_group)
-        loss, records, merged = payload[0]
+        if payload[0][0] == "error":
+            raise PipelineError(f"pipeline stage {self.num_stages - 1} failed after the step: {payload[0][1]}")
+        _, loss, records, merged = payload[0]
         replay(module, records, self.root_device)
+        merged = _to_device(merged, self.root_device)
         if not train:
-            return None, merged if gather_outputs else (result.outputs if self.is_last_stage else None)
-        return loss.to(device=self.root_device, dtype=torch.float32), None
+            return None, merged
+        return loss.to(device=self.root_device, dtype=torch.float32), merged
+
+    @staticmethod
+    def _step_payload(result: Any, recorder: LogRecorder, weights: list[float], outputs: dict[int, Any], *,
+                      train: bool) -> tuple[str, Any, list[LogRecord], Any]:
+        """What the last stage relays to every stage: the batch loss, the logged values and the merged outputs
+        (for training, what training_step returned besides the loss), on the CPU."""
+        loss = sum(w * result.losses[i].double() for i, w in enumerate(weights)).cpu() if train else None
+        merged = None
+        values = [outputs[i] for i in sorted(outputs)]
+        if train:
+            values = [{k: v for k, v in out.items() if k != "loss"} for out in values if isinstance(out, dict)]
+        if values and not all(v is None or (isinstance(v, dict) and not v) for v in values):
+            merged = _to_device(merge_microbatches(values), torch.device("cpu"))
+        return ("ok", loss, combine_records(recorder, weights), merged)
 
     def _loss_scale(self) -> Callable[[torch.Tensor], torch.Tensor]:
         trainer = self.lightning_module.trainer
@@ -354,13 +383,14 @@ class PipelineStrategy(DDPStrategy):
         before = self._stash.begin(params)
         try:
             with self.precision_plugin.train_step_context():
-                loss, _ = self._run_step(module.training_step, args, kwargs, train=True)
-            self._start_data_parallel_average(params, before, args)
+                loss, extras = self._run_step(module.training_step, args, kwargs, train=True,
+                                              after_run=lambda: self._start_data_parallel_average(params, before))
         finally:
             self._stash.end(params, before)
         assert loss is not None
         # Lightning needs a loss on every rank; backward() below installs the gradients the step computed.
-        return loss.detach().requires_grad_(True)
+        loss = loss.detach().requires_grad_(True)
+        return {"loss": loss, **extras} if isinstance(extras, dict) else loss
 
     @override
     def backward(self, closure_loss: torch.Tensor, optimizer: Optimizer | None, *args: Any,
@@ -386,15 +416,15 @@ class PipelineStrategy(DDPStrategy):
 
         return super().optimizer_step(optimizer, closure_then_sync, model, **kwargs)
 
-    def _start_data_parallel_average(self, params: list[torch.nn.Parameter], before: list[torch.Tensor | None],
-                                     args: tuple[Any, ...]) -> None:
+    def _start_data_parallel_average(self, params: list[torch.nn.Parameter],
+                                     before: list[torch.Tensor | None]) -> None:
         """On the last batch of an accumulation window, start averaging the window's gradients over the replicas
         right away (it completes in ``backward``, overlapping what runs in between)."""
         trainer = self.lightning_module.trainer
         if (self.data_parallel_size or 1) == 1 or trainer.fit_loop.epoch_loop._should_accumulate():
             return
         accumulate = trainer.accumulate_grad_batches
-        batch_idx = args[1] if len(args) > 1 and isinstance(args[1], int) else 0
+        batch_idx = trainer.fit_loop.epoch_loop.batch_idx  # the hook may not take batch_idx: ask the loop
         # On the first batch of a window Lightning zeroes the earlier gradients after this hook: they do not count.
         earlier = [None] * len(params) if batch_idx % accumulate == 0 else before
         self._dp_average.start(params, earlier, self._dp_group, self.data_parallel_size or 1)
@@ -407,15 +437,10 @@ class PipelineStrategy(DDPStrategy):
             self._replicated.sum_grads(self._pp_group)
         averaged, self._dp_averaged = self._dp_averaged, False
         if (self.data_parallel_size or 1) > 1 and not averaged:
-            grads = [p.grad for p in self.lightning_module.parameters() if p.grad is not None]
-            if grads:
-                flat = torch.cat([g.reshape(-1) for g in grads])
-                dist.all_reduce(flat, group=self._dp_group)
-                flat /= self.data_parallel_size
-                offset = 0
-                for g in grads:
-                    g.copy_(flat[offset : offset + g.numel()].view_as(g))
-                    offset += g.numel()
+            # Not started at the end of the backward (a loop that steps without accumulation bookkeeping): now.
+            params = [p for p in self.lightning_module.parameters() if p.requires_grad]
+            self._dp_average.start(params, [None] * len(params), self._dp_group, self.data_parallel_size or 1)
+            self._dp_average.finish()
 
     def _install_precision_hooks(self) -> None:
         plugin = self.precision_plugin
@@ -436,27 +461,17 @@ class PipelineStrategy(DDPStrategy):
     @override
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
         with self.precision_plugin.val_step_context():
-            return self._merge_eval(self._run_step(self.lightning_module.validation_step, args, kwargs, train=False))
+            return self._run_step(self.lightning_module.validation_step, args, kwargs, train=False)[1]
 
     @override
     def test_step(self, *args: Any, **kwargs: Any) -> Any:
         with self.precision_plugin.test_step_context():
-            return self._merge_eval(self._run_step(self.lightning_module.test_step, args, kwargs, train=False))
+            return self._run_step(self.lightning_module.test_step, args, kwargs, train=False)[1]
 
     @override
     def predict_step(self, *args: Any, **kwargs: Any) -> Any:
         with self.precision_plugin.predict_step_context():
-            _, merged = self._run_step(self.lightning_module.predict_step, args, kwargs, train=False,
-                                       gather_outputs=True)
-        return merged
-
-    @staticmethod
-    def _merge_eval(result: tuple[Any, Any]) -> Any:
-        outputs = result[1]
-        if not outputs:
-            return None
-        values = [outputs[i] for i in sorted(outputs)]
-        return None if all(v is None for v in values) else merge_microbatches(values)
+            return self._run_step(self.lightning_module.predict_step, args, kwargs, train=False)[1]
 
     # -- reductions -------------------------------------------------------------------------------------------------
     @override

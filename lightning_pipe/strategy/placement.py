@@ -37,6 +37,8 @@ class Placement:
 def plan_placement(model: nn.Module, path: str, counts: list[int]) -> Placement:
     num_stages = len(counts)
     stage_of_block = [s for s, c in enumerate(counts) for _ in range(c)]
+    chain = model.get_submodule(path) if path else model
+    position = {key: i for i, key in enumerate(chain._modules)}  # keys may be names: nn.Sequential(OrderedDict)
     prefix = f"{path}." if path else ""
     everywhere = set(range(num_stages))
     owners: dict[int, set[int]] = {}
@@ -45,8 +47,8 @@ def plan_placement(model: nn.Module, path: str, counts: list[int]) -> Placement:
     for name, param in model.named_parameters(remove_duplicate=False):
         stages: set[int]
         if name.startswith(prefix):
-            index = name[len(prefix):].split(".", 1)[0]
-            stages = {stage_of_block[int(index)]} if index.isdigit() else everywhere
+            key = name[len(prefix):].split(".", 1)[0]
+            stages = {stage_of_block[position[key]]} if key in position else everywhere
         else:
             stages = everywhere
         owners.setdefault(id(param), set()).update(stages)
