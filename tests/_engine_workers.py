@@ -134,5 +134,12 @@ def failing_step(rank: int, world_size: int, *, fail_rank: int, mode: str, timeo
         return stages(stage, microbatch, inputs)
 
     executor.run(stages)  # one clean step first: the failure comes in the middle of a later one
-    executor.run(forward_fn)
+    try:
+        executor.run(forward_fn)
+    except Exception as first:
+        try:
+            executor.run(stages)  # messages of the failed step may be in flight: must refuse, not mix them up
+        except Exception as second:  # noqa: BLE001
+            first.add_note(f"then: {second}")
+        raise
     return "finished"

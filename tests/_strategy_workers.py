@@ -121,6 +121,13 @@ class _Manual(TinyGPT):
         self.automatic_optimization = False
 
 
+class _BadReduce(TinyGPT):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss, _ = self._loss(batch)
+        self.log("odd", loss, reduce_fx="median")  # fails on the last stage, after the pipeline ran
+        return loss
+
+
 class _BlockTwice(TinyGPT):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         x = self.tok(idx) + self.pos(torch.arange(idx.shape[1]))
@@ -141,6 +148,7 @@ def bad_inputs(rank: int, world_size: int, *, cases: list[str]) -> dict[str, tup
         "blocks_path_unknown": (TinyGPT, {"blocks": "body.layers"}),
         "manual_optimization": (_Manual, {}),
         "block_called_twice": (_BlockTwice, {}),
+        "last_stage_fails_after_the_step": (_BadReduce, {}),
     }
     out: dict[str, tuple[str, str]] = {}
     for case in cases:
@@ -201,6 +209,11 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
 HYBRID_OPTIMIZER = "sgd"
 
 
+class _NoBatchIdx(TinyGPT):
+    def training_step(self, batch: Any) -> torch.Tensor:  # Lightning then passes no batch_idx
+        return super().training_step(batch, 0)
+
+
 def hybrid_jobs(rank: int, world_size: int, *, configs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Fits with data-parallel replicas; Lightning's DistributedSampler shards the data over the replicas."""
     from tests._models import token_data
@@ -208,7 +221,8 @@ def hybrid_jobs(rank: int, world_size: int, *, configs: list[dict[str, Any]]) ->
     results = []
     for config in configs:
         seed_everything(0, workers=True)
-        model = TinyGPT(body=config["body"], optimizer=HYBRID_OPTIMIZER, sync_dist=config.get("sync_dist", False))
+        cls = _NoBatchIdx if config.get("no_batch_idx") else TinyGPT
+        model = cls(body=config["body"], optimizer=HYBRID_OPTIMIZER, sync_dist=config.get("sync_dist", False))
         if config.get("ddp"):
             strategy: Any = "ddp"
         else:

@@ -53,6 +53,8 @@ def test_a_rank_that_raises_stops_every_other_rank_quickly() -> None:
         assert "ValueError: injected failure in the user's forward" in outcome.error
         # The failure notice arrives long before the wait timeout.
         assert outcome.elapsed < timeout / 2, outcome.elapsed
+        # And the pipeline refuses to run another step (stale messages of the failed one may still arrive).
+        assert "cannot run again" in outcome.traceback
 
 
 @pytest.mark.timeout(120)

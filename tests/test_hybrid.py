@@ -42,8 +42,10 @@ def test_pp2_x_dp2_matches_one_device_on_the_global_batches() -> None:
 
 @pytest.mark.timeout(300)
 def test_pp1_x_dp2_matches_lightning_ddp() -> None:
+    # The second pair: a training_step without batch_idx, with gradient accumulation over 2 batches.
     configs = [{"body": "sequential", "pp": 1}, {"body": "sequential", "ddp": True},
-               {"body": "modulelist", "pp": 1, "clip": 0.05}, {"body": "modulelist", "ddp": True, "clip": 0.05}]
+               {"body": "modulelist", "pp": 1, "clip": 0.05, "accumulate": 2, "no_batch_idx": True},
+               {"body": "modulelist", "ddp": True, "clip": 0.05, "accumulate": 2, "no_batch_idx": True}]
     outcomes = launch("tests._strategy_workers.hybrid_jobs", 2, deadline=240, configs=configs)
     for outcome in outcomes:
         pipe_a, ddp_a, pipe_b, ddp_b = outcome.unwrap()

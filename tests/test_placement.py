@@ -85,3 +85,16 @@ def test_block_counts_explicit() -> None:
     assert block_counts(chain, [1, 3], 2) == [1, 3]
     with pytest.raises(PipelineError, match="balance="):
         block_counts(chain, [2, 3], 2)
+
+
+def test_named_sequential_blocks_belong_to_their_stage_only() -> None:
+    """Keys of an nn.Sequential(OrderedDict) are names, not indices: blocks are still placed by position."""
+    from collections import OrderedDict
+
+    from torch import nn
+
+    model = nn.Module()
+    model.body = nn.Sequential(OrderedDict(a=nn.Linear(4, 4), b=nn.Linear(4, 4), c=nn.Linear(4, 4)))
+    model.head = nn.Linear(4, 2)
+    placement = plan_placement(model, "body", [2, 1])
+    assert placement.replicated_names == [["head.weight"], ["head.bias"]]

@@ -71,16 +71,25 @@ BAD_INPUTS = {
     "blocks_path_unknown": "blocks='body.layers' names no submodule",
     "manual_optimization": "automatic optimization only",
     "block_called_twice": "must each be called once per step, in order",
+    "last_stage_fails_after_the_step": "reduce_fx='median'",
 }
+
+
+# Set-up errors leave the process group usable, so one launch checks them all; a failure in the middle of a step
+# leaves messages of that step behind, so each of those runs in processes of its own.
+STEP_FAILURES = ("block_called_twice", "last_stage_fails_after_the_step")
 
 
 @pytest.mark.distributed
 @pytest.mark.timeout(200)
-def test_bad_input_fails_clearly_on_every_rank() -> None:
-    outcomes = launch("tests._strategy_workers.bad_inputs", 2, deadline=150, cases=list(BAD_INPUTS))
+@pytest.mark.parametrize("cases", [[c for c in BAD_INPUTS if c not in STEP_FAILURES], *[[c] for c in STEP_FAILURES]],
+                         ids=["setup", *STEP_FAILURES])
+def test_bad_input_fails_clearly_on_every_rank(cases: list[str]) -> None:
+    outcomes = launch("tests._strategy_workers.bad_inputs", 2, deadline=150, cases=cases)
     for outcome in outcomes:
         errors = outcome.unwrap()
-        for case, expected in BAD_INPUTS.items():
+        for case in cases:
+            expected = BAD_INPUTS[case]
             kind, message = errors[case]
             # A rank that was waiting for a peer's value gets the peer's error relayed (a PipelineCommError,
             # itself a PipelineError) with the same message.

@@ -255,7 +255,7 @@ class PipelineExecutor:
             if transfer is not None and transfer.key not in sent:
                 self.transport.send_failure(error, transfer.dst_rank, _tag(transfer, self.schedule.num_stages))
         # Let the notices leave before the process may exit (peers waiting on them have posted their receives).
-        self.transport.drain(seconds=min(10.0, self.transport.timeout.total_seconds()))
+        self.transport.drain(seconds=min(2.0, self.transport.timeout.total_seconds()))
 
     @staticmethod
     def _backward(

@@ -288,17 +288,17 @@ class Transport:
             self._wait(work, peer, what)
 
     def drain(self, seconds: float) -> None:
-        """Wait at most ``seconds`` in all for the pending sends, ignoring failures (used while failing)."""
-        sends, self._sends = self._sends, []
+        """Give the pending sends at most ``seconds`` in all to complete (used while failing).
+
+        Polls instead of a timed wait: a gloo wait that times out closes the connection to the peer, which would
+        break the whole process group; a send that a failed peer never receives is simply left behind.
+        """
         deadline = time.monotonic() + seconds
-        for work, *_ in sends:
-            left = deadline - time.monotonic()
-            if left <= 0:
+        while time.monotonic() < deadline:
+            self._sends = [s for s in self._sends if not s[0].is_completed()]
+            if not self._sends:
                 return
-            try:
-                work.wait(timeout=datetime.timedelta(seconds=left))
-            except RuntimeError:
-                pass  # the peer is gone: nothing more to tell it
+            time.sleep(0.001)
 
     def reap(self) -> None:
         """Forget the sends that have already completed (keeps the list short during a long step)."""
