@@ -129,7 +129,7 @@ def failing_step(rank: int, world_size: int, *, fail_rank: int, mode: str, timeo
                 raise ValueError("injected failure in the user's forward")
             if mode == "exit":
                 os._exit(3)  # a crash that says nothing
-            time.sleep(3 * timeout)  # far past the peers' timeout, yet bounded
+            time.sleep(4 * timeout)  # far past the peers' timeout, yet bounded
             raise TimeoutError("stalled on purpose")
         return stages(stage, microbatch, inputs)
 
