@@ -109,8 +109,7 @@ class PipelineExecutor:
             transport = Transport(group=group, device=device, timeout=timeout)
         # Several executors (one per micro-batch count) may share a transport: its channel capacities then stay in
         # step with the peers whatever executor ran last.
-        self.transport = transport
-        self.transport.describe = self._describe
+        self.transport = transport  # run() points its error messages at this executor
 
     def _describe(self) -> str:
         action = self._current

@@ -58,6 +58,7 @@ __all__ = ["PipelineStrategy"]
 log = logging.getLogger(__name__)
 
 _BALANCES = ("uniform", "parameters")
+_LOADED_IN_PLACE = "_lightning_pipe_loaded_in_place"
 
 
 @functools.cache
@@ -519,11 +520,13 @@ class PipelineStrategy(DDPStrategy):
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(self.broadcast(str(checkpoint_path)))
         if path.is_dir():
-            return load_sharded(
+            checkpoint = load_sharded(
                 path, model_state=self.lightning_module.state_dict(), weights_only=weights_only,
                 optimizer_names=[[self._names()[id(p)] for g in opt.param_groups for p in g["params"]]
                                  for opt in self.optimizers],
             )
+            checkpoint[_LOADED_IN_PLACE] = True  # DCP wrote into the module's own tensors already
+            return checkpoint
         if not path.is_file():
             raise PipelineError(f"checkpoint not found: {path}")
         checkpoint = super().load_checkpoint(path, weights_only=weights_only)  # an ordinary single file
@@ -533,6 +536,8 @@ class PipelineStrategy(DDPStrategy):
 
     @override
     def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
+        if checkpoint.get(_LOADED_IN_PLACE):
+            return
         module = self.lightning_module
         own = module.state_dict()
         state = checkpoint["state_dict"]
