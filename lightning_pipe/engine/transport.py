@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import pickle
+import struct
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable
@@ -116,8 +117,7 @@ class PendingRecv:
             meta_len, length = (int(v) for v in buffer[:_PREFIX].cpu().view(torch.int64))
         base = _aligned(_PREFIX + meta_len)
         t.observe(self.channel, base + length)
-        meta: _Meta = pickle.loads(buffer[_PREFIX : _PREFIX + meta_len].cpu().numpy().tobytes())
-        return _unpack(buffer, meta, base)
+        return _unpack(buffer, t.decode(buffer[_PREFIX : _PREFIX + meta_len].cpu().numpy().tobytes()), base)
 
     def _raise_failure(self, text: torch.Tensor) -> None:
         message = text.cpu().numpy().tobytes().decode("utf-8", errors="replace")
@@ -135,7 +135,7 @@ class PendingRecv:
             long_meta = torch.empty(n, dtype=torch.uint8, device=t.device)
             t._wait(t._irecv(long_meta, self.peer, self.tag * 3 + 1), self.peer, self.what)
             raw = long_meta.cpu().numpy().tobytes()
-        meta: _Meta = pickle.loads(raw)
+        meta = t.decode(raw)
         payload = torch.empty(meta[2], dtype=torch.uint8, device=t.device)
         if meta[2]:
             t._wait(t._irecv(payload, self.peer, self.tag * 3 + 2), self.peer, self.what)
@@ -172,6 +172,17 @@ class Transport:
         self._seen: dict[Hashable, int] = {}
         self._sends: list[tuple[dist.Work, int, str, Any]] = []
         self.broken: str | None = None  # set when a step failed: its messages may still be in flight
+        self._decoded: dict[bytes, _Meta] = {}
+
+    def decode(self, raw: bytes) -> _Meta:
+        """The metadata pickled in ``raw``; consecutive messages usually repeat it, so recent ones are cached."""
+        meta = self._decoded.get(raw)
+        if meta is None:
+            meta = pickle.loads(raw)
+            if len(self._decoded) >= 256:
+                self._decoded.clear()
+            self._decoded[raw] = meta
+        return meta
 
     # -- channel capacities (gloo protocol) ------------------------------------------------------------------
     def capacity(self, channel: Hashable) -> int:
@@ -231,8 +242,8 @@ class Transport:
         if len(self._sends) > 64:
             self.reap()
         message = torch.empty(base + meta[2], dtype=torch.uint8)
-        message[:_PREFIX].view(torch.int64).copy_(torch.tensor([len(raw), meta[2]]))
-        message[_PREFIX : _PREFIX + len(raw)] = _bytes_tensor(raw)
+        # Prefix and metadata in one copy: this runs once per transfer, on the critical path.
+        message[: _PREFIX + len(raw)] = _bytes_tensor(struct.pack("<qq", len(raw), meta[2]) + raw)
         _pack(message, tensors, meta[1], base)
         message = message.to(self.device)
         if base + meta[2] <= self.capacity(channel):
