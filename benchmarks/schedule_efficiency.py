@@ -3,7 +3,9 @@
 Each stage's forward sleeps ``tf`` and its backward ``2 * tf``, so the figures do not depend on the CPU count.
 For p in {2, 4} and m in {4, 8, 16, 32}, both GPipe and 1F1B, it prints the measured step time (the slowest
 rank's, median of several steps), the simulator's prediction, the ideal ``(m + p - 1) * (tf + tb)`` and the
-overhead ratio measured / ideal. Run: ``python benchmarks/schedule_efficiency.py [--tf-ms 10]``.
+overhead ratio measured / ideal; then the simulator fed with the action times actually measured and a transfer
+latency (sim(actual)), whose ratio to the measurement isolates the executor's own scheduling cost.
+Run: ``python benchmarks/schedule_efficiency.py [--tf-ms 10]``.
 """
 
 from __future__ import annotations
@@ -78,17 +80,23 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: A
     for name in args.schedules:
         for m in args.microbatches:
             executor = PipelineExecutor(build_schedule(name, num_stages=world, num_microbatches=m), rank=rank)
-            times = []
+            times, records = [], []
             for step in range(args.warmup + args.steps):
                 dist.barrier()
                 t0 = time.perf_counter()
-                executor.run(forward_fn)
+                result = executor.run(forward_fn)
                 elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
                 dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
                 if step >= args.warmup:
                     times.append(elapsed.item())
+                    records.extend(result.records)
+            # What each action really took here (compute and posting its sends), for the simulator.
+            durations = {kind: statistics.mean(r.end - r.start for r in records if r.action.kind.value == kind)
+                         for kind in ("F", "B")}
+            gathered: list[Any] = [None] * world
+            dist.all_gather_object(gathered, durations)
             if rank == 0:
-                queue.put((name, world, m, statistics.median(times)))
+                queue.put((name, world, m, statistics.median(times), gathered))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -107,6 +115,8 @@ def main() -> int:
     parser.add_argument("--schedules", nargs="+", default=["gpipe", "1f1b"])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--hop-ms", type=float, default=0.35,
+                        help="transfer latency given to the simulator's second prediction (measured here: 0.3-0.45)")
     args = parser.parse_args()
     ctx = mp.get_context("spawn")
     rows = []
@@ -117,15 +127,23 @@ def main() -> int:
             rows.append(queue.get())
     tf = args.tf_ms
     print(f"sleeping stages: tf={tf:g} ms, tb={2 * tf:g} ms; step times in ms (median of {args.steps})")
-    print(f"{'schedule':8} {'p':>2} {'m':>3} {'measured':>9} {'simulated':>9} {'ideal':>8} {'measured/ideal':>14}")
+    print(f"{'schedule':8} {'p':>2} {'m':>3} {'measured':>9} {'simulated':>9} {'ideal':>8} {'measured/ideal':>14} "
+          f"{'sim(actual)':>12} {'meas/sim(act)':>14}")
     worst_1f1b = 0.0
-    for name, p, m, measured in rows:
-        sim = simulate(build_schedule(name, num_stages=p, num_microbatches=m), Costs(tf, 2 * tf)).step_time
+    for name, p, m, measured, durations in rows:
+        schedule = build_schedule(name, num_stages=p, num_microbatches=m)
+        sim = simulate(schedule, Costs(tf, 2 * tf)).step_time
+        # The simulator again, fed with the action times measured on each rank and a transfer latency of
+        # --hop-ms: what remains between it and the measurement is the executor's own scheduling cost.
+        costs = Costs([1000 * d["F"] for d in durations], [1000 * d["B"] for d in durations],
+                      transfer=args.hop_ms)
+        sim_measured = simulate(schedule, costs).step_time
         ideal = ideal_step_time(p, m, tf, 2 * tf)
         ratio = measured * 1000 / ideal
         if name == "1f1b":
             worst_1f1b = max(worst_1f1b, ratio)
-        print(f"{name:8} {p:>2} {m:>3} {measured * 1000:>9.1f} {sim:>9.1f} {ideal:>8.1f} {ratio:>14.3f}")
+        print(f"{name:8} {p:>2} {m:>3} {measured * 1000:>9.1f} {sim:>9.1f} {ideal:>8.1f} {ratio:>14.3f} "
+              f"{sim_measured:>12.1f} {measured * 1000 / sim_measured:>14.3f}")
     print(f"worst 1F1B overhead: {100 * (worst_1f1b - 1):.1f}% (target: under 5%)")
     return 0
 
