@@ -7,10 +7,16 @@ import time
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from lightning_pipe.engine import (
-    ModuleStages, PipelineExecutor, microbatch_weights, split_microbatches, split_sequential,
+    ModuleStages,
+    PipelineExecutor,
+    Transport,
+    microbatch_weights,
+    split_microbatches,
+    split_sequential,
 )
 from lightning_pipe.schedules import build_schedule
 
@@ -64,7 +70,8 @@ def _balance(n: int, p: int) -> list[int]:
 
 
 def transparency(rank: int, world_size: int, *, models: list[str], schedules: list[str], ms: list[int],
-                 steps: int = 2, batch_size: int = 10, unweighted: bool = False) -> dict[str, float]:
+                 steps: int = 2, batch_size: int = 10, unweighted: bool = False,
+                 exact: bool = False) -> dict[str, float]:
     """For each configuration, the largest |pipelined - reference| over this rank's loss and gradients.
 
     ``unweighted=True`` sums the micro-batch losses instead of weighting them: a control that must show a
@@ -72,6 +79,10 @@ def transparency(rank: int, world_size: int, *, models: list[str], schedules: li
     """
     loss_fn = nn.MSELoss()
     report: dict[str, float] = {}
+    # exact=True: the protocol used with NCCL (exact sizes, receives posted just in time, gradients on a group of
+    # their own), run here over gloo.
+    transport = Transport(exact=True, backward_group=dist.new_group(list(range(world_size))), timeout=60) \
+        if exact else None
     for kind in models:
         reference = make_model(kind)
         ref_grads, ref_losses = [], []
@@ -93,7 +104,7 @@ def transparency(rank: int, world_size: int, *, models: list[str], schedules: li
                     x, y = make_batch(kind, step, batch_size)
                     micro_x, micro_y = split_microbatches(x, m), split_microbatches(y, m)
                     schedule = build_schedule(name, num_stages=world_size, num_microbatches=len(micro_x))
-                    executor = PipelineExecutor(schedule, rank=rank, timeout=60)
+                    executor = PipelineExecutor(schedule, rank=rank, timeout=60, transport=transport)
                     mine.zero_grad()
                     stages = ModuleStages({rank: mine}, num_stages=world_size, microbatches=micro_x,
                                           targets=micro_y, loss_fn=loss_fn)

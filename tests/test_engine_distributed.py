@@ -27,6 +27,18 @@ def test_transparency_against_one_process(world_size: int) -> None:
         assert worst <= TOLERANCE, f"rank {rank}: {report}"
 
 
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_exact_size_protocol_matches_one_process(world_size: int) -> None:
+    """The NCCL wire protocol (exact sizes, just-in-time receives, gradients on their own group), run over gloo."""
+    ms = [1, 2 * world_size + 1]
+    outcomes = launch("tests._engine_workers.transparency", world_size, deadline=200,
+                      models=["mlp", "transformer"], schedules=["gpipe", "1f1b"], ms=ms, exact=True)
+    for outcome in outcomes:
+        report = outcome.unwrap()
+        assert len(report) == 8 and max(report.values()) <= TOLERANCE, report
+
+
 @pytest.mark.timeout(120)
 def test_control_unweighted_losses_differ() -> None:
     """Summing instead of weighting the micro-batch losses must be caught by the same comparison."""

@@ -166,7 +166,7 @@ class PipelineExecutor:
                 what = f"receive of the {'gradient' if t.is_gradient else 'activation'} of micro-batch " \
                        f"{t.microbatch} from stage {t.src_stage}"
                 pending[t.key] = self.transport.recv(t.src_rank, _tag(t, sched.num_stages), what,
-                                                     channel=(t.is_gradient, t.src_stage))
+                                                     channel=(t.is_gradient, t.src_stage), backward=t.is_gradient)
                 next_recv += 1
 
         def take(is_gradient: bool, microbatch: int, src_stage: int) -> Any:
@@ -185,7 +185,7 @@ class PipelineExecutor:
                 what = f"send of the {'gradient' if is_gradient else 'activation'} of micro-batch " \
                        f"{action.microbatch} to stage {dst_stage}"
                 self.transport.send(value, transfer.dst_rank, _tag(transfer, sched.num_stages), what,
-                                    channel=(is_gradient, action.stage))
+                                    channel=(is_gradient, action.stage), backward=is_gradient)
                 sent.add(transfer.key)
 
         post_until(window)
@@ -252,7 +252,8 @@ class PipelineExecutor:
         for action in actions:
             transfer = self.schedule.outgoing(action)
             if transfer is not None and transfer.key not in sent:
-                self.transport.send_failure(error, transfer.dst_rank, _tag(transfer, self.schedule.num_stages))
+                self.transport.send_failure(error, transfer.dst_rank, _tag(transfer, self.schedule.num_stages),
+                                            backward=transfer.is_gradient)
         # Let the notices leave before the process may exit (peers waiting on them have posted their receives).
         self.transport.drain(seconds=min(2.0, self.transport.timeout.total_seconds()))
 

@@ -91,15 +91,16 @@ def _bytes_tensor(raw: bytes) -> torch.Tensor:
 class PendingRecv:
     """A value being received from ``peer``; :meth:`wait` returns it."""
 
-    def __init__(self, transport: "Transport", peer: int, tag: int, channel: Hashable, what: str) -> None:
+    def __init__(self, transport: "Transport", peer: int, tag: int, channel: Hashable, what: str,
+                 backward: bool) -> None:
         self._t = transport
-        self.peer, self.tag, self.channel, self.what = peer, tag, channel, what
+        self.peer, self.tag, self.channel, self.what, self.backward = peer, tag, channel, what, backward
         if transport.exact:
             self._buffer = torch.empty(HEADER_BYTES, dtype=torch.uint8, device=transport.device)
-            self._work = transport._irecv(self._buffer, peer, tag * 3)
+            self._work = transport._irecv(self._buffer, peer, tag * 3, backward)
         else:
             self._buffer = torch.empty(transport.capacity(channel), dtype=torch.uint8, device=transport.device)
-            self._work = transport._irecv(self._buffer, peer, tag * 2)
+            self._work = transport._irecv(self._buffer, peer, tag * 2, backward)
 
     def wait(self) -> Any:
         """Block (at most the transport's timeout per message) until the value is in; return it."""
@@ -113,7 +114,7 @@ class PendingRecv:
             self._raise_failure(buffer[_PREFIX : _PREFIX + length])
         if meta_len == _OVERFLOW:  # the whole message follows on the overflow tag
             buffer = torch.empty(length, dtype=torch.uint8, device=t.device)
-            t._wait(t._irecv(buffer, self.peer, self.tag * 2 + 1), self.peer, self.what)
+            t._wait(t._irecv(buffer, self.peer, self.tag * 2 + 1, self.backward), self.peer, self.what)
             meta_len, length = (int(v) for v in buffer[:_PREFIX].cpu().view(torch.int64))
         base = _aligned(_PREFIX + meta_len)
         t.observe(self.channel, base + length)
@@ -133,12 +134,12 @@ class PendingRecv:
             raw = self._buffer[8 : 8 + n].cpu().numpy().tobytes()
         else:
             long_meta = torch.empty(n, dtype=torch.uint8, device=t.device)
-            t._wait(t._irecv(long_meta, self.peer, self.tag * 3 + 1), self.peer, self.what)
+            t._wait(t._irecv(long_meta, self.peer, self.tag * 3 + 1, self.backward), self.peer, self.what)
             raw = long_meta.cpu().numpy().tobytes()
         meta = t.decode(raw)
         payload = torch.empty(meta[2], dtype=torch.uint8, device=t.device)
         if meta[2]:
-            t._wait(t._irecv(payload, self.peer, self.tag * 3 + 2), self.peer, self.what)
+            t._wait(t._irecv(payload, self.peer, self.tag * 3 + 2, self.backward), self.peer, self.what)
         return _unpack(payload, meta, 0)
 
 
@@ -151,6 +152,9 @@ class Transport:
         timeout: Seconds any single wait may take.
         describe: Returns where the caller is (rank, stage, action), for error messages.
         exact: Use the exact-size protocol (default: for every backend but gloo).
+        backward_group: A second group over the same ranks for gradients. NCCL runs the sends and receives between
+            two ranks in order on one stream: with activations going one way and gradients the other on separate
+            communicators, a send waiting for its receive never holds up the transfer going the other way.
     """
 
     def __init__(
@@ -161,8 +165,10 @@ class Transport:
         timeout: float = 300.0,
         describe: Callable[[], str] = lambda: "",
         exact: bool | None = None,
+        backward_group: dist.ProcessGroup | None = None,
     ) -> None:
         self.group = group
+        self.backward_group = backward_group
         self.device = torch.device(device)
         self.timeout = datetime.timedelta(seconds=timeout)
         self.describe = describe
@@ -204,11 +210,14 @@ class Transport:
         self._seen.clear()
 
     # -- raw operations --------------------------------------------------------------------------------------
-    def _irecv(self, tensor: torch.Tensor, peer: int, tag: int) -> dist.Work:
-        return dist.irecv(tensor, group=self.group, group_src=peer, tag=tag)
+    def _group(self, backward: bool) -> dist.ProcessGroup | None:
+        return self.backward_group if backward and self.backward_group is not None else self.group
 
-    def _isend(self, tensor: torch.Tensor, peer: int, tag: int) -> dist.Work:
-        return dist.isend(tensor, group=self.group, group_dst=peer, tag=tag)
+    def _irecv(self, tensor: torch.Tensor, peer: int, tag: int, backward: bool) -> dist.Work:
+        return dist.irecv(tensor, group=self._group(backward), group_src=peer, tag=tag)
+
+    def _isend(self, tensor: torch.Tensor, peer: int, tag: int, backward: bool) -> dist.Work:
+        return dist.isend(tensor, group=self._group(backward), group_dst=peer, tag=tag)
 
     def _wait(self, work: dist.Work, peer: int, what: str) -> None:
         try:
@@ -224,17 +233,19 @@ class Transport:
                 f"Check the logs of rank {peer}: it may have crashed. Cause: {cause.strip().splitlines()[0][:300]}")
 
     # -- public API ------------------------------------------------------------------------------------------
-    def recv(self, peer: int, tag: int, what: str, channel: Hashable = None) -> PendingRecv:
+    def recv(self, peer: int, tag: int, what: str, channel: Hashable = None, *, backward: bool = False) -> PendingRecv:
         """Post the receive of the value that ``peer`` sends on ``tag``; ``channel`` groups messages that share
-        a receive capacity (the same key must be given to :meth:`send` on the other end)."""
-        return PendingRecv(self, peer, tag, (peer, channel), what)
+        a receive capacity (the same key must be given to :meth:`send` on the other end); ``backward`` marks
+        gradients (sent on ``backward_group`` when there is one)."""
+        return PendingRecv(self, peer, tag, (peer, channel), what, backward)
 
-    def send(self, value: Any, peer: int, tag: int, what: str, channel: Hashable = None) -> None:
+    def send(self, value: Any, peer: int, tag: int, what: str, channel: Hashable = None, *,
+             backward: bool = False) -> None:
         """Start sending ``value`` to ``peer`` on ``tag``; the buffers are kept until :meth:`flush`."""
         tensors, meta = _describe_tensors(value)
         raw = pickle.dumps(meta, protocol=pickle.HIGHEST_PROTOCOL)
         if self.exact:
-            self._send_exact(tensors, meta, raw, peer, tag, what)
+            self._send_exact(tensors, meta, raw, peer, tag, what, backward)
             return
         channel = (self._rank, channel)
         base = _aligned(_PREFIX + len(raw))
@@ -247,14 +258,14 @@ class Transport:
         _pack(message, tensors, meta[1], base)
         message = message.to(self.device)
         if base + meta[2] <= self.capacity(channel):
-            self._sends.append((self._isend(message, peer, tag * 2), peer, what, message))
+            self._sends.append((self._isend(message, peer, tag * 2, backward), peer, what, message))
         else:
             notice = torch.tensor([-1, message.numel()], dtype=torch.int64).view(torch.uint8).to(self.device)
-            self._sends.append((self._isend(notice, peer, tag * 2), peer, what, notice))
-            self._sends.append((self._isend(message, peer, tag * 2 + 1), peer, what, message))
+            self._sends.append((self._isend(notice, peer, tag * 2, backward), peer, what, notice))
+            self._sends.append((self._isend(message, peer, tag * 2 + 1, backward), peer, what, message))
 
     def _send_exact(self, tensors: list[torch.Tensor], meta: _Meta, raw: bytes, peer: int, tag: int,
-                    what: str) -> None:
+                    what: str, backward: bool) -> None:
         header = torch.zeros(HEADER_BYTES, dtype=torch.uint8)
         header[:8].view(torch.int64)[0] = len(raw)
         parts = []
@@ -271,9 +282,9 @@ class Transport:
                 _pack(payload, tensors, meta[1], 0)
             parts.append((payload, 2))
         for tensor, part in parts:
-            self._sends.append((self._isend(tensor, peer, tag * 3 + part), peer, what, tensor))
+            self._sends.append((self._isend(tensor, peer, tag * 3 + part, backward), peer, what, tensor))
 
-    def send_failure(self, error: BaseException, peer: int, tag: int) -> None:
+    def send_failure(self, error: BaseException, peer: int, tag: int, *, backward: bool = False) -> None:
         """Tell ``peer``, waiting for a value on ``tag``, that this rank failed (best effort, never blocks).
 
         The receiver raises :class:`PipelineCommError` with ``error``'s type and message, and passes it on in turn,
@@ -287,7 +298,7 @@ class Transport:
             message[_PREFIX : _PREFIX + len(text)] = _bytes_tensor(text)
         message = message.to(self.device)
         try:
-            work = self._isend(message, peer, tag * (3 if self.exact else 2))
+            work = self._isend(message, peer, tag * (3 if self.exact else 2), backward)
         except RuntimeError:  # the peer may be gone already
             return
         self._sends.append((work, peer, "failure notice", message))

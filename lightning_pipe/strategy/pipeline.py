@@ -150,6 +150,7 @@ class PipelineStrategy(DDPStrategy):
         self.pp_rank = 0
         self.dp_rank = 0
         self._pp_ranks: list[int] = [0]
+        self._backward_group: dist.ProcessGroup | None = None
         self._runtime: ChainRuntime | None = None
         self._replicated: ReplicatedParams | None = None
         self._counted: set[int] = set()
@@ -202,6 +203,13 @@ class PipelineStrategy(DDPStrategy):
         self.pp_rank = self._mesh.get_local_rank("pp")
         self.dp_rank = self._mesh.get_local_rank("dp")
         self._pp_ranks = dist.get_process_group_ranks(self._pp_group)
+        self._backward_group = None
+        if dist.get_backend(self._pp_group) != "gloo":
+            # Gradients get communicators of their own (see Transport): every rank creates every replica's group.
+            for ranks in self._mesh.mesh.tolist():
+                group = dist.new_group(ranks)
+                if self.global_rank in ranks:
+                    self._backward_group = group
         if self.lightning_module is not None:
             self.lightning_module._device_mesh = self._mesh
 
@@ -277,7 +285,8 @@ class PipelineStrategy(DDPStrategy):
         if executor is None:
             if self._transport is None:
                 self._transport = Transport(group=self._pp_group, device=self.root_device,
-                                            timeout=self._timeout.total_seconds() if self._timeout else 1800.0)
+                                            timeout=self._timeout.total_seconds() if self._timeout else 1800.0,
+                                            backward_group=self._backward_group)
             schedule: Schedule = build_schedule(self.schedule_name, num_stages=self.num_stages,
                                                 num_microbatches=num_microbatches)
             executor = PipelineExecutor(schedule, rank=self.pp_rank, transport=self._transport)
