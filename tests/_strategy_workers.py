@@ -10,13 +10,32 @@ import tempfile
 from typing import Any
 
 import torch
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 import lightning_pipe
 from lightning_pipe import PipelineStrategy
 from tests._models import TinyGPT, loader
+
+
+class _SeeOutputs(Callback):
+    """Records what training_step handed to on_train_batch_end."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, Any]] = []
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.seen.append({k: v.detach().cpu().clone() for k, v in outputs.items()})
+
+
+def _with_extras(step: Any) -> Any:
+    """training_step returning a dict with more than the loss (the first token of each sample)."""
+
+    def training_step(batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        return {"loss": step(batch, batch_idx), "first_tokens": batch[0][:, 0]}
+
+    return training_step
 
 
 def _read_csv(log_dir: str) -> list[dict[str, str]]:
@@ -38,17 +57,21 @@ def _train(config: dict[str, Any], *, devices: int, strategy: Any, log_dir: str 
     model = TinyGPT(body=config["body"], n_layer=config.get("n_layer", 4), sync_dist=config.get("sync_dist", False),
                     tie_blocks=config.get("tie_blocks", False), scheduler=config.get("scheduler", False))
     callbacks: list[Any] = []
+    extras = _SeeOutputs()
+    if config.get("extras"):
+        model.training_step = _with_extras(model.training_step)  # type: ignore[method-assign]
+        callbacks.append(extras)
     if config.get("callbacks"):
         ckpt_dir = os.path.join(log_dir or tempfile.mkdtemp(), "checkpoints")
-        callbacks = [ModelCheckpoint(dirpath=ckpt_dir, monitor="val_loss", save_top_k=1),
-                     EarlyStopping(monitor="val_loss", patience=100)]
+        callbacks += [ModelCheckpoint(dirpath=ckpt_dir, monitor="val_loss", save_top_k=1),
+                      EarlyStopping(monitor="val_loss", patience=100)]
     trainer = Trainer(
         accelerator="cpu", devices=devices, strategy=strategy, max_steps=config.get("steps", 4),
         accumulate_grad_batches=config.get("accumulate", 1),
         gradient_clip_val=config.get("clip"), gradient_clip_algorithm=config.get("clip_algorithm", "norm"),
         precision=config.get("precision", "32-true"),
         logger=CSVLogger(log_dir) if log_dir else False, log_every_n_steps=1,
-        enable_checkpointing=bool(callbacks), callbacks=callbacks,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks), callbacks=callbacks,
         enable_progress_bar=False, enable_model_summary=False,
         limit_val_batches=config.get("val_batches", 0), val_check_interval=config.get("val_every"),
         num_sanity_val_steps=config.get("sanity", 0),
@@ -64,8 +87,9 @@ def _train(config: dict[str, Any], *, devices: int, strategy: Any, log_dir: str 
         "logged": {k: float(v) for k, v in trainer.logged_metrics.items()},
         "progress_bar": {k: float(v) for k, v in trainer.progress_bar_metrics.items()},
     }
-    if callbacks:
-        best = callbacks[0]
+    checkpoints = [c for c in callbacks if isinstance(c, ModelCheckpoint)]
+    if checkpoints:
+        best = checkpoints[0]
         result["best_model_score"] = float(best.best_model_score)
         if trainer.global_rank == 0:
             # A pipeline writes a sharded directory; consolidated, it is one file that loads on one device.
@@ -77,6 +101,11 @@ def _train(config: dict[str, Any], *, devices: int, strategy: Any, log_dir: str 
                                            for n, p in loaded.named_parameters(remove_duplicate=False)}
     if config.get("predict"):
         result["predictions"] = torch.cat(trainer.predict(model, loader(8, 16, seed=1)))
+        # A predict_step that runs the model but returns nothing gives None per batch, as on one device.
+        model.predict_step = lambda batch, batch_idx: (model(batch[0]), None)[1]  # type: ignore[method-assign]
+        result["predict_none"] = trainer.predict(model, loader(8, 16, seed=1))
+    if config.get("extras"):
+        result["extras"] = extras.seen
     if config.get("validate"):
         result["validate"] = trainer.validate(model, loader(8, 16, seed=1), verbose=False)
         result["test"] = trainer.test(model, loader(8, 16, seed=1), verbose=False)

@@ -14,7 +14,7 @@ from tests.test_strategy_transparency import TOLERANCE, max_param_diff, referenc
 
 METRICS_CONFIG: dict[str, Any] = {
     "body": "modulelist", "schedule": "1f1b", "steps": 4, "val_batches": 2, "val_every": 2, "sanity": 2,
-    "csv": True, "predict": True, "validate": True, "callbacks": True, "sync_dist": True,
+    "csv": True, "predict": True, "validate": True, "callbacks": True, "sync_dist": True, "extras": True,
 }
 
 
@@ -49,6 +49,12 @@ def test_metrics_loggers_callbacks_and_evaluation_match_one_device() -> None:
         assert _close(result["best_model_score"], ref["best_model_score"])
         # trainer.predict returns the last stage's predictions on every rank.
         assert torch.equal(result["predictions"], ref["predictions"])
+        assert result["predict_none"] == ref["predict_none"] == [None, None]
+        # What training_step returned besides the loss reaches on_train_batch_end on every rank, whole.
+        assert len(result["extras"]) == len(ref["extras"]) == 4
+        for seen, expected in zip(result["extras"], ref["extras"]):
+            assert torch.equal(seen["first_tokens"], expected["first_tokens"])
+            assert abs(seen["loss"].item() - expected["loss"].item()) <= TOLERANCE
         for what in ("validate", "test"):
             assert result[what][0].keys() == ref[what][0].keys()
             for key, value in ref[what][0].items():
