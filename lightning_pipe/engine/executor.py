@@ -148,6 +148,7 @@ class PipelineExecutor:
         pending: dict[tuple[bool, int, int], PendingRecv] = {}
         local: dict[tuple[bool, int, int], Any] = {}  # values handed between two stages of this rank
         saved: dict[tuple[int, int], tuple[list[torch.Tensor], Any]] = {}
+        sent: set[tuple[bool, int, int]] = set()  # transfers already sent, so a failure notifies only the rest
         next_recv = 0
         if self.transport.exact:
             # Exact-size backends (NCCL) match messages in posting order: a receive is posted only when its
@@ -190,7 +191,6 @@ class PipelineExecutor:
 
         post_until(window)
         recv_index = 0
-        sent: set[tuple[bool, int, int]] = set()
         try:
             for i, action in enumerate(actions):
                 self._current = action

@@ -166,29 +166,29 @@ def load_sharded(path: Path, *, model_state: dict[str, torch.Tensor], optimizer_
     if problems:
         raise PipelineError(f"cannot load {path} into this model: " + "; ".join(problems[:5])
                             + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
-    for i, names in enumerate(optimizer_names):
-        for name in names:
-            for prefix in (f"optimizer_{i}.state.{name}.", f"optimizer_{i}.hparams.{name}."):
-                for key, entry in entries.items():
-                    if key.startswith(prefix) and "." not in key[len(prefix):]:
-                        request[key] = (torch.empty(entry.size, dtype=entry.properties.dtype)
-                                        if isinstance(entry, TensorStorageMetadata) else None)
+    # Optimizer entries grouped by "optimizer_<i>.<part>.<name>" once, instead of a scan of every entry per name.
+    by_owner: dict[str, list[str]] = {}
+    for key in entries:
+        if key.startswith("optimizer_"):
+            by_owner.setdefault(key.rsplit(".", 1)[0], []).append(key)
+    owned = [(i, part, name) for i, names in enumerate(optimizer_names) for name in names
+             for part in ("state", "hparams")]
+    for i, part, name in owned:
+        for key in by_owner.get(f"optimizer_{i}.{part}.{name}", []):
+            entry = entries[key]
+            request[key] = (torch.empty(entry.size, dtype=entry.properties.dtype)
+                            if isinstance(entry, TensorStorageMetadata) else None)
     try:
         dcp.load(request, checkpoint_id=path)
     except (Exception, dcp.CheckpointException) as err:  # a missing or damaged shard file (on any rank)
         raise PipelineError(f"reading the shards of {path} failed: {_first_cause(err)}") from err
     meta = torch.load(path / META_FILE, map_location="cpu", weights_only=True if weights_only is None
                       else weights_only)
-    optimizer_states = []
-    for i, names in enumerate(optimizer_names):
-        saved: dict[str, Any] = {"state": {}, "hparams": {}}
-        for name in names:
-            for part in ("state", "hparams"):
-                prefix = f"optimizer_{i}.{part}.{name}."
-                values = {k[len(prefix):]: v for k, v in request.items() if k.startswith(prefix)}
-                if values:
-                    saved[part][name] = values
-        optimizer_states.append(saved)
+    optimizer_states = [{"state": {}, "hparams": {}} for _ in optimizer_names]
+    for i, part, name in owned:
+        keys = by_owner.get(f"optimizer_{i}.{part}.{name}", [])
+        if keys:
+            optimizer_states[i][part][name] = {k.rsplit(".", 1)[1]: request[k] for k in keys}
     return {**meta, "state_dict": dict(model_state), "optimizer_states": optimizer_states}
 
 

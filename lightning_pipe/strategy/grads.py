@@ -143,20 +143,16 @@ class ReplicatedParams:
             offset += n
 
 
-def global_grad_norm(params: Iterable[nn.Parameter], counted: set[int], group: dist.ProcessGroup | None,
-                     norm_type: float = 2.0) -> torch.Tensor:
-    """The norm of every stage's gradients together; ``counted`` holds the ids of the parameters this rank counts."""
+def global_grad_norm(params: Iterable[nn.Parameter], counted: set[int],
+                     group: dist.ProcessGroup | None) -> torch.Tensor:
+    """The 2-norm of every stage's gradients together (what Lightning's norm clipping uses); ``counted`` holds the ids
+    of the parameters this rank counts."""
     grads = [p.grad for p in params if p.grad is not None and id(p) in counted]
     device = grads[0].device if grads else torch.device("cpu")
-    if norm_type == float("inf"):
-        local = (torch.stack([g.detach().abs().max().float() for g in grads]).max() if grads
-                 else torch.zeros((), device=device))
-        dist.all_reduce(local, op=dist.ReduceOp.MAX, group=group)
-        return local
-    norms = [torch.linalg.vector_norm(g.detach(), norm_type).float() for g in grads]
-    local = torch.stack(norms).pow(norm_type).sum() if norms else torch.zeros((), device=device)
+    norms = [torch.linalg.vector_norm(g.detach()).float() for g in grads]
+    local = torch.stack(norms).pow(2).sum() if norms else torch.zeros((), device=device)
     dist.all_reduce(local, group=group)
-    return local.pow(1.0 / norm_type)
+    return local.sqrt()
 
 
 def clip_by_global_norm(params: Sequence[nn.Parameter], max_norm: float, counted: set[int],

@@ -275,9 +275,18 @@ class PipelineStrategy(DDPStrategy):
                                                                           dtype=dtype)
                 dist.broadcast(buffer, src=self._pp_ranks[owners[0]], group=self._pp_group)
             if (self.data_parallel_size or 1) > 1:
+                # One broadcast per dtype rather than one per tensor: this runs at start-up on every replica.
                 src = dist.get_global_rank(self._dp_group, 0)
+                by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
                 for tensor in [*module.parameters(), *module.buffers()]:
-                    dist.broadcast(tensor.data, src=src, group=self._dp_group)
+                    by_dtype.setdefault(tensor.dtype, []).append(tensor.data)
+                for _, tensors in sorted(by_dtype.items(), key=lambda kv: str(kv[0])):
+                    flat = torch.cat([t.reshape(-1) for t in tensors])
+                    dist.broadcast(flat, src=src, group=self._dp_group)
+                    offset = 0
+                    for t in tensors:
+                        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+                        offset += t.numel()
 
     # -- one step -----------------------------------------------------------------------------------------------
     def _executor(self, num_microbatches: int) -> PipelineExecutor:
