@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 from lightning_pipe.errors import PipelineError
 
@@ -47,27 +47,7 @@ def optimal_partition(costs: Sequence[float], num_stages: int) -> list[int]:
     prefix = [0.0]
     for c in costs:
         prefix.append(prefix[-1] + float(c))
+    # Imported here: lightning_pipe.tuning imports the schedules and the simulator, which this module need not.
+    from lightning_pipe.tuning.partition import min_max_partition
 
-    def solve(score: Callable[[int, int], float]) -> tuple[float, list[int]]:
-        # best[k][i]: the smallest largest score to cut the first i blocks into k stages
-        inf = float("inf")
-        best = [[inf] * (n + 1) for _ in range(num_stages + 1)]
-        cut = [[0] * (n + 1) for _ in range(num_stages + 1)]
-        best[0][0] = 0.0
-        for k in range(1, num_stages + 1):
-            for i in range(k, n - (num_stages - k) + 1):
-                for j in range(k - 1, i):
-                    value = max(best[k - 1][j], score(j, i))
-                    if value < best[k][i]:
-                        best[k][i], cut[k][i] = value, j
-        counts, i = [], n
-        for k in range(num_stages, 0, -1):
-            j = cut[k][i]
-            counts.append(i - j)
-            i = j
-        return best[num_stages][n], counts[::-1]
-
-    optimum, _ = solve(lambda j, i: prefix[i] - prefix[j])
-    limit = optimum + 1e-9 * max(1.0, abs(optimum))  # prefix sums may round differently for equal stage costs
-    _, counts = solve(lambda j, i: float(i - j) if prefix[i] - prefix[j] <= limit else float("inf"))
-    return counts
+    return min_max_partition(n, num_stages, lambda _stage, j, i: prefix[i] - prefix[j]).counts

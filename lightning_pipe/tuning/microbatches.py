@@ -1,0 +1,153 @@
+"""Choosing the number of micro-batches (and the schedule) from profiled costs and the simulator.
+
+Each stage's action time is modelled as a line in the micro-batch size, ``fixed + per_sample * b`` (two profiles
+at two sizes give it), plus a per-action ``overhead`` measured on the spot (posting sends and receives, the
+executor's bookkeeping) and a ``transfer`` latency per crossing. More micro-batches shrink the bubble
+((p-1)/(m+p-1) for GPipe/1F1B) but pay ``fixed + overhead`` more often; the simulator weighs both for every
+candidate ``(schedule, m)`` and the fastest predicted step wins (fewer micro-batches on ties).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+from lightning_pipe.schedules import build_schedule
+from lightning_pipe.schedules.actions import Schedule
+from lightning_pipe.simulate import Costs, simulate
+from lightning_pipe.tuning.profile import LinearCost
+
+__all__ = ["StageCostModel", "Candidate", "TuneResult", "build", "candidate_microbatches", "choose_microbatches",
+           "main"]
+
+
+def build(name: str, num_ranks: int, num_microbatches: int) -> Schedule:
+    """``build_schedule`` for ``num_ranks`` pipeline ranks, whichever keyword this version of it takes."""
+    params = inspect.signature(build_schedule).parameters
+    key = "num_ranks" if "num_ranks" in params else "num_stages"
+    return build_schedule(name, **{key: num_ranks, "num_microbatches": num_microbatches})
+
+
+@dataclass(frozen=True)
+class StageCostModel:
+    """Per stage (of the schedule: ``len == schedule.num_stages``), forward and backward cost lines (seconds)."""
+
+    forward: tuple[LinearCost, ...]
+    backward: tuple[LinearCost, ...]
+    weight_share: float = 0.0
+    """Share of each backward that is weight gradient (charged to W by schedules that split backward)."""
+
+    @classmethod
+    def constant(cls, forward: Sequence[float], backward: Sequence[float]) -> "StageCostModel":
+        """Times that do not depend on the micro-batch size (a sleeping-stage model, tests)."""
+        return cls(tuple(LinearCost(f, 0.0) for f in forward), tuple(LinearCost(b, 0.0) for b in backward))
+
+    def costs(self, samples: float, *, overhead: float = 0.0, transfer: float = 0.0) -> Costs:
+        fwd = [f(samples) + overhead for f in self.forward]
+        bwd = [b(samples) + overhead for b in self.backward]
+        return Costs(fwd, bwd, [self.weight_share * b for b in bwd], transfer=transfer)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    schedule: str
+    microbatches: int
+    microbatch_size: int
+    step_time: float
+    """Predicted seconds per step."""
+    bubble: float
+    """Predicted mean idle share over the ranks."""
+    peak_activations: int
+    """Most micro-batches held at once on any rank."""
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    candidates: list[Candidate]
+    chosen: Candidate
+    batch_size: int
+    overhead: float
+    transfer: float
+
+    def table(self) -> str:
+        lines = [f"batch size {self.batch_size}; per-action overhead {1e3 * self.overhead:.3f} ms, transfer "
+                 f"{1e3 * self.transfer:.3f} ms",
+                 f"  {'schedule':16} {'m':>4} {'mb size':>7} {'step (ms)':>10} {'bubble':>7} {'peak act':>8} "
+                 f"{'samples/s':>10}"]
+        for c in self.candidates:
+            mark = "*" if c == self.chosen else " "
+            lines.append(f"{mark} {c.schedule:16} {c.microbatches:>4} {c.microbatch_size:>7} "
+                         f"{1e3 * c.step_time:>10.2f} {100 * c.bubble:>6.1f}% {c.peak_activations:>8} "
+                         f"{self.batch_size / c.step_time if c.step_time > 0 else math.inf:>10.1f}")
+        lines.append(f"chosen: schedule={self.chosen.schedule!r}, num_microbatches={self.chosen.microbatches} "
+                     f"(predicted step {1e3 * self.chosen.step_time:.2f} ms, bubble {100 * self.chosen.bubble:.1f}%)")
+        return "\n".join(lines)
+
+
+def candidate_microbatches(batch_size: int, *, limit: int = 256) -> list[int]:
+    """Powers of two and divisors of ``batch_size`` up to it (and up to ``limit``)."""
+    out = {d for d in range(1, batch_size + 1) if batch_size % d == 0}
+    out |= {2 ** k for k in range(0, 20) if 2 ** k <= batch_size}
+    return sorted(m for m in out if m <= limit)
+
+
+def choose_microbatches(model: StageCostModel, batch_size: int, *, num_ranks: int,
+                        schedules: Sequence[str] = ("1f1b",), candidates: Sequence[int] | None = None,
+                        overhead: float = 0.0, transfer: float = 0.0,
+                        max_activations: int | None = None) -> TuneResult:
+    """Predict every ``(schedule, m)`` and choose the fastest; ``max_activations`` drops candidates that would
+    hold more micro-batches at once on a rank (a memory cap)."""
+    rows: list[Candidate] = []
+    for name in schedules:
+        for m in (candidates if candidates is not None else candidate_microbatches(batch_size)):
+            if m > batch_size:
+                continue
+            try:
+                schedule = build(name, num_ranks, m)
+            except Exception:  # noqa: BLE001 - a schedule that needs another m (interleaved: a multiple of p)
+                continue
+            if len(model.forward) != schedule.num_stages:
+                raise ValueError(f"the cost model has {len(model.forward)} stages, schedule {name!r} has "
+                                 f"{schedule.num_stages}")
+            size = math.ceil(batch_size / m)  # the largest micro-batch sets the pace
+            result = simulate(schedule, model.costs(size, overhead=overhead, transfer=transfer))
+            rows.append(Candidate(name, m, size, result.step_time,
+                                  sum(result.bubble_fraction) / len(result.bubble_fraction),
+                                  max(result.peak_activations)))
+    allowed = [r for r in rows if max_activations is None or r.peak_activations <= max_activations]
+    if not allowed:
+        raise ValueError("no candidate (schedule, num_microbatches) fits: " +
+                         ("every one holds more than max_activations" if rows else "none could be built"))
+    best = min(r.step_time for r in allowed)
+    chosen = min((r for r in allowed if r.step_time <= best * (1 + 1e-9)), key=lambda r: (r.microbatches,
+                                                                                          r.schedule))
+    return TuneResult(rows, chosen, batch_size, overhead, transfer)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m lightning_pipe.tuning``: print predicted step time and bubble for each (schedule, m)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Predict step time and bubble per (schedule, num_microbatches) "
+                                                 "from per-stage costs, and choose.")
+    parser.add_argument("--stages", type=int, default=4, help="pipeline ranks")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--schedules", nargs="+", default=["gpipe", "1f1b"])
+    parser.add_argument("--forward-fixed-ms", type=float, default=1.0, help="per-action fixed forward time")
+    parser.add_argument("--forward-per-sample-ms", type=float, default=0.1)
+    parser.add_argument("--backward-factor", type=float, default=2.0, help="backward = factor x forward")
+    parser.add_argument("--overhead-ms", type=float, default=0.3, help="per-action overhead (measured: ~0.3)")
+    parser.add_argument("--transfer-ms", type=float, default=0.0)
+    parser.add_argument("--microbatches", type=int, nargs="*", default=None)
+    args = parser.parse_args(argv)
+    probe = build(args.schedules[0], args.stages, 1)
+    f = LinearCost(args.forward_fixed_ms / 1e3, args.forward_per_sample_ms / 1e3)
+    b = LinearCost(f.fixed * args.backward_factor, f.per_sample * args.backward_factor)
+    model = StageCostModel((f,) * probe.num_stages, (b,) * probe.num_stages)
+    result = choose_microbatches(model, args.batch_size, num_ranks=args.stages, schedules=args.schedules,
+                                 candidates=args.microbatches, overhead=args.overhead_ms / 1e3,
+                                 transfer=args.transfer_ms / 1e3)
+    print(result.table())
+    return 0
