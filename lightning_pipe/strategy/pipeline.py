@@ -16,7 +16,7 @@ import shutil
 import warnings
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 import torch.distributed as dist
@@ -32,6 +32,7 @@ from typing_extensions import override
 
 from lightning_pipe.engine import (
     PipelineExecutor,
+    batch_size_of,
     Transport,
     merge_microbatches,
     microbatch_weights,
@@ -51,13 +52,15 @@ from lightning_pipe.strategy.grads import (
     AsyncGradAverage, GradStash, ReplicatedParams, clip_by_global_norm, make_scaler_agree,
 )
 from lightning_pipe.strategy.logs import LogRecord, LogRecorder, combine_records, replay
+from lightning_pipe.strategy.metrics import PipelineMetrics
 from lightning_pipe.strategy.placement import block_counts, plan_placement
+from lightning_pipe.strategy.profiling import LayoutPlan, plan_layout
 
 __all__ = ["PipelineStrategy"]
 
 log = logging.getLogger(__name__)
 
-_BALANCES = ("uniform", "parameters")
+_BALANCES = ("uniform", "parameters", "time", "memory")
 _LOADED_IN_PLACE = "_lightning_pipe_loaded_in_place"
 
 
@@ -108,13 +111,16 @@ class PipelineStrategy(DDPStrategy):
     def __init__(
         self,
         pipeline_parallel_size: int | None = None,
-        num_microbatches: int | None = None,
+        num_microbatches: int | Literal["auto"] | None = None,
         schedule: str = "1f1b",
-        balance: Literal["uniform", "parameters"] | list[int] = "parameters",
+        balance: Literal["uniform", "parameters", "time", "memory"] | list[int] = "parameters",
         blocks: str | None = None,
         *,
         data_parallel_size: int | None = None,
         timeout: timedelta | float = timedelta(minutes=30),
+        memory_budget: float | None = None,
+        timeline_steps: Sequence[int] = (),
+        timeline_dir: str | None = None,
         **ddp_kwargs: Any,
     ) -> None:
         start_method = ddp_kwargs.pop("start_method", "popen")
@@ -125,7 +131,8 @@ class PipelineStrategy(DDPStrategy):
                 "with `python train.py`), torchrun or SLURM"
             )
         _positive("pipeline_parallel_size", pipeline_parallel_size)
-        _positive("num_microbatches", num_microbatches)
+        auto_microbatches = num_microbatches == "auto"  # chosen in setup (strategy/profiling.py)
+        _positive("num_microbatches", None if auto_microbatches else num_microbatches)
         _positive("data_parallel_size", data_parallel_size)
         if not isinstance(schedule, str) or schedule.lower() not in SCHEDULES:
             raise PipelineError(f"unknown schedule={schedule!r}; choose one of {sorted(SCHEDULES)}")
@@ -143,7 +150,11 @@ class PipelineStrategy(DDPStrategy):
         self.schedule_name = schedule.lower()
         self.balance = list(balance) if not isinstance(balance, str) else balance
         self.blocks = blocks
-        self._num_microbatches = num_microbatches
+        self._auto_microbatches = auto_microbatches
+        self._num_microbatches = None if auto_microbatches else num_microbatches
+        self.memory_budget = memory_budget
+        self.layout_plan: LayoutPlan | None = None  # what balance='time'/'memory' or 'auto' decided (and why)
+        self.pipeline_metrics = PipelineMetrics(timeline_steps=timeline_steps, timeline_dir=timeline_dir)
         self._mesh: DeviceMesh | None = None
         self._pp_group: dist.ProcessGroup | None = None
         self._dp_group: dist.ProcessGroup | None = None
@@ -250,7 +261,16 @@ class PipelineStrategy(DDPStrategy):
     def _split(self, module: LightningModule) -> None:
         path, chain = find_chain(module, self.blocks)
         self._param_order = [name for name, _ in module.named_parameters()]  # the whole model's, before the cut
-        counts = block_counts(chain, self.balance, self.num_stages)
+        if self.balance in ("time", "memory") or self._auto_microbatches:
+            self.layout_plan = plan_layout(self, module, chain,
+                                           lambda: block_counts(chain, self.balance, self.num_stages))
+            counts = self.layout_plan.counts
+            if self.layout_plan.num_microbatches is not None:
+                self._num_microbatches = self.layout_plan.num_microbatches
+            if self.global_rank == 0:
+                log.warning(self.layout_plan.report)
+        else:
+            counts = block_counts(chain, self.balance, self.num_stages)
         placement = plan_placement(module, path, counts)
         self._runtime = split_chain(module, path, chain, counts=counts, stage=self.pp_rank)
         self._replicated = ReplicatedParams(placement.replicated_names, placement.replicated_shapes,
@@ -364,6 +384,11 @@ class PipelineStrategy(DDPStrategy):
             raise PipelineError(f"pipeline stage {self.num_stages - 1} failed after the step: {payload[0][1]}")
         _, loss, records, merged = payload[0]
         replay(module, records, self.root_device)
+        if train:
+            self.pipeline_metrics.after_step(module=module, result=result, batch=args[0], schedule=executor.schedule,
+                                             group=self._pp_group, num_ranks=self.num_stages,
+                                             replicas=self.data_parallel_size or 1, is_global_zero=self.is_global_zero,
+                                             samples=sum(batch_size_of(mb) for mb in micro))
         merged = _to_device(merged, self.root_device)
         if not train:
             return None, merged

@@ -1,0 +1,178 @@
+"""``balance="time"``/``"memory"`` and ``num_microbatches="auto"``: profile the LightningModule, decide, share.
+
+Global rank 0 runs the user's ``training_step`` on the whole (not yet cut) model on its device, with a real
+micro-batch from the train dataloader, and times every block of the chain (:func:`profile_chain`). It decides the
+cut (exact min-max, :mod:`lightning_pipe.tuning.partition`) and, for ``"auto"``, the number of micro-batches
+(:func:`choose_microbatches`, from two profiles at two micro-batch sizes, the per-action overhead measured on
+the spot by every pipeline with a no-op step of the real executor, and the simulator); then it broadcasts the
+decision, so every rank uses the same one. Limitation: the whole model must fit rank 0's device for profiling.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lightning_pipe.engine import PipelineExecutor, Transport, batch_size_of, split_microbatches
+from lightning_pipe.errors import PipelineError
+from lightning_pipe.simulate import Costs, simulate
+from lightning_pipe.strategy.logs import LogRecorder
+from lightning_pipe.tuning.microbatches import StageCostModel, TuneResult, build, choose_microbatches
+from lightning_pipe.tuning.partition import memory_cost, memory_partition, time_partition
+from lightning_pipe.tuning.profile import ChainProfile, fit_linear, profile_chain
+
+__all__ = ["LayoutPlan", "plan_layout", "measure_action_overhead"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LayoutPlan:
+    counts: list[int]
+    num_microbatches: int | None
+    report: str
+    tune: TuneResult | None = None
+
+
+def measure_action_overhead(strategy: Any, *, steps: int = 6) -> float:
+    """Seconds each action costs beyond its compute on this pipeline (posting sends and receives, waits, the
+    executor's bookkeeping): a no-op step of the real executor over the real group, divided by the simulated
+    step of unit-cost actions. Every rank of the pipeline must call it at the same time."""
+    p = strategy.num_stages
+    schedule = build(strategy.schedule_name, p, max(2 * p, 4))
+    transport = Transport(group=strategy._pp_group, device=strategy.root_device,
+                          timeout=strategy._timeout.total_seconds() if strategy._timeout else 1800.0,
+                          backward_group=strategy._backward_group)
+    executor = PipelineExecutor(schedule, rank=strategy.pp_rank, transport=transport)
+    x0 = torch.zeros(16, device=strategy.root_device, requires_grad=True)
+
+    def forward_fn(stage: int, microbatch: int, inputs: Any) -> torch.Tensor:
+        out = (x0 if inputs is None else inputs) * 1.0
+        return out.sum() if stage == schedule.num_stages - 1 else out
+
+    times = []
+    for i in range(steps + 2):
+        result = executor.run(forward_fn)
+        if i >= 2:
+            times.append(result.step_time)
+    unit = simulate(schedule, Costs(1.0, 1.0)).step_time
+    return statistics.median(times) / unit
+
+
+def _first_batch(trainer: Any) -> Any:
+    source = trainer.fit_loop._data_source
+    if not source.is_defined():
+        raise PipelineError("balance='time'/'memory' and num_microbatches='auto' profile the model on a real "
+                            "batch: they need a train dataloader (trainer.fit)")
+    loader = source.dataloader()
+    return next(iter(loader))
+
+
+def _profile(module: Any, chain: nn.Module, micro: Any, device: torch.device) -> ChainProfile:
+    recorder = LogRecorder(module)
+
+    def step_fn() -> torch.Tensor:
+        with recorder.capture(0):
+            out = module.training_step(micro, 0)
+        recorder.calls.clear()
+        loss = out.get("loss") if isinstance(out, dict) else out
+        if not isinstance(loss, torch.Tensor):
+            raise PipelineError("training_step must return the loss to profile the model")
+        return loss
+
+    return profile_chain(step_fn, list(chain), device=device, samples=batch_size_of(micro),
+                         params=list(module.parameters()))
+
+
+def plan_layout(strategy: Any, module: Any, chain: nn.Module, fallback: Any) -> LayoutPlan:
+    """Decide the cut (and ``num_microbatches`` for ``"auto"``) on global rank 0; every rank returns the same.
+    ``fallback()`` gives the block counts for the balances that need no profile."""
+    auto = strategy._auto_microbatches
+    p = strategy.num_stages
+    overhead = measure_action_overhead(strategy) if auto else 0.0
+    payload: list[Any] = [None]
+    if strategy.global_rank == 0:
+        try:
+            payload = [_decide(strategy, module, chain, fallback, overhead)]
+        except Exception as err:  # noqa: BLE001 - every rank must learn of it, not wait in the broadcast
+            payload = [f"{type(err).__name__}: {err}"]
+            if strategy.world_size == 1:
+                raise
+    if strategy.world_size > 1:
+        dist.broadcast_object_list(payload, src=0)
+    if isinstance(payload[0], str):
+        raise PipelineError(f"planning the pipeline layout failed on rank 0: {payload[0]}")
+    plan: LayoutPlan = payload[0]
+    if len(plan.counts) != p:  # pragma: no cover - defensive
+        raise PipelineError(f"planned {plan.counts} for {p} stages")
+    return plan
+
+
+def _decide(strategy: Any, module: Any, chain: nn.Module, fallback: Any, overhead: float) -> LayoutPlan:
+    trainer = module.trainer
+    p = strategy.num_stages
+    balance = strategy.balance
+    profiled = balance in ("time", "memory") or strategy._auto_microbatches
+    if not profiled:  # pragma: no cover - plan_layout is only called when something needs a profile
+        return LayoutPlan(fallback(), None, "")
+    batch = _first_batch(trainer)
+    size = batch_size_of(batch)
+    device = strategy.root_device
+    home = next(module.parameters()).device
+    module.to(device)
+    m_default = strategy._num_microbatches or 2 * p
+    lines = []
+    try:
+        to_device = (lambda b: strategy.batch_to_device(b, device)) if hasattr(strategy, "batch_to_device") \
+            else (lambda b: b)
+        if strategy._auto_microbatches:
+            large = _profile(module, chain, to_device(split_microbatches(batch, min(size, p))[0]), device)
+            small = _profile(module, chain, to_device(split_microbatches(batch, min(size, 8 * p))[0]), device)
+            main = large
+        else:
+            main = small = large = _profile(module, chain, to_device(split_microbatches(batch, m_default)[0]),
+                                            device)
+    finally:
+        module.to(home)
+        module.zero_grad(set_to_none=True)
+    held_m = m_default
+    schedule = build(strategy.schedule_name, p, held_m)
+    held = list(simulate(schedule, Costs()).peak_activations)
+    held_per_stage = [held[schedule.stage_to_rank[s]] for s in range(schedule.num_stages)]
+    mem = memory_cost(main.param_bytes, main.activation_bytes, held_per_stage,
+                      first_extra=main.pre_activation_bytes * held_per_stage[0],
+                      last_extra=main.post_activation_bytes * held_per_stage[-1])
+    budget = strategy.memory_budget
+    if balance == "time":
+        part = time_partition(main.forward, main.backward, p, first_extra=main.pre_backward,
+                              last_extra=main.post_forward + main.post_backward, every_extra=main.pre_forward,
+                              memory=mem, memory_budget=budget)
+        counts = part.counts
+        lines.append(f"balance='time': blocks per stage {counts}; stage forward+backward "
+                     f"{[round(1e3 * c, 2) for c in part.stage_costs]} ms on micro-batches of {main.samples}")
+    elif balance == "memory":
+        part = memory_partition(main.param_bytes, main.activation_bytes, held_per_stage,
+                                first_extra=main.pre_activation_bytes * held_per_stage[0],
+                                last_extra=main.post_activation_bytes * held_per_stage[-1], memory_budget=budget)
+        counts = part.counts
+        lines.append(f"balance='memory': blocks per stage {counts}; stage memory "
+                     f"{[round(c / 2**20, 2) for c in part.stage_costs]} MiB")
+    else:
+        counts = fallback()
+    tune = None
+    chosen = None
+    if strategy._auto_microbatches:
+        fwd, bwd = fit_linear(small, large, counts)
+        tune = choose_microbatches(StageCostModel(tuple(fwd), tuple(bwd)), size, num_ranks=p,
+                                   schedules=[strategy.schedule_name], overhead=overhead)
+        chosen = tune.chosen.microbatches
+        lines.append("num_microbatches='auto':\n" + tune.table())
+    return LayoutPlan(counts, chosen, "\n".join(lines), tune)
+
+
