@@ -1,0 +1,148 @@
+"""Timelines, traces and pictures; optimal partitions by time and memory; chain profiling; micro-batch choice."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+
+import pytest
+import torch
+from PIL import Image
+
+from lightning_pipe.errors import PipelineError
+from lightning_pipe.observe import Timeline, plot_timelines, summarize_records, write_chrome_trace
+from lightning_pipe.partition import optimal_partition
+from lightning_pipe.simulate import Costs, simulate
+from lightning_pipe.tuning import (
+    LinearCost, StageCostModel, build, choose_microbatches, greedy_partition, memory_partition, min_max_partition,
+    profile_chain, time_partition,
+)
+from tests._observe_workers import SLEEPS, SleepBlock
+
+
+def _brute_force(costs: list[float], p: int) -> float:
+    n = len(costs)
+    best = float("inf")
+    for cuts in itertools.combinations(range(1, n), p - 1):
+        bounds = (0, *cuts, n)
+        best = min(best, max(sum(costs[a:b]) for a, b in zip(bounds, bounds[1:])))
+    return best
+
+
+@pytest.mark.parametrize(("costs", "p", "expected", "greedy"), [
+    ([1, 1, 1, 1, 4], 2, [4, 1], [4, 1]),
+    ([4, 1, 1, 1, 1, 1, 5], 3, [2, 4, 1], [1, 4, 2]),     # greedy's last stage costs 6, the optimum 5
+    ([3, 3, 2, 2, 2, 6], 3, [2, 3, 1], None),
+])
+def test_optimal_partition_on_known_costs(costs: list[float], p: int, expected: list[int],
+                                          greedy: list[int] | None) -> None:
+    result = min_max_partition(len(costs), p, lambda s, j, i: sum(costs[j:i]))
+    assert result.counts == expected == optimal_partition(costs, p)
+    assert result.bottleneck == _brute_force(costs, p)
+    if greedy is not None:
+        assert greedy_partition(costs, p) == greedy
+        bounds = [0, *itertools.accumulate(greedy)]
+        greedy_cost = max(sum(costs[a:b]) for a, b in zip(bounds, bounds[1:]))
+        assert greedy_cost >= result.bottleneck
+    if costs == [4, 1, 1, 1, 1, 1, 5]:
+        assert greedy_cost == 6 and result.bottleneck == 5
+
+
+def test_optimal_partition_matches_brute_force_on_random_costs() -> None:
+    rng = random.Random(0)
+    for _ in range(200):
+        n = rng.randint(2, 9)
+        p = rng.randint(1, n)
+        costs = [rng.choice([rng.random(), float(rng.randint(1, 9))]) for _ in range(n)]
+        result = min_max_partition(n, p, lambda s, j, i: sum(costs[j:i]))
+        assert abs(result.bottleneck - _brute_force(costs, p)) < 1e-9
+        assert result.counts == min_max_partition(n, p, lambda s, j, i: sum(costs[j:i])).counts  # deterministic
+
+
+def test_time_partition_counts_work_outside_the_chain() -> None:
+    fwd, bwd = [1.0] * 8, [2.0] * 8
+    assert time_partition(fwd, bwd, 2).counts == [4, 4]
+    # A head and loss costing two blocks' worth on the last stage push blocks to the first stage.
+    assert time_partition(fwd, bwd, 2, last_extra=6.0).counts == [5, 3]
+    assert time_partition(fwd, bwd, 4, first_extra=3.0, last_extra=6.0).counts == [2, 2, 3, 1]
+
+
+def test_memory_partition_uses_held_activations_and_budget() -> None:
+    params, acts = [10.0] * 6, [100.0] * 6
+    # 1F1B on 3 stages holds 3, 2, 1 micro-batches: later stages take more blocks.
+    result = memory_partition(params, acts, [3, 2, 1], state_factor=3.0)
+    assert result.counts == [1, 2, 3]
+    assert result.bottleneck == _brute_force_stages(params, acts, [3, 2, 1])
+    with pytest.raises(PipelineError, match="over the budget"):
+        memory_partition(params, acts, [3, 2, 1], memory_budget=result.bottleneck - 1)
+    # Time under a memory budget: the even cut by time does not fit, the best one that fits is chosen.
+    mem = lambda s, j, i: sum(params[j:i]) * 4 + sum(acts[j:i]) * [3, 2, 1][s]  # noqa: E731
+    assert time_partition([1.0] * 6, [2.0] * 6, 3, memory=mem, memory_budget=500).counts == [1, 2, 3]
+
+
+def _brute_force_stages(params: list[float], acts: list[float], held: list[int]) -> float:
+    n, p = len(params), len(held)
+    best = float("inf")
+    for cuts in itertools.combinations(range(1, n), p - 1):
+        b = (0, *cuts, n)
+        best = min(best, max(sum(params[b[s]:b[s + 1]]) * 4 + sum(acts[b[s]:b[s + 1]]) * held[s] for s in range(p)))
+    return best
+
+
+@pytest.mark.timeout(60)
+def test_profile_of_sleeping_layers_gives_the_expected_time_cut() -> None:
+    blocks = torch.nn.Sequential(*[SleepBlock(f, k) for f, k in SLEEPS])
+    x = torch.randn(8, 8, requires_grad=True)
+    prof = profile_chain(lambda: blocks(x * 1.0).sum(), list(blocks), iterations=2, samples=8)
+    for (fixed, per_sample), f, b in zip(SLEEPS, prof.forward, prof.backward):
+        expected = (fixed + per_sample * 8) / 1e3
+        assert expected <= f <= expected + 3e-3, (f, expected)
+        assert 2 * expected <= b <= 2 * expected + 4e-3, (b, expected)
+    assert prof.param_bytes == [32] * 4
+    assert time_partition(prof.forward, prof.backward, 2).counts == [3, 1]
+
+
+def test_auto_microbatches_picks_the_cost_model_optimum() -> None:
+    # Stages sleeping c + k*b per forward (2x backward): 1F1B's step is about 3 (m+p-1)(c + kB/m), smallest at
+    # m = sqrt(kB(p-1)/c). With p = 4, c = 2 ms, k*B = 24 ms: m* = 6 -> among powers of two, 8 (not 4 or 16).
+    f, b = LinearCost(0.002, 0.024 / 64), LinearCost(0.004, 0.048 / 64)
+    model = StageCostModel((f,) * 4, (b,) * 4)
+    result = choose_microbatches(model, 64, num_ranks=4, schedules=["1f1b", "gpipe"], candidates=[1, 2, 4, 8, 16, 32])
+    assert (result.chosen.schedule, result.chosen.microbatches) == ("1f1b", 8)
+    formula = {m: 3 * (m + 3) * (2 + 24 / m) for m in (1, 2, 4, 8, 16, 32)}
+    for c in result.candidates:
+        assert abs(c.step_time * 1e3 - formula[c.microbatches]) < 1e-6
+    assert min(formula, key=formula.get) == 8
+    # Bubble falls as m grows; GPipe holds m micro-batches, 1F1B at most p.
+    bubbles = [c.bubble for c in result.candidates if c.schedule == "1f1b"]
+    assert bubbles == sorted(bubbles, reverse=True)
+    assert max(c.peak_activations for c in result.candidates if c.schedule == "1f1b") == 4
+    table = result.table()
+    assert "chosen: schedule='1f1b', num_microbatches=8" in table
+    # A per-action overhead pushes the choice to fewer micro-batches.
+    assert choose_microbatches(model, 64, num_ranks=4, overhead=0.01).chosen.microbatches < 8
+
+
+def test_timeline_trace_and_png(tmp_path) -> None:
+    result = simulate(build("1f1b", 4, 8), Costs(1e-3, 2e-3, transfer=1e-4))
+    planned = Timeline.from_simulation(result)
+    assert planned.bubble_fraction == pytest.approx(result.bubble_fraction)
+    assert planned.step_time == pytest.approx(result.step_time)
+    summary = summarize_records([(min(s), max(e), sum(b - a for a, b in zip(s, e)))
+                                 for s, e in zip(result.start, result.end)])
+    assert summary.bubble_fraction == pytest.approx(result.bubble_fraction)
+    trace = json.loads(write_chrome_trace(planned, tmp_path / "t.json").read_text())
+    spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    assert len(spans) == 4 * 2 * 8 and {e["tid"] for e in spans} == {0, 1, 2, 3}
+    png = plot_timelines([planned, planned], tmp_path / "t.png")
+    image = Image.open(png)
+    assert image.format == "PNG" and image.text["lightning_pipe.rows"] == "4,4"
+
+
+def test_tuning_cli_prints_candidates(capsys) -> None:
+    from lightning_pipe.tuning.microbatches import main
+
+    assert main(["--stages", "2", "--batch-size", "16", "--schedules", "gpipe", "1f1b"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") >= 12 and "chosen:" in out
