@@ -21,6 +21,7 @@ from torch import nn
 
 from lightning_pipe.engine import PipelineExecutor, Transport, batch_size_of, split_microbatches
 from lightning_pipe.errors import PipelineError
+from lightning_pipe.schedules.actions import Schedule
 from lightning_pipe.simulate import Costs, simulate
 from lightning_pipe.strategy.logs import LogRecorder
 from lightning_pipe.tuning.microbatches import StageCostModel, TuneResult, build, choose_microbatches
@@ -40,17 +41,13 @@ class LayoutPlan:
     tune: TuneResult | None = None
 
 
-def measure_action_overhead(strategy: Any, *, steps: int = 6) -> float:
+def measure_action_overhead(schedule: Schedule, rank: int, transport: Transport, device: torch.device | str,
+                            *, steps: int = 6) -> float:
     """Seconds each action costs beyond its compute on this pipeline (posting sends and receives, waits, the
     executor's bookkeeping): a no-op step of the real executor over the real group, divided by the simulated
     step of unit-cost actions. Every rank of the pipeline must call it at the same time."""
-    p = strategy.num_stages
-    schedule = build(strategy.schedule_name, p, max(2 * p, 4))
-    transport = Transport(group=strategy._pp_group, device=strategy.root_device,
-                          timeout=strategy._timeout.total_seconds() if strategy._timeout else 1800.0,
-                          backward_group=strategy._backward_group)
-    executor = PipelineExecutor(schedule, rank=strategy.pp_rank, transport=transport)
-    x0 = torch.zeros(16, device=strategy.root_device, requires_grad=True)
+    executor = PipelineExecutor(schedule, rank=rank, transport=transport)
+    x0 = torch.zeros(16, device=device, requires_grad=True)
 
     def forward_fn(stage: int, microbatch: int, inputs: Any) -> torch.Tensor:
         out = (x0 if inputs is None else inputs) * 1.0
@@ -63,6 +60,15 @@ def measure_action_overhead(strategy: Any, *, steps: int = 6) -> float:
             times.append(result.step_time)
     unit = simulate(schedule, Costs(1.0, 1.0)).step_time
     return statistics.median(times) / unit
+
+
+def _strategy_overhead(strategy: Any) -> float:
+    p = strategy.num_stages
+    transport = Transport(group=strategy._pp_group, device=strategy.root_device,
+                          timeout=strategy._timeout.total_seconds() if strategy._timeout else 1800.0,
+                          backward_group=strategy._backward_group)
+    return measure_action_overhead(build(strategy.schedule_name, p, max(2 * p, 4)), strategy.pp_rank, transport,
+                                   strategy.root_device)
 
 
 def _first_batch(trainer: Any) -> Any:
@@ -95,7 +101,7 @@ def plan_layout(strategy: Any, module: Any, chain: nn.Module, fallback: Any) -> 
     ``fallback()`` gives the block counts for the balances that need no profile."""
     auto = strategy._auto_microbatches
     p = strategy.num_stages
-    overhead = measure_action_overhead(strategy) if auto else 0.0
+    overhead = _strategy_overhead(strategy) if auto else 0.0
     payload: list[Any] = [None]
     if strategy.global_rank == 0:
         try:

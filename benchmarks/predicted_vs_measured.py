@@ -1,0 +1,219 @@
+"""Predicted against measured step time, and the micro-batch trade-off, from profiles and the simulator.
+
+For each workload (stages that sleep ``c + k * b`` ms forward and twice that backward; a real stack of 8
+transformer layers), schedule (GPipe, 1F1B), p in {2, 4} and m in {4, 8, 16} at a fixed batch of 64 samples:
+
+* predicted: every rank profiles its own stage (``lightning_pipe.tuning.profile_chain``, on a micro-batch of the
+  real size, all ranks at once so CPU sharing is as in the run), the per-action overhead is measured on the spot
+  with a no-op step of the real executor, and the simulator turns both into a step time;
+* measured: median step of the real executor (slowest rank), and the measured mean bubble from its records.
+
+Then a sweep over m (sleeping stages, 1F1B, p=4): bubble falls as m grows while the per-micro-batch cost (the
+fixed ``c`` plus the executor's overhead, paid 2m times) rises; printed and saved as a PNG plot. Also saved: the
+timeline (plan above measurement) of one step, as PNG and Chrome trace, and the cost of the logging-step
+metrics (one all-gather of 3 numbers) relative to the step.
+Run: ``python benchmarks/predicted_vs_measured.py [--out bench_out]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import schedule_efficiency as se  # noqa: E402
+from lightning_pipe.engine import PipelineExecutor, Transport  # noqa: E402
+from lightning_pipe.observe import Timeline, pack_records, plot_timelines, summarize_records  # noqa: E402
+from lightning_pipe.observe import write_chrome_trace  # noqa: E402
+from lightning_pipe.simulate import Costs, simulate  # noqa: E402
+from lightning_pipe.strategy.profiling import measure_action_overhead  # noqa: E402
+from lightning_pipe.tuning import build, profile_chain  # noqa: E402
+
+BATCH = 64
+FIXED_MS, PER_SAMPLE_MS = 2.0, 24.0 / BATCH  # sleeping stage: forward 2 ms + 0.375 ms per sample
+
+
+class _SleepStage(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tf = (FIXED_MS + PER_SAMPLE_MS * x.shape[0]) / 1e3
+        return se._Sleep.apply(x, tf, 2 * tf)
+
+
+def _transformer_stage(rank: int, p: int) -> nn.Module:
+    torch.manual_seed(0)
+    layers = [nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True) for _ in range(8)]
+    per = 8 // p
+    return nn.Sequential(*layers[rank * per:(rank + 1) * per])
+
+
+def _run_config(rank: int, p: int, name: str, m: int, stage: nn.Module, shape: tuple[int, ...],
+                steps: int, warmup: int, keep_timeline: bool) -> dict[str, Any]:
+    b = BATCH // m
+    x_in = torch.randn(b, *shape, requires_grad=True)
+    schedule = build(name, p, m)
+    # Predicted: profile this rank's stage now (all ranks at once), overhead from a no-op step, simulator.
+    dist.barrier()
+    x_prof = torch.randn(b, *shape, requires_grad=True)
+    prof = profile_chain(lambda: stage(x_prof * 1.0).pow(2).mean(), list(stage), iterations=3, samples=b)
+    fb = torch.tensor([sum(prof.forward) + prof.post_forward, sum(prof.backward) + prof.post_backward],
+                      dtype=torch.float64)
+    everyone = [torch.empty_like(fb) for _ in range(p)]
+    dist.all_gather(everyone, fb)
+    dist.barrier()
+    overhead = measure_action_overhead(schedule, rank, Transport(), "cpu")
+    o = torch.tensor([overhead], dtype=torch.float64)
+    dist.all_reduce(o, op=dist.ReduceOp.MAX)
+    costs = Costs([float(e[0]) + o.item() for e in everyone], [float(e[1]) + o.item() for e in everyone])
+    predicted = simulate(schedule, costs)
+
+    executor = PipelineExecutor(schedule, rank=rank)
+
+    def forward_fn(s: int, mb: int, inputs: Any) -> torch.Tensor:
+        out = stage(x_in * 1.0 if inputs is None else inputs)
+        return out.pow(2).mean() if s == p - 1 else out
+
+    times, bubbles, metric_cost, packed = [], [], [], None
+    for step in range(warmup + steps):
+        dist.barrier()
+        t0 = time.perf_counter()
+        result = executor.run(forward_fn)
+        elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+        # What the strategy does on a logging step: 3 numbers per rank, one all-gather, the summary.
+        t1 = time.perf_counter()
+        recs = result.records
+        mine = torch.tensor([recs[0].start, max(r.end for r in recs), sum(r.end - r.start for r in recs)],
+                            dtype=torch.float64)
+        gathered = [torch.empty_like(mine) for _ in range(p)]
+        dist.all_gather(gathered, mine)
+        summary = summarize_records([tuple(g.tolist()) for g in gathered])
+        metric_cost.append(time.perf_counter() - t1)
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        if step >= warmup:
+            times.append(elapsed.item())
+            bubbles.append(summary.mean_bubble)
+            packed = pack_records(recs)
+    out: dict[str, Any] = dict(step=statistics.median(times), bubble=statistics.median(bubbles),
+                               predicted=predicted.step_time,
+                               predicted_bubble=sum(predicted.bubble_fraction) / p, overhead=o.item(),
+                               metric_cost=statistics.median(metric_cost))
+    busy = sum(r.end - r.start for r in result.records)
+    busies = [None] * p
+    dist.all_gather_object(busies, busy)
+    out["busy"] = busies
+    if keep_timeline:
+        all_packed: list[Any] = [None] * p
+        dist.all_gather_object(all_packed, packed)
+        out["timeline"] = all_packed
+        out["plan"] = predicted
+    return out
+
+
+def _worker(rank: int, p: int, port: int, args: argparse.Namespace, queue: Any) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=p)
+    se._OVERSHOOT = se._calibrate_overshoot()
+    sleeping = nn.Sequential(_SleepStage())
+    for workload in args.workloads:
+        stage, shape = (sleeping, (64,)) if workload == "sleep" else (_transformer_stage(rank, p), (32, 64))
+        for name in args.schedules:
+            for m in args.microbatches:
+                keep = workload == "sleep" and name == "1f1b" and p == 4 and m == 8
+                r = _run_config(rank, p, name, m, stage, shape, args.steps, args.warmup, keep)
+                if rank == 0:
+                    queue.put(("compare", workload, name, p, m, r))
+    if p == 4 and args.sweep:
+        for m in args.sweep:
+            r = _run_config(rank, p, "1f1b", m, sleeping, (64,), args.steps, args.warmup, False)
+            if rank == 0:
+                queue.put(("sweep", "sleep", "1f1b", p, m, r))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stages", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--microbatches", type=int, nargs="+", default=[4, 8, 16])
+    parser.add_argument("--schedules", nargs="+", default=["gpipe", "1f1b"])
+    parser.add_argument("--workloads", nargs="+", default=["sleep", "transformer"])
+    parser.add_argument("--sweep", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32, 64])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--out", default="bench_out")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    ctx = mp.get_context("spawn")
+    rows = []
+    for p in args.stages:
+        queue = ctx.SimpleQueue()
+        mp.start_processes(_worker, args=(p, se._free_port(), args, queue), nprocs=p, start_method="spawn")
+        while not queue.empty():
+            rows.append(queue.get())
+    print(f"batch {BATCH}; sleeping stage forward {FIXED_MS:g} + {PER_SAMPLE_MS:g} ms/sample (backward 2x); "
+          "transformer: 8 layers d=64 seq=32 split evenly; times in ms, medians")
+    print(f"{'workload':11} {'schedule':8} {'p':>2} {'m':>3} {'predicted':>9} {'measured':>9} {'meas/pred':>9} "
+          f"{'bubble pred':>11} {'bubble meas':>11} {'overhead/act':>12} {'metrics/step':>12}")
+    worst = 0.0
+    for kind, workload, name, p, m, r in rows:
+        if kind != "compare":
+            continue
+        ratio = r["step"] / r["predicted"]
+        worst = max(worst, abs(ratio - 1))
+        print(f"{workload:11} {name:8} {p:>2} {m:>3} {1e3 * r['predicted']:>9.1f} {1e3 * r['step']:>9.1f} "
+              f"{ratio:>9.3f} {100 * r['predicted_bubble']:>10.1f}% {100 * r['bubble']:>10.1f}% "
+              f"{1e3 * r['overhead']:>12.3f} {100 * r['metric_cost'] / r['step']:>11.2f}%")
+        if "timeline" in r:
+            measured = Timeline.from_packed(r["timeline"], title=f"measured {name} p={p} m={m} (sleeping stages)")
+            planned = Timeline.from_simulation(r["plan"], title="planned (profile + overhead + simulator)")
+            plot_timelines([planned, measured], os.path.join(args.out, "timeline_1f1b_p4_m8.png"))
+            write_chrome_trace(measured, os.path.join(args.out, "timeline_1f1b_p4_m8.trace.json"))
+    print(f"largest |measured/predicted - 1|: {100 * worst:.1f}% (target: within 15%)")
+    sweep = [(m, r) for kind, _, _, _, m, r in rows if kind == "sweep"]
+    if sweep:
+        useful = 3 * PER_SAMPLE_MS / 1e3 * BATCH  # per rank, the sample-proportional work (F + B) of a step
+        print(f"\nsweep over m: sleeping stages, 1F1B, p=4, batch {BATCH}")
+        print(f"{'m':>3} {'step ms':>8} {'pred ms':>8} {'bubble':>7} {'overhead share':>14} {'overhead/mb ms':>14}")
+        ms, bub, ovh, step = [], [], [], []
+        for m, r in sweep:
+            extra = statistics.mean(r["busy"]) - useful  # fixed cost per action + executor overhead, per rank
+            ms.append(m)
+            bub.append(r["bubble"])
+            ovh.append(extra / r["step"])
+            step.append(1e3 * r["step"])
+            print(f"{m:>3} {1e3 * r['step']:>8.1f} {1e3 * r['predicted']:>8.1f} {100 * r['bubble']:>6.1f}% "
+                  f"{100 * extra / r['step']:>13.1f}% {1e3 * extra / m:>14.2f}")
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(ms, [100 * b for b in bub], "o-", label="bubble (measured, % of step)")
+        ax.plot(ms, [100 * v for v in ovh], "s-", label="per-micro-batch overhead (% of step)")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("micro-batches m")
+        ax.set_ylabel("% of step")
+        ax2 = ax.twinx()
+        ax2.plot(ms, step, "k^--", label="step time (ms)")
+        ax2.set_ylabel("step time (ms)")
+        fig.legend(loc="upper center", fontsize=8, ncol=3)
+        fig.tight_layout(rect=(0, 0, 1, 0.9))
+        fig.savefig(os.path.join(args.out, "microbatch_sweep.png"), dpi=110)
+        print(f"saved {args.out}/microbatch_sweep.png and {args.out}/timeline_1f1b_p4_m8.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
