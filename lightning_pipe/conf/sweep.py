@@ -94,13 +94,23 @@ def markdown_table(swept: Sequence[str], rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+_SHORT = {"num_microbatches": "m", "pipeline_parallel_size": "pp", "data_parallel_size": "dp",
+          "virtual_stages": "v", "schedule": ""}
+
+
+def _short(key: str, value: Any) -> str:
+    name = key.split(".")[-1]
+    name = _SHORT.get(name, name)
+    return f"{name}={value}" if name else str(value)
+
+
 def _plot(swept: Sequence[str], rows: Sequence[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = ["\n".join(f"{k.split('.')[-1]}={r[k]}" for k in swept) for r in rows]
+    labels = ["\n".join(_short(k, r[k]) for k in swept) for r in rows]
     x = list(range(len(rows)))
     fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(rows) + 2), 4.2))
     ax.bar(x, [r["samples_per_sec"] or 0.0 for r in rows], color="tab:blue", alpha=0.8, label="samples/s")

@@ -1,0 +1,110 @@
+"""``python -m lightning_pipe.train`` end to end on 2 CPU processes: Lightning's launcher (its second process lands
+in the first one's Hydra output directory and creates none of its own), torchrun, and a sweep (one fresh process
+group per job, then the summary table and PNG)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lightning_pipe.conf.sweep import collect, write_summary
+from tests._launch import free_port
+from tests.test_launchers import _clean_env
+
+pytestmark = pytest.mark.distributed
+
+TRAIN = [sys.executable, "-m", "lightning_pipe.train"]
+SMOKE = ["experiment=smoke", "trainer.max_steps=4", "trainer.val_check_interval=4"]
+
+
+def _run(cmd: list[str], cwd: Path, timeout: float = 150) -> str:
+    run = subprocess.run(cmd, env=_clean_env(), capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output[-4000:]
+    assert "Traceback" not in output, output[-4000:]
+    return output
+
+
+def _check_run_dir(run_dir: Path, steps: int = 4) -> dict:
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["status"] == "ok" and result["steps"] == steps
+    assert result["pipeline_parallel_size"] == 2 and result["samples_per_sec"] > 0
+    assert result["val_loss"] is not None
+    with (run_dir / "logs" / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["train_loss"] for r in rows if r.get("train_loss")], "the training loss was logged"
+    assert [r["val_loss"] for r in rows if r.get("val_loss")], "the validation loss was logged"
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    assert (ckpt / "meta.pt").is_file() and len(list(ckpt.glob("*.distcp"))) == 2, "one shard per stage"
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    return result
+
+
+@pytest.mark.timeout(200)
+def test_entry_point_with_lightnings_launcher(tmp_path: Path) -> None:
+    output = _run([*TRAIN, *SMOKE], cwd=tmp_path)
+    runs = list((tmp_path / "outputs").glob("*/*"))
+    assert len(runs) == 1, f"one output directory for both processes, got {runs}"
+    run_dir = runs[0]
+    assert [p.name for p in tmp_path.iterdir()] == ["outputs"], "nothing else written in the working directory"
+    # The second process ran in the same directory (Lightning passes hydra.run.dir) and left Hydra's files alone.
+    assert (run_dir / "train_ddp_process_1.log").is_file()
+    assert list(run_dir.rglob("config.yaml")) == [run_dir / ".hydra" / "config.yaml"]
+    _check_run_dir(run_dir)
+    assert "final val_loss" in output and "unigram baseline" in output
+
+
+@pytest.mark.timeout(200)
+def test_entry_point_under_torchrun(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "lightning_pipe.train", *SMOKE]
+    _run(cmd, cwd=tmp_path)
+    runs = list((tmp_path / "outputs").glob("*/*"))
+    assert len(runs) == 1, f"rank 0 owns the output directory, got {runs}"
+    _check_run_dir(runs[0])
+
+
+@pytest.mark.timeout(280)
+def test_sweep_runs_each_setting_and_writes_a_summary(tmp_path: Path) -> None:
+    output = _run([*TRAIN, "-m", *SMOKE, "strategy.num_microbatches=1,4", "checkpoint.enabled=false"],
+                  cwd=tmp_path, timeout=240)
+    sweeps = list((tmp_path / "multirun").glob("*/*"))
+    assert len(sweeps) == 1, sweeps
+    sweep = sweeps[0]
+    for job in ("0", "1"):
+        assert (sweep / job / "train_ddp_process_1.log").is_file(), "each job's second process in the job dir"
+        assert json.loads((sweep / job / "result.json").read_text())["status"] == "ok"
+    with (sweep / "summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["strategy.num_microbatches"] for r in rows] == ["1", "4"]
+    assert all(float(r["samples_per_sec"]) > 0 for r in rows)
+    assert (sweep / "summary.png").stat().st_size > 1000
+    assert "| strategy.num_microbatches |" in (sweep / "summary.md").read_text()
+    assert "sweep summary" in output
+
+
+def test_summary_prefers_the_strategys_measured_figures(tmp_path: Path) -> None:
+    """Without processes: jobs whose CSV logs carry ``pipeline/*`` columns and jobs whose do not."""
+    for num, (m, measured) in enumerate([(2, 0.31), (8, None)]):
+        job = tmp_path / str(num)
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(f"- strategy.num_microbatches={m}\n- experiment=smoke\n")
+        result = {"status": "ok", "samples_per_sec": 100.0 * m, "step_time_s": 0.1, "bubble_schedule": 1 / (m + 1),
+                  "bubble_measured": measured, "samples_per_sec_logged": 150.0 if measured else None, "val_loss": 2.0}
+        (job / "result.json").write_text(json.dumps(result))
+    failed = tmp_path / "2"
+    failed.mkdir()
+    (failed / "result.json").write_text(json.dumps({"status": "failed", "overrides": ["strategy.num_microbatches=16",
+                                                                                      "experiment=smoke"]}))
+    swept, rows = collect(tmp_path)
+    assert swept == ["strategy.num_microbatches"]
+    assert [r["samples_per_sec"] for r in rows] == [150.0, 800.0, None]
+    assert [r["bubble_measured"] for r in rows] == [0.31, None, None]
+    table = write_summary(tmp_path)
+    assert "800.0 *" in table and "failed" in table
+    assert (tmp_path / "summary.png").is_file() and (tmp_path / "summary.csv").is_file()
