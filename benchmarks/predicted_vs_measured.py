@@ -142,6 +142,14 @@ def _worker(rank: int, p: int, port: int, args: argparse.Namespace, queue: Any) 
     dist.destroy_process_group()
 
 
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stages", type=int, nargs="+", default=[2, 4])
@@ -174,7 +182,7 @@ def main() -> int:
         print(f"{workload:11} {name:8} {p:>2} {m:>3} {1e3 * r['predicted']:>9.1f} {1e3 * r['step']:>9.1f} "
               f"{ratio:>9.3f} {100 * r['predicted_bubble']:>10.1f}% {100 * r['bubble']:>10.1f}% "
               f"{1e3 * r['overhead']:>12.3f} {100 * r['metric_cost'] / r['step']:>11.2f}%")
-        if "timeline" in r:
+        if "timeline" in r and _has_matplotlib():
             measured = Timeline.from_packed(r["timeline"], title=f"measured {name} p={p} m={m} (sleeping stages)")
             planned = Timeline.from_simulation(r["plan"], title="planned (profile + overhead + simulator)")
             plot_timelines([planned, measured], os.path.join(args.out, "timeline_1f1b_p4_m8.png"))
@@ -194,6 +202,9 @@ def main() -> int:
             step.append(1e3 * r["step"])
             print(f"{m:>3} {1e3 * r['step']:>8.1f} {1e3 * r['predicted']:>8.1f} {100 * r['bubble']:>6.1f}% "
                   f"{100 * extra / r['step']:>13.1f}% {1e3 * extra / m:>14.2f}")
+        if not _has_matplotlib():
+            print("matplotlib is not installed: no PNG")
+            return 0
         import matplotlib
 
         matplotlib.use("Agg")
