@@ -137,14 +137,17 @@ def build_model(cfg: Any, data: Any = None) -> Any:
     return instantiate(cfg.model, **extra)
 
 
-def build_strategy(cfg: Any) -> Any:
-    """The ``PipelineStrategy`` of ``cfg.strategy``; a ``null`` argument is left out (the strategy's default)."""
+def build_strategy(cfg: Any, output_dir: str | Path | None = None) -> Any:
+    """The ``PipelineStrategy`` of ``cfg.strategy``; a ``null`` (or empty list) argument is left out: the
+    strategy's default. Timelines go to ``<output_dir>/timelines`` unless ``timeline_dir`` says otherwise."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
     from lightning_pipe.errors import PipelineError
 
-    kwargs = {k: v for k, v in OmegaConf.to_container(cfg.strategy, resolve=True).items() if v is not None}
+    kwargs = {k: v for k, v in OmegaConf.to_container(cfg.strategy, resolve=True).items() if v not in (None, [])}
+    if kwargs.get("timeline_steps") and "timeline_dir" not in kwargs and output_dir is not None:
+        kwargs["timeline_dir"] = str(Path(output_dir) / "timelines")
     target = kwargs.get("_target_", "")
     if "virtual_stages" in kwargs and target.endswith("PipelineStrategy"):
         from lightning_pipe import PipelineStrategy
@@ -204,7 +207,7 @@ def run(cfg: Any) -> dict[str, Any]:
     seed_everything(cfg.seed, workers=True, verbose=False)
     data = build_data(cfg)
     model = build_model(cfg, data)
-    strategy = build_strategy(cfg)
+    strategy = build_strategy(cfg, output_dir)
     clock = StepClock(cfg.warmup_steps)
     progress = PrintProgress(clock, cfg.print_every)
     callbacks: list[Any] = [clock, progress]

@@ -11,7 +11,7 @@ starts. The values themselves (a schedule name, a balance) are checked by the ob
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -113,19 +113,28 @@ class StrategyConfig:
     data_parallel_size: Optional[int] = None
     """Replicas of the pipeline; ``null``: processes / ``pipeline_parallel_size``."""
     num_microbatches: Any = None
-    """Micro-batches per batch (an int, or ``"auto"`` where the strategy supports it); ``null``: 2 x stages."""
+    """Micro-batches per batch: an int, or ``"auto"`` (chosen at start-up from the profiled model and the
+    simulator); ``null``: 2 x stages."""
     schedule: str = "1f1b"
     """Pipeline schedule: ``"gpipe"``, ``"1f1b"``, and where available ``"interleaved_1f1b"``, ``"zero_bubble"``,
     ``"zbv"`` (see ``lightning_pipe.schedules.SCHEDULES``)."""
     virtual_stages: Optional[int] = None
     """Stages per rank for interleaved schedules; ``null``: the strategy's default (1)."""
     balance: Any = None
-    """How blocks are shared between stages: ``"parameters"``, ``"uniform"``, ``"time"``, ``"memory"`` (where
-    available) or a list of block counts per stage; ``null``: the strategy's default."""
+    """How blocks are shared between stages: ``"parameters"``, ``"uniform"``, ``"time"`` (profiled at start-up),
+    ``"memory"``, or a list of block counts per stage; ``null``: the strategy's default (``"parameters"``)."""
     blocks: Optional[str] = None
     """Attribute path of the chain to cut (``"layers"``); ``null``: the container with the most parameters."""
     timeout: float = 1800.0
     """Longest wait, in seconds, for any transfer or collective before the run fails."""
+    memory_budget: Optional[float] = None
+    """Bytes a stage may hold (parameters, optimizer state, activations): with ``balance: time`` or
+    ``num_microbatches: auto``, only layouts that fit are considered; ``null``: no limit."""
+    timeline_steps: List[int] = field(default_factory=list)
+    """Optimizer steps whose measured timeline is saved (``step<N>.trace.json`` for Chrome/Perfetto and
+    ``step<N>.png``); empty: none."""
+    timeline_dir: Optional[str] = None
+    """Where the timelines go; ``null``: ``<output_dir>/timelines``."""
     process_group_backend: Optional[str] = None
     """``"gloo"`` or ``"nccl"``; ``null``: Lightning's choice for the accelerator (NCCL on GPUs)."""
 
