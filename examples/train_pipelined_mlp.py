@@ -43,7 +43,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
     model = nn.Sequential(*layers)
     stage = split_sequential(model, [8, 7])[rank]
     optimizer = torch.optim.Adam(stage.parameters(), lr=3e-3)
-    schedule = build_schedule(args.schedule, num_stages=world, num_microbatches=args.microbatches)
+    schedule = build_schedule(args.schedule, num_ranks=world, num_microbatches=args.microbatches)
     executor = PipelineExecutor(schedule, rank=rank, timeout=60)
     x, y = make_data()
     for epoch in range(args.epochs):
@@ -53,7 +53,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
             micro_x = split_microbatches(x[i : i + args.batch_size], args.microbatches)
             micro_y = split_microbatches(y[i : i + args.batch_size], args.microbatches)
             if len(micro_x) != schedule.num_microbatches:  # a short last batch runs with fewer micro-batches
-                executor = PipelineExecutor(build_schedule(args.schedule, num_stages=world,
+                executor = PipelineExecutor(build_schedule(args.schedule, num_ranks=world,
                                                            num_microbatches=len(micro_x)), rank=rank, timeout=60)
             optimizer.zero_grad()
             weights = microbatch_weights(micro_x)

@@ -200,13 +200,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--schedule", default="1f1b", choices=sorted(SCHEDULES))
     parser.add_argument("--stages", type=int, default=4)
     parser.add_argument("--microbatches", type=int, default=8)
+    parser.add_argument("--virtual-stages", type=int, default=None, help="chunks per rank (interleaved, zbv)")
     parser.add_argument("--forward", type=float, default=1.0, help="time of one forward per stage")
     parser.add_argument("--backward", type=float, default=2.0, help="time of one backward per stage")
+    parser.add_argument("--weight", type=float, default=None,
+                        help="the weight-gradient part of --backward (W of split schedules; default: half)")
     parser.add_argument("--transfer", type=float, default=0.0, help="latency of one transfer between ranks")
     parser.add_argument("--width", type=int, default=100)
     args = parser.parse_args(argv)
-    schedule = build_schedule(args.schedule, num_stages=args.stages, num_microbatches=args.microbatches)
-    result = simulate(schedule, Costs(args.forward, args.backward, transfer=args.transfer))
+    schedule = build_schedule(args.schedule, num_ranks=args.stages, num_microbatches=args.microbatches,
+                              virtual_stages=args.virtual_stages)
+    chunks = schedule.num_stages // args.stages  # the per-stage costs are shared among a rank's chunks
+    weight = args.backward / 2 if args.weight is None else args.weight
+    costs = Costs(args.forward / chunks, args.backward / chunks, weight / chunks if schedule.split_backward else 0.0,
+                  transfer=args.transfer)
+    result = simulate(schedule, costs)
     print(format_timeline(result, width=args.width))
     print(f"step time {result.step_time:g}; ideal (m+p-1)(tf+tb) = "
           f"{ideal_step_time(args.stages, args.microbatches, args.forward, args.backward):g}; "

@@ -18,7 +18,7 @@ from lightning_pipe.engine import (
     split_microbatches,
     split_sequential,
 )
-from lightning_pipe.schedules import build_schedule
+from lightning_pipe.schedules import build_schedule, stage_to_rank
 
 
 class MaskedBlock(nn.Module):
@@ -50,7 +50,7 @@ def make_model(kind: str) -> nn.Sequential:
             if i < 7:
                 layers.append(nn.Tanh())
         return nn.Sequential(*layers)
-    return nn.Sequential(*[MaskedBlock(16, 2) for _ in range(8)], Unpack())
+    return nn.Sequential(*[MaskedBlock(16, 2) for _ in range(12)], Unpack())
 
 
 def make_batch(kind: str, step: int, batch_size: int) -> tuple[Any, torch.Tensor]:
@@ -93,24 +93,29 @@ def transparency(rank: int, world_size: int, *, models: list[str], schedules: li
             loss.backward()
             ref_losses.append(loss.detach())
             ref_grads.append({n: p.grad.clone() for n, p in reference.named_parameters()})
-        for name in schedules:
+        for spec in schedules:
+            name, _, v_text = spec.partition(":")  # "zero_bubble:2": two chunks per rank
+            v = int(v_text) if v_text else None
+            layout = stage_to_rank(name, num_ranks=world_size, virtual_stages=v)
             for m in ms:
                 model = make_model(kind)
-                pieces = split_sequential(model, _balance(len(model), world_size))
+                pieces = split_sequential(model, _balance(len(model), len(layout)))
                 names = {id(p): n for n, p in model.named_parameters()}
-                mine = pieces[rank]
+                held = {s: pieces[s] for s, r in enumerate(layout) if r == rank}
+                mine = nn.ModuleList(held.values())
                 worst = 0.0
                 for step in range(steps):
                     x, y = make_batch(kind, step, batch_size)
                     micro_x, micro_y = split_microbatches(x, m), split_microbatches(y, m)
-                    schedule = build_schedule(name, num_stages=world_size, num_microbatches=len(micro_x))
+                    schedule = build_schedule(name, num_ranks=world_size, num_microbatches=len(micro_x),
+                                              virtual_stages=v)
                     executor = PipelineExecutor(schedule, rank=rank, timeout=60, transport=transport)
                     mine.zero_grad()
-                    stages = ModuleStages({rank: mine}, num_stages=world_size, microbatches=micro_x,
+                    stages = ModuleStages(held, num_stages=len(layout), microbatches=micro_x,
                                           targets=micro_y, loss_fn=loss_fn)
                     weights = [1.0] * len(micro_x) if unweighted else microbatch_weights(micro_x)
                     result = executor.run(stages, loss_weights=weights)
-                    if rank == world_size - 1:
+                    if rank == layout[-1]:
                         total = sum(w * result.losses[i] for i, w in enumerate(microbatch_weights(micro_x)))
                         worst = max(worst, (total - ref_losses[step]).abs().item())
                     else:
@@ -118,7 +123,7 @@ def transparency(rank: int, world_size: int, *, models: list[str], schedules: li
                     for p in mine.parameters():
                         assert p.grad is not None, f"no gradient for {names[id(p)]}"
                         worst = max(worst, (p.grad - ref_grads[step][names[id(p)]]).abs().max().item())
-                report[f"{kind}/{name}/m={m}"] = worst
+                report[f"{kind}/{spec}/m={m}"] = worst
     return report
 
 
@@ -129,7 +134,7 @@ def failing_step(rank: int, world_size: int, *, fail_rank: int, mode: str, timeo
     mine = split_sequential(model, _balance(len(model), world_size))[rank]
     x, y = make_batch("mlp", 0, 8)
     micro_x, micro_y = split_microbatches(x, 4), split_microbatches(y, 4)
-    executor = PipelineExecutor(build_schedule("1f1b", num_stages=world_size, num_microbatches=4), rank=rank,
+    executor = PipelineExecutor(build_schedule("1f1b", num_ranks=world_size, num_microbatches=4), rank=rank,
                                 timeout=timeout)
     stages = ModuleStages({rank: mine}, num_stages=world_size, microbatches=micro_x, targets=micro_y,
                           loss_fn=nn.MSELoss())

@@ -9,18 +9,21 @@ from tests._launch import launch
 pytestmark = pytest.mark.distributed
 
 TOLERANCE = 1e-5
+# Every schedule; "name:v" holds v chunks per rank (interleaved_1f1b and zbv default to 2).
+SCHEDULES = ["gpipe", "1f1b", "interleaved_1f1b", "interleaved_1f1b:3", "zero_bubble", "zero_bubble:2", "zbv"]
 
 
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_transparency_against_one_process(world_size: int) -> None:
-    """MLP and transformer stacks, GPipe and 1F1B, m in {1, 3, p, 2p+1} (uneven splits of 10 samples), two steps
-    whose sequence length differs: the same loss and gradients as the unsplit model."""
+    """MLP and transformer stacks, every schedule (virtual stages, split backward), m in {1, 3, p, 2p+1} (uneven
+    splits of 10 samples), two steps whose sequence length differs: the same loss and gradients as the unsplit
+    model."""
     ms = sorted({1, 3, world_size, 2 * world_size + 1})
     outcomes = launch("tests._engine_workers.transparency", world_size, deadline=200,
-                      models=["mlp", "transformer"], schedules=["gpipe", "1f1b"], ms=ms)
+                      models=["mlp", "transformer"], schedules=SCHEDULES, ms=ms)
     reports = [o.unwrap() for o in outcomes]
-    expected = {f"{k}/{s}/m={m}" for k in ("mlp", "transformer") for s in ("gpipe", "1f1b") for m in ms}
+    expected = {f"{k}/{s}/m={m}" for k in ("mlp", "transformer") for s in SCHEDULES for m in ms}
     for rank, report in enumerate(reports):
         assert set(report) == expected
         worst = max(report.values())
@@ -33,10 +36,11 @@ def test_exact_size_protocol_matches_one_process(world_size: int) -> None:
     """The NCCL wire protocol (exact sizes, just-in-time receives, gradients on their own group), run over gloo."""
     ms = [1, 2 * world_size + 1]
     outcomes = launch("tests._engine_workers.transparency", world_size, deadline=200,
-                      models=["mlp", "transformer"], schedules=["gpipe", "1f1b"], ms=ms, exact=True)
+                      models=["mlp", "transformer"], schedules=["gpipe", "1f1b", "zero_bubble:2", "zbv"], ms=ms,
+                      exact=True)
     for outcome in outcomes:
         report = outcome.unwrap()
-        assert len(report) == 8 and max(report.values()) <= TOLERANCE, report
+        assert len(report) == 16 and max(report.values()) <= TOLERANCE, report
 
 
 @pytest.mark.timeout(120)

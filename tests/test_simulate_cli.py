@@ -27,3 +27,13 @@ def test_command_line_prints_timeline_and_figures(capsys: pytest.CaptureFixture[
     assert [line[:7] for line in out.splitlines()[:2]] == ["rank  0", "rank  1"]
     assert "step time 12; ideal (m+p-1)(tf+tb) = 12" in out
     assert "peak held activations per rank [3, 3]" in out
+
+
+def test_command_line_zero_bubble_schedules(capsys: pytest.CaptureFixture[str]) -> None:
+    """tF = 1, tB = 2 (half of it W) per stage, p = 4, m = 16: 1F1B 57, ZB-H1 51, ZBV 49.5 time units."""
+    for name, step in [("1f1b", "57"), ("zero_bubble", "51"), ("zbv", "49.5"), ("interleaved_1f1b", "52.5")]:
+        assert main(["--schedule", name, "--stages", "4", "--microbatches", "16", "--width", "60"]) == 0
+        out = capsys.readouterr().out
+        assert f"step time {step};" in out, out
+    assert main(["--schedule", "zbv", "--stages", "2", "--microbatches", "4"]) == 0
+    assert "W" in capsys.readouterr().out.splitlines()[0]

@@ -4,9 +4,11 @@ from lightning_pipe.engine.executor import ActionRecord, ForwardFn, PipelineExec
 from lightning_pipe.engine.microbatch import batch_size_of, merge_microbatches, microbatch_weights, split_microbatches
 from lightning_pipe.engine.stage import ModuleStages, split_sequential
 from lightning_pipe.engine.transport import PendingRecv, Transport
+from lightning_pipe.engine.weightgrad import WeightGradCollector, active_collector, deferring
 
 __all__ = [
     "ActionRecord", "ForwardFn", "PipelineExecutor", "StepResult",
     "batch_size_of", "merge_microbatches", "microbatch_weights", "split_microbatches",
     "ModuleStages", "split_sequential", "PendingRecv", "Transport",
+    "WeightGradCollector", "active_collector", "deferring",
 ]

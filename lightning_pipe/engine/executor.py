@@ -10,6 +10,7 @@ full batch's), runs backward with the gradient received from the next stage, and
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -18,6 +19,7 @@ import torch.distributed as dist
 
 from lightning_pipe.engine.transport import PendingRecv, Transport
 from lightning_pipe.engine.tree import flatten, unflatten
+from lightning_pipe.engine.weightgrad import WeightGradCollector, deferring
 from lightning_pipe.errors import PipelineError
 from lightning_pipe.schedules.actions import Action, ActionKind, Schedule, Transfer
 
@@ -98,9 +100,6 @@ class PipelineExecutor:
     ) -> None:
         if not 0 <= rank < schedule.num_ranks:
             raise PipelineError(f"rank {rank} is outside the schedule's {schedule.num_ranks} ranks")
-        if schedule.split_backward:
-            raise PipelineError(f"schedule {schedule.name!r} splits backward into B and W, which this executor "
-                                "does not run yet; choose schedule='gpipe' or '1f1b'")
         self.schedule = schedule
         self.rank = rank
         self.post_ahead = post_ahead
@@ -148,6 +147,9 @@ class PipelineExecutor:
         pending: dict[tuple[bool, int, int], PendingRecv] = {}
         local: dict[tuple[bool, int, int], Any] = {}  # values handed between two stages of this rank
         saved: dict[tuple[int, int], tuple[list[torch.Tensor], Any]] = {}
+        # Per (micro-batch, stage), the weight gradients that B left for W (schedules that split the backward).
+        deferred: dict[tuple[int, int], WeightGradCollector] = {}
+        split = train and sched.split_backward
         sent: set[tuple[bool, int, int]] = set()  # transfers already sent, so a failure notifies only the rest
         next_recv = 0
         if self.transport.exact:
@@ -160,22 +162,41 @@ class PipelineExecutor:
             # A few receives ahead are enough to overlap transfers; each holds a buffer of the channel's capacity.
             window = sched.num_ranks + 1
 
+        def post(t: Transfer) -> None:
+            what = f"receive of the {'gradient' if t.is_gradient else 'activation'} of micro-batch " \
+                   f"{t.microbatch} from stage {t.src_stage}"
+            pending[t.key] = self.transport.recv(t.src_rank, _tag(t, sched.num_stages), what,
+                                                 channel=(t.is_gradient, t.src_stage), backward=t.is_gradient)
+
         def post_until(limit: int) -> None:
             nonlocal next_recv
-            while next_recv < len(receives) and next_recv < limit:
-                _, t = receives[next_recv]
-                what = f"receive of the {'gradient' if t.is_gradient else 'activation'} of micro-batch " \
-                       f"{t.microbatch} from stage {t.src_stage}"
-                pending[t.key] = self.transport.recv(t.src_rank, _tag(t, sched.num_stages), what,
-                                                     channel=(t.is_gradient, t.src_stage), backward=t.is_gradient)
+            while not self.transport.exact and next_recv < len(receives) and next_recv < limit:
+                post(receives[next_recv][1])
                 next_recv += 1
+
+        # Exact protocol: each peer's values of one kind, in the order that peer sends them. NCCL matches a pair's
+        # messages by order alone, and interleaved schedules may need values in another order than they are sent:
+        # a value is received after every value sent before it on its pair (those wait in ``early`` until needed).
+        in_send_order: dict[tuple[int, bool], deque[Transfer]] = {}
+        early: dict[tuple[bool, int, int], Any] = {}
+        if self.transport.exact:
+            for src in range(sched.num_ranks):
+                for j, t in sched.sends(src):
+                    if t.dst_rank == rank and (train or sched.actions[src][j].kind is _F):
+                        in_send_order.setdefault((src, t.is_gradient), deque()).append(t)
 
         def take(is_gradient: bool, microbatch: int, src_stage: int) -> Any:
             key = (is_gradient, microbatch, src_stage)
             if key in local:
                 return local.pop(key)
-            if key not in pending:  # not posted ahead (exact-size protocol): post it now
-                post_until(next_recv + 1)
+            if key in early:
+                return early.pop(key)
+            if key not in pending:  # exact-size protocol: received now, after what its sender sent before it
+                queue = in_send_order[(sched.stage_to_rank[src_stage], is_gradient)]
+                while (t := queue.popleft()).key != key:
+                    post(t)
+                    early[t.key] = pending.pop(t.key).wait()
+                post(t)
             return pending.pop(key).wait()
 
         def give(value: Any, action: Action, dst_stage: int, is_gradient: bool) -> None:
@@ -204,7 +225,12 @@ class PipelineExecutor:
                     inputs = None if s == 0 else take(False, mb, s - 1)
                     start = time.perf_counter()
                     with torch.set_grad_enabled(train):
-                        output = forward_fn(s, mb, inputs)
+                        if split:
+                            deferred[(mb, s)] = collector = WeightGradCollector()
+                            with deferring(collector):
+                                output = forward_fn(s, mb, inputs)
+                        else:
+                            output = forward_fn(s, mb, inputs)
                     input_leaves = flatten(inputs)[0] if train and inputs is not None else []
                     if s == last:
                         if train:
@@ -227,8 +253,9 @@ class PipelineExecutor:
                     grads = None if s == last else take(True, mb, s + 1)
                     start = time.perf_counter()
                     self._backward(saved.pop((mb, s)), grads, action, send=s > 0, give=give)
-                else:  # pragma: no cover - rejected in __init__
-                    raise PipelineError(f"{action}: W actions are not supported by this executor")
+                else:
+                    start = time.perf_counter()
+                    deferred.pop((mb, s)).run()
                 result.records.append(ActionRecord(action, ready, start, time.perf_counter()))
             self._current = None
             self.transport.flush()
@@ -240,9 +267,11 @@ class PipelineExecutor:
         finally:
             self._current = None
         result.end = time.perf_counter()
-        if saved or local or pending:
+        if saved or local or pending or deferred or early:
             raise PipelineError(f"pipeline rank {rank}: schedule {sched.name!r} left work unfinished "
-                                f"(saved={sorted(saved)}, local={sorted(local)}, pending={sorted(pending)})")
+                                f"(saved={sorted(saved)}, local={sorted(local)}, pending={sorted(pending)}, "
+                                f"received early={sorted(early)}, "
+                                f"weight gradients={sorted(deferred)})")
         return result
 
     def _notify_peers(self, actions: Sequence[Action], sent: set[tuple[bool, int, int]],

@@ -9,6 +9,7 @@ shapes and dtypes may change from one message to the next. Two wire protocols:
   a short overflow message and sent whole on an overflow tag. Receives are posted ahead of need.
 * **exact** (NCCL and other backends that need equal send and receive sizes): a fixed-size header, then the
   metadata if it did not fit, then the payload, each posted when needed and in the same order on both ends.
+  Messages are matched by their order between two ranks alone, as NCCL does (tags are not used, on gloo either).
 
 Every wait is bounded by the timeout and fails with :class:`PipelineCommError` naming rank, action and peer.
 """
@@ -214,10 +215,12 @@ class Transport:
         return self.backward_group if backward and self.backward_group is not None else self.group
 
     def _irecv(self, tensor: torch.Tensor, peer: int, tag: int, backward: bool) -> dist.Work:
-        return dist.irecv(tensor, group=self._group(backward), group_src=peer, tag=tag)
+        return dist.irecv(tensor, group=self._group(backward), group_src=peer, tag=0 if self.exact else tag)
 
     def _isend(self, tensor: torch.Tensor, peer: int, tag: int, backward: bool) -> dist.Work:
-        return dist.isend(tensor, group=self._group(backward), group_dst=peer, tag=tag)
+        # The exact protocol matches messages by order alone, as NCCL does (it ignores tags): over gloo too, so that
+        # the tests run the same matching as NCCL would.
+        return dist.isend(tensor, group=self._group(backward), group_dst=peer, tag=0 if self.exact else tag)
 
     def _wait(self, work: dist.Work, peer: int, what: str) -> None:
         try:

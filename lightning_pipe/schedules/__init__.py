@@ -1,10 +1,21 @@
 """Schedules as plain data: actions per rank, generators and checks (no torch.distributed, no Lightning)."""
 
 from lightning_pipe.schedules.actions import Action, ActionKind, B, F, Schedule, Transfer, W
-from lightning_pipe.schedules.generators import SCHEDULES, build_schedule, gpipe, one_f_one_b
+from lightning_pipe.schedules.generators import (
+    DEFAULT_VIRTUAL_STAGES,
+    SCHEDULES,
+    Generator,
+    build_schedule,
+    gpipe,
+    one_f_one_b,
+    stage_to_rank,
+)
+from lightning_pipe.schedules.interleaved import interleaved_1f1b, zero_bubble
 from lightning_pipe.schedules.validate import validate_schedule
+from lightning_pipe.schedules.zbv import zbv
 
 __all__ = [
     "Action", "ActionKind", "B", "F", "W", "Schedule", "Transfer",
-    "SCHEDULES", "build_schedule", "gpipe", "one_f_one_b", "validate_schedule",
+    "DEFAULT_VIRTUAL_STAGES", "SCHEDULES", "Generator", "build_schedule", "stage_to_rank",
+    "gpipe", "one_f_one_b", "interleaved_1f1b", "zero_bubble", "zbv", "validate_schedule",
 ]

@@ -1,40 +1,46 @@
-"""Schedule generators. A new schedule is one function here plus its tests."""
+"""Schedule generators and their registry. A new schedule is one function plus its tests."""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Protocol
 
 from lightning_pipe.errors import ScheduleError
 from lightning_pipe.schedules.actions import Action, B, F, Schedule
+from lightning_pipe.schedules.checks import check_sizes
+from lightning_pipe.schedules.interleaved import interleaved_1f1b, interleaved_stage_to_rank, zero_bubble
+from lightning_pipe.schedules.zbv import v_stage_to_rank, zbv
 
-__all__ = ["gpipe", "one_f_one_b", "SCHEDULES", "build_schedule"]
-
-
-def _check_sizes(num_stages: int, num_microbatches: int) -> None:
-    if num_stages < 1:
-        raise ScheduleError(f"the pipeline needs at least one stage, got pipeline_parallel_size={num_stages}")
-    if num_microbatches < 1:
-        raise ScheduleError(f"the pipeline needs at least one micro-batch, got num_microbatches={num_microbatches}")
+__all__ = [
+    "gpipe", "one_f_one_b", "Generator", "SCHEDULES", "DEFAULT_VIRTUAL_STAGES", "build_schedule", "stage_to_rank",
+]
 
 
-def gpipe(num_stages: int, num_microbatches: int) -> Schedule:
+def _one_chunk(name: str, virtual_stages: int) -> None:
+    if virtual_stages != 1:
+        raise ScheduleError(f"schedule {name!r} holds one chunk per rank, got virtual_stages={virtual_stages}; "
+                            "use schedule='interleaved_1f1b', 'zero_bubble' or 'zbv' for virtual stages")
+
+
+def gpipe(num_ranks: int, num_microbatches: int, virtual_stages: int = 1) -> Schedule:
     """GPipe (fill-drain): every forward of the step, then every backward. Holds all m activations per stage."""
-    _check_sizes(num_stages, num_microbatches)
+    check_sizes(num_ranks, num_microbatches, virtual_stages)
+    _one_chunk("gpipe", virtual_stages)
     m = num_microbatches
     actions = tuple(
-        tuple([F(i, s) for i in range(m)] + [B(i, s) for i in range(m)]) for s in range(num_stages)
+        tuple([F(i, s) for i in range(m)] + [B(i, s) for i in range(m)]) for s in range(num_ranks)
     )
-    return Schedule("gpipe", num_stages, m, tuple(range(num_stages)), actions)
+    return Schedule("gpipe", num_ranks, m, tuple(range(num_ranks)), actions)
 
 
-def one_f_one_b(num_stages: int, num_microbatches: int) -> Schedule:
+def one_f_one_b(num_ranks: int, num_microbatches: int, virtual_stages: int = 1) -> Schedule:
     """1F1B (PipeDream-Flush): warm-up forwards, then one forward one backward, then cool-down backwards.
 
     Stage ``s`` warms up with ``min(p - s - 1, m)`` forwards, so it never holds more than ``min(p - s, m)``
     micro-batches' activations. With ``m < p`` the warm-up is simply shorter.
     """
-    _check_sizes(num_stages, num_microbatches)
-    p, m = num_stages, num_microbatches
+    check_sizes(num_ranks, num_microbatches, virtual_stages)
+    _one_chunk("1f1b", virtual_stages)
+    p, m = num_ranks, num_microbatches
     per_rank: list[tuple[Action, ...]] = []
     for s in range(p):
         warmup = min(p - s - 1, m)
@@ -47,14 +53,47 @@ def one_f_one_b(num_stages: int, num_microbatches: int) -> Schedule:
     return Schedule("1f1b", p, m, tuple(range(p)), tuple(per_rank))
 
 
-SCHEDULES: dict[str, Callable[[int, int], Schedule]] = {"gpipe": gpipe, "1f1b": one_f_one_b}
+class Generator(Protocol):
+    def __call__(self, num_ranks: int, num_microbatches: int, virtual_stages: int = ...) -> Schedule: ...
+
+
+SCHEDULES: dict[str, Generator] = {
+    "gpipe": gpipe,
+    "1f1b": one_f_one_b,
+    "interleaved_1f1b": interleaved_1f1b,
+    "zero_bubble": zero_bubble,
+    "zbv": zbv,
+}
 """Schedule generators by the name users give as ``PipelineStrategy(schedule=...)``."""
 
+DEFAULT_VIRTUAL_STAGES: dict[str, int] = {"gpipe": 1, "1f1b": 1, "interleaved_1f1b": 2, "zero_bubble": 1, "zbv": 2}
+"""Chunks per rank when ``virtual_stages`` is not given."""
 
-def build_schedule(name: str, *, num_stages: int, num_microbatches: int) -> Schedule:
-    """The schedule called ``name`` for ``num_stages`` stages and ``num_microbatches`` micro-batches."""
+
+def _generator(name: str) -> Generator:
     try:
-        generator = SCHEDULES[name.lower()]
-    except KeyError:
+        return SCHEDULES[name.lower()]
+    except (KeyError, AttributeError):
         raise ScheduleError(f"unknown schedule={name!r}; choose one of {sorted(SCHEDULES)}") from None
-    return generator(num_stages, num_microbatches)
+
+
+def build_schedule(name: str, *, num_ranks: int, num_microbatches: int, virtual_stages: int | None = None) -> Schedule:
+    """The schedule called ``name`` for ``num_ranks`` pipeline ranks (``pipeline_parallel_size``), each holding
+    ``virtual_stages`` chunks (default: :data:`DEFAULT_VIRTUAL_STAGES`), and ``num_microbatches`` micro-batches."""
+    generator = _generator(name)
+    v = DEFAULT_VIRTUAL_STAGES[name.lower()] if virtual_stages is None else virtual_stages
+    return generator(num_ranks, num_microbatches, v)
+
+
+def stage_to_rank(name: str, *, num_ranks: int, virtual_stages: int | None = None) -> tuple[int, ...]:
+    """Which rank holds each stage under schedule ``name`` (the same for every number of micro-batches)."""
+    name = name.lower()
+    _generator(name)
+    v = DEFAULT_VIRTUAL_STAGES[name] if virtual_stages is None else virtual_stages
+    check_sizes(num_ranks, 1, v)
+    if name == "zbv":
+        zbv(num_ranks, 1, v)  # checks v
+        return v_stage_to_rank(num_ranks)
+    if name in ("gpipe", "1f1b"):
+        _one_chunk(name, v)
+    return interleaved_stage_to_rank(num_ranks, v)
