@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: setup train test bench lint clean
+.PHONY: setup train sweep test bench lint clean
 
 $(PY):
 	# --system-site-packages: a torch the user already has (a CUDA build, say) is seen and kept.
@@ -19,8 +19,15 @@ $(STAMP): $(PY) pyproject.toml
 
 setup: $(STAMP)
 
+# The default Hydra experiment (configs/): a character-level GPT on 2 CPU pipeline stages, a few minutes.
+# Outputs (logs, checkpoint, result.json) under outputs/gpt/<date_time>/. TRAIN_ARGS adds Hydra overrides.
+TRAIN_ARGS ?=
 train: $(STAMP)
-	$(PY) examples/gpt.py
+	$(PY) -m lightning_pipe.train $(TRAIN_ARGS)
+
+# One short run per number of micro-batches; summary.{csv,md,png} under multirun/sweep_microbatches/<date_time>/.
+sweep: $(STAMP)
+	$(PY) -m lightning_pipe.train experiment=sweep_microbatches $(TRAIN_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
