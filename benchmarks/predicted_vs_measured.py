@@ -52,7 +52,7 @@ class _SleepStage(nn.Module):
 
 def _transformer_stage(rank: int, p: int) -> nn.Module:
     torch.manual_seed(0)
-    layers = [nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True) for _ in range(8)]
+    layers = [nn.TransformerEncoderLayer(128, 4, 512, dropout=0.0, batch_first=True) for _ in range(8)]
     per = 8 // p
     return nn.Sequential(*layers[rank * per:(rank + 1) * per])
 
@@ -65,7 +65,7 @@ def _run_config(rank: int, p: int, name: str, m: int, stage: nn.Module, shape: t
     # Predicted: profile this rank's stage now (all ranks at once), overhead from a no-op step, simulator.
     dist.barrier()
     x_prof = torch.randn(b, *shape, requires_grad=True)
-    prof = profile_chain(lambda: stage(x_prof * 1.0).pow(2).mean(), list(stage), iterations=3, samples=b)
+    prof = profile_chain(lambda: stage(x_prof * 1.0).pow(2).mean(), list(stage), iterations=5, warmup=2, samples=b)
     fb = torch.tensor([sum(prof.forward) + prof.post_forward, sum(prof.backward) + prof.post_backward],
                       dtype=torch.float64)
     everyone = [torch.empty_like(fb) for _ in range(p)]
@@ -126,7 +126,7 @@ def _worker(rank: int, p: int, port: int, args: argparse.Namespace, queue: Any) 
     se._OVERSHOOT = se._calibrate_overshoot()
     sleeping = nn.Sequential(_SleepStage())
     for workload in args.workloads:
-        stage, shape = (sleeping, (64,)) if workload == "sleep" else (_transformer_stage(rank, p), (32, 64))
+        stage, shape = (sleeping, (64,)) if workload == "sleep" else (_transformer_stage(rank, p), (64, 128))
         for name in args.schedules:
             for m in args.microbatches:
                 keep = workload == "sleep" and name == "1f1b" and p == 4 and m == 8
@@ -170,7 +170,7 @@ def main() -> int:
         while not queue.empty():
             rows.append(queue.get())
     print(f"batch {BATCH}; sleeping stage forward {FIXED_MS:g} + {PER_SAMPLE_MS:g} ms/sample (backward 2x); "
-          "transformer: 8 layers d=64 seq=32 split evenly; times in ms, medians")
+          "transformer: 8 layers d=128 ff=512 seq=64 split evenly; times in ms, medians")
     print(f"{'workload':11} {'schedule':8} {'p':>2} {'m':>3} {'predicted':>9} {'measured':>9} {'meas/pred':>9} "
           f"{'bubble pred':>11} {'bubble meas':>11} {'overhead/act':>12} {'metrics/step':>12}")
     worst = 0.0
