@@ -79,7 +79,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: A
 
     for name in args.schedules:
         for m in args.microbatches:
-            executor = PipelineExecutor(build_schedule(name, num_stages=world, num_microbatches=m), rank=rank)
+            executor = PipelineExecutor(build_schedule(name, num_ranks=world, num_microbatches=m), rank=rank)
             times, records = [], []
             for step in range(args.warmup + args.steps):
                 dist.barrier()
@@ -131,7 +131,7 @@ def main() -> int:
           f"{'sim(actual)':>12} {'meas/sim(act)':>14}")
     worst_1f1b = 0.0
     for name, p, m, measured, durations in rows:
-        schedule = build_schedule(name, num_stages=p, num_microbatches=m)
+        schedule = build_schedule(name, num_ranks=p, num_microbatches=m)
         sim = simulate(schedule, Costs(tf, 2 * tf)).step_time
         # The simulator again, fed with the action times measured on each rank and a transfer latency of
         # --hop-ms: what remains between it and the measurement is the executor's own scheduling cost.

@@ -55,7 +55,8 @@ def train(config: dict[str, Any], *, devices: int, strategy: Any) -> dict[str, A
 def _train(config: dict[str, Any], *, devices: int, strategy: Any, log_dir: str | None) -> dict[str, Any]:
     seed_everything(0, workers=True)
     model = TinyGPT(body=config["body"], n_layer=config.get("n_layer", 4), sync_dist=config.get("sync_dist", False),
-                    tie_blocks=config.get("tie_blocks", False), scheduler=config.get("scheduler", False))
+                    tie_blocks=config.get("tie_blocks", False), scheduler=config.get("scheduler", False),
+                    optimizer=config.get("optimizer", "adamw"))
     callbacks: list[Any] = []
     extras = _SeeOutputs()
     if config.get("extras"):
@@ -121,7 +122,8 @@ def pipeline_jobs(rank: int, world_size: int, *, configs: list[dict[str, Any]]) 
         strategy = PipelineStrategy(pipeline_parallel_size=config.get("pp", world_size),
                                     schedule=config.get("schedule", "1f1b"),
                                     num_microbatches=config.get("microbatches"),
-                                    balance=config.get("balance", "parameters"))
+                                    balance=config.get("balance", "parameters"),
+                                    virtual_stages=config.get("virtual_stages"))
         results.append(train(config, devices=world_size, strategy=strategy))
     return results
 
@@ -172,6 +174,7 @@ def bad_inputs(rank: int, world_size: int, *, cases: list[str]) -> dict[str, tup
     setups: dict[str, tuple[Any, dict[str, Any]]] = {
         "no_chain": (_NoChain, {}),
         "more_stages_than_blocks": (lambda: TinyGPT(n_layer=1), {}),
+        "virtual_stages_too_many": (TinyGPT, {"schedule": "interleaved_1f1b", "virtual_stages": 4}),
         "pipeline_size_does_not_divide": (TinyGPT, {"pipeline_parallel_size": 3}),
         "balance_list_wrong_sum": (TinyGPT, {"balance": [1, 2]}),
         "blocks_path_unknown": (TinyGPT, {"blocks": "body.layers"}),

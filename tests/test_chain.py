@@ -31,7 +31,7 @@ def cut(model: TinyGPT, stage: int, counts: list[int] = COUNTS) -> tuple[TinyGPT
     """A deep copy of ``model`` cut for ``stage``."""
     copy_ = copy.deepcopy(model)
     path, chain = find_chain(copy_, None)
-    return copy_, split_chain(copy_, path, chain, counts=counts, stage=stage)
+    return copy_, split_chain(copy_, path, chain, counts=counts, stages=stage)
 
 
 def call_block(block: nn.Module, x: torch.Tensor, body: str) -> torch.Tensor:
@@ -134,7 +134,7 @@ def test_block_call_outside_step(stage: int) -> None:
 def test_split_twice() -> None:
     model, _ = cut(make_model(), 1)
     with pytest.raises(PipelineError, match="already cut"):
-        split_chain(model, "blocks", model.blocks, counts=COUNTS, stage=1)
+        split_chain(model, "blocks", model.blocks, counts=COUNTS, stages=1)
 
 
 # --- split_chain: running a step -----------------------------------------------------------------------------

@@ -130,7 +130,7 @@ def test_replicated_params_resolves_alias_held_here() -> None:
     for stage in (0, 1):
         copy_ = copy.deepcopy(model)
         path, chain = find_chain(copy_, None)
-        split_chain(copy_, path, chain, counts=[2, 2], stage=stage)
+        split_chain(copy_, path, chain, counts=[2, 2], stages=stage)
         tables[stage] = (copy_, ReplicatedParams(placement.replicated_names, placement.replicated_shapes,
                                                  placement.replicated_owners, stage, copy_))
     i = placement.replicated_names.index(["blocks.0.fc1.weight", "blocks.3.fc1.weight"])

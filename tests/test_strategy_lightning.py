@@ -77,7 +77,8 @@ def test_metrics_loggers_callbacks_and_evaluation_match_one_device() -> None:
 
 BAD_INPUTS = {
     "no_chain": "no chain of blocks found",
-    "more_stages_than_blocks": "pipeline_parallel_size=2 is more stages than the chain's 1 blocks",
+    "more_stages_than_blocks": "has 1 blocks, too few for pipeline_parallel_size=2 x virtual_stages=1 = 2 stages",
+    "virtual_stages_too_many": "has 4 blocks, too few for pipeline_parallel_size=2 x virtual_stages=4 = 8 stages",
     "pipeline_size_does_not_divide": "pipeline_parallel_size=3 does not divide the 2 processes",
     "balance_list_wrong_sum": "balance=[1, 2] must be positive block counts that sum to the chain's 4 blocks",
     "blocks_path_unknown": "blocks='body.layers' names no submodule",
@@ -118,6 +119,9 @@ def test_bad_input_fails_clearly_on_every_rank(cases: list[str]) -> None:
         ({"num_microbatches": 0}, "num_microbatches=0 must be a positive integer"),
         ({"pipeline_parallel_size": -1}, "pipeline_parallel_size=-1 must be a positive integer"),
         ({"start_method": "spawn"}, "start_method='spawn'"),
+        ({"schedule": "gpipe", "virtual_stages": 2}, "virtual_stages=2; use schedule='interleaved_1f1b'"),
+        ({"schedule": "zbv", "virtual_stages": 3}, "exactly two chunks on each rank; got virtual_stages=3"),
+        ({"schedule": "interleaved_1f1b", "virtual_stages": 0}, "virtual_stages=0 must be a positive integer"),
     ],
 )
 def test_bad_arguments_are_rejected_at_construction(kwargs: dict[str, Any], expected: str) -> None:

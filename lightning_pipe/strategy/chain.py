@@ -12,7 +12,7 @@ its class is swapped for a subclass whose ``_modules`` hold only this stage's bl
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -34,23 +34,35 @@ class StageExit(BaseException):
 
 
 class ChainRuntime:
-    """Per-rank state of the cut chain: which blocks it owns, and the micro-batch being computed."""
+    """Per-rank state of the cut chain: the blocks of each stage this rank holds, and the stage and micro-batch
+    being computed. A rank holds several stages under virtual stages (interleaved and V-shaped schedules)."""
 
-    def __init__(self, *, path: str, num_blocks: int, first: int, stop: int, is_last_stage: bool,
-                 stage: int) -> None:
+    def __init__(self, *, path: str, num_blocks: int, ranges: dict[int, tuple[int, int]], last_stage: int) -> None:
         self.path, self.num_blocks = path, num_blocks
-        self.first, self.stop = first, stop
-        self.stage, self.is_last_stage = stage, is_last_stage
+        self.ranges = dict(sorted(ranges.items()))
+        self.last_stage = last_stage
         self.blocks: dict[int, nn.Module] = {}
         self.active = False
         self.next_index = 0
         self.received: Any = None
+        self._select(next(iter(self.ranges)))
 
-    def begin(self, received: Any) -> None:
+    def _select(self, stage: int) -> None:
+        self.stage = stage
+        self.first, self.stop = self.ranges[stage]
+        self.is_last_stage = stage == self.last_stage
+
+    def begin(self, received: Any, stage: int | None = None) -> None:
+        """Start computing ``stage`` (default: the only stage held) on ``received``."""
+        if stage is not None:
+            self._select(stage)
         self.active, self.next_index, self.received = True, 0, received
 
     def end(self) -> None:
         self.active, self.received = False, None
+
+    def describe_blocks(self) -> str:
+        return ", ".join(f"stage {s}: blocks {a}..{b - 1}" for s, (a, b) in self.ranges.items())
 
     def visit(self, index: int) -> None:
         if not self.active and torch._C._current_graph_task_id() != -1:
@@ -61,7 +73,7 @@ class ChainRuntime:
         if not self.active:
             raise PipelineError(
                 f"block {index} of `{self.path}` was called outside a pipelined step. After the split, this rank "
-                f"holds blocks {self.first}..{self.stop - 1} only, so the model can run only inside "
+                f"holds only {self.describe_blocks()}, so the model can run only inside "
                 "training_step/validation_step/test_step/predict_step driven by the PipelineStrategy"
             )
         if index != self.next_index:
@@ -85,9 +97,12 @@ class ChainRuntime:
             yield self.block(i)
 
     def block(self, index: int) -> nn.Module | "_Skipped":
-        """Block ``index`` if this rank holds it, else its stand-in."""
+        """Block ``index`` if it belongs to the stage being computed (outside a step: to any stage held here), else
+        its stand-in."""
         block = self.blocks.get(index)
-        return _Skipped(self, index) if block is None else block
+        if block is None or (self.active and not self.first <= index < self.stop):
+            return _Skipped(self, index)
+        return block
 
 
 class _Skipped:
@@ -152,23 +167,22 @@ def find_chain(model: nn.Module, path: str | None) -> tuple[str, nn.Sequential |
     return name, chain
 
 
-def split_chain(model: nn.Module, path: str, chain: nn.Module, *, counts: list[int], stage: int) -> ChainRuntime:
-    """Cut ``chain`` in place so that it keeps only the blocks of ``stage`` (``counts[s]`` blocks per stage)."""
+def split_chain(model: nn.Module, path: str, chain: nn.Module, *, counts: list[int],
+                stages: int | Sequence[int]) -> ChainRuntime:
+    """Cut ``chain`` in place so that it keeps only the blocks of ``stages`` (``counts[s]`` blocks per stage)."""
     if isinstance(chain, _CutChainMixin):
         raise PipelineError(f"`{path}` is already cut into pipeline stages")
-    num_blocks = len(chain)
-    first = sum(counts[:stage])
-    stop = first + counts[stage]
-    runtime = ChainRuntime(path=path or type(chain).__name__, num_blocks=num_blocks, first=first, stop=stop,
-                           is_last_stage=stage == len(counts) - 1, stage=stage)
-    blocks = list(chain._modules.items())
-    for i, (key, block) in enumerate(blocks):
-        if first <= i < stop:
+    held = [stages] if isinstance(stages, int) else sorted(stages)
+    starts = [sum(counts[:s]) for s in range(len(counts) + 1)]
+    ranges = {s: (starts[s], starts[s + 1]) for s in held}
+    runtime = ChainRuntime(path=path or type(chain).__name__, num_blocks=len(chain), ranges=ranges,
+                           last_stage=len(counts) - 1)
+    for i, (key, block) in enumerate(list(chain._modules.items())):
+        if any(a <= i < b for a, b in ranges.values()):
             assert block is not None
             runtime.blocks[i] = block
             block.register_forward_pre_hook(_make_pre_hook(runtime, i), with_kwargs=True)
-            if i == stop - 1 and not runtime.is_last_stage:
-                block.register_forward_hook(_exit_hook)
+            block.register_forward_hook(_make_exit_hook(runtime, i))
         else:
             del chain._modules[key]
     cls = type(chain)
@@ -193,5 +207,9 @@ def _make_pre_hook(runtime: ChainRuntime, index: int) -> Any:
     return hook
 
 
-def _exit_hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-    raise StageExit(output)
+def _make_exit_hook(runtime: ChainRuntime, index: int) -> Any:
+    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if index == runtime.stop - 1 and not runtime.is_last_stage:
+            raise StageExit(output)  # the stage's last block: its output goes to the next stage
+
+    return hook

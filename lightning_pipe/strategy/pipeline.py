@@ -39,7 +39,7 @@ from lightning_pipe.engine import (
     split_microbatches,
 )
 from lightning_pipe.errors import PipelineError
-from lightning_pipe.schedules import SCHEDULES, Schedule, build_schedule
+from lightning_pipe.schedules import DEFAULT_VIRTUAL_STAGES, SCHEDULES, Schedule, build_schedule, stage_to_rank
 from lightning_pipe.strategy.chain import ChainRuntime, StageExit, find_chain, split_chain
 from lightning_pipe.strategy.checkpoint import (
     load_optimizer_state_by_name,
@@ -95,13 +95,16 @@ class PipelineStrategy(DDPStrategy):
         pipeline_parallel_size: Number of stages. Default: every process of the run.
         num_microbatches: Micro-batches per batch. Default: twice the number of stages. A batch with fewer
             samples runs with one micro-batch per sample.
-        schedule: ``"1f1b"`` (default) or ``"gpipe"``.
+        schedule: ``"1f1b"`` (default), ``"gpipe"``, ``"interleaved_1f1b"``, ``"zero_bubble"`` (ZB-H1) or ``"zbv"``.
         balance: ``"parameters"`` (the cut that evens out parameter counts, exactly), ``"uniform"`` (block counts),
             or a list with the number of blocks of each stage.
         blocks: Attribute path of the ``nn.Sequential``/``nn.ModuleList`` to cut (``"model.layers"``). Default: the
             one holding the most parameters.
         data_parallel_size: Replicas of the pipeline. Default: processes / ``pipeline_parallel_size``.
         timeout: Longest wait for any collective or point-to-point transfer (also the process-group timeout).
+        virtual_stages: Chunks of the model per rank (``v``): the chain is cut into ``pipeline_parallel_size * v``
+            stages, stage ``s`` on rank ``s % p`` (``"zbv"``: in a V, rank 0 holding the first and the last).
+            Default: 2 for ``"interleaved_1f1b"`` and ``"zbv"``, else 1.
         **ddp_kwargs: Passed to :class:`~lightning.pytorch.strategies.DDPStrategy` (``process_group_backend``,
             ``cluster_environment``, ...).
     """
@@ -118,6 +121,7 @@ class PipelineStrategy(DDPStrategy):
         *,
         data_parallel_size: int | None = None,
         timeout: timedelta | float = timedelta(minutes=30),
+        virtual_stages: int | None = None,
         memory_budget: float | None = None,
         timeline_steps: Sequence[int] = (),
         timeline_dir: str | None = None,
@@ -136,6 +140,8 @@ class PipelineStrategy(DDPStrategy):
         _positive("data_parallel_size", data_parallel_size)
         if not isinstance(schedule, str) or schedule.lower() not in SCHEDULES:
             raise PipelineError(f"unknown schedule={schedule!r}; choose one of {sorted(SCHEDULES)}")
+        _positive("virtual_stages", virtual_stages)
+        stage_to_rank(schedule, num_ranks=1, virtual_stages=virtual_stages)  # e.g. gpipe with virtual_stages=2
         if isinstance(balance, str):
             if balance not in _BALANCES:
                 raise PipelineError(f"unknown balance={balance!r}; choose 'uniform', 'parameters' or a list of "
@@ -148,6 +154,8 @@ class PipelineStrategy(DDPStrategy):
         self.pipeline_parallel_size = pipeline_parallel_size
         self.data_parallel_size = data_parallel_size
         self.schedule_name = schedule.lower()
+        self.virtual_stages = virtual_stages or DEFAULT_VIRTUAL_STAGES[self.schedule_name]
+        self._layout: tuple[int, ...] = tuple(range(self.virtual_stages))  # stage -> pipeline rank, set up later
         self.balance = list(balance) if not isinstance(balance, str) else balance
         self.blocks = blocks
         self._auto_microbatches = auto_microbatches
@@ -184,8 +192,24 @@ class PipelineStrategy(DDPStrategy):
         return self._num_microbatches or 2 * self.num_stages
 
     @property
+    def num_model_stages(self) -> int:
+        """Pieces the chain is cut into: ``pipeline_parallel_size * virtual_stages``."""
+        return self.num_stages * self.virtual_stages
+
+    @property
+    def stage_to_rank(self) -> tuple[int, ...]:
+        """The pipeline rank that holds each stage."""
+        return self._layout
+
+    @property
+    def loss_rank(self) -> int:
+        """The pipeline rank that holds the last stage, where the loss is computed (rank 0 under ``"zbv"``)."""
+        return self._layout[-1]
+
+    @property
     def is_last_stage(self) -> bool:
-        return self.pp_rank == self.num_stages - 1
+        """Whether this rank holds the last stage (computes the loss)."""
+        return self.pp_rank == self.loss_rank
 
     @property
     def device_mesh(self) -> DeviceMesh | None:
@@ -212,6 +236,7 @@ class PipelineStrategy(DDPStrategy):
         self._pp_group = self._mesh.get_group("pp")
         self._dp_group = self._mesh.get_group("dp")
         self.pp_rank = self._mesh.get_local_rank("pp")
+        self._layout = stage_to_rank(self.schedule_name, num_ranks=pp, virtual_stages=self.virtual_stages)
         self.dp_rank = self._mesh.get_local_rank("dp")
         self._pp_ranks = dist.get_process_group_ranks(self._pp_group)
         self._backward_group = None
@@ -260,26 +285,33 @@ class PipelineStrategy(DDPStrategy):
 
     def _split(self, module: LightningModule) -> None:
         path, chain = find_chain(module, self.blocks)
+        if len(chain) < self.num_model_stages:
+            raise PipelineError(
+                f"`{path}` has {len(chain)} blocks, too few for pipeline_parallel_size={self.num_stages} x "
+                f"virtual_stages={self.virtual_stages} = {self.num_model_stages} stages of at least one block; "
+                "lower pipeline_parallel_size or virtual_stages"
+            )
         self._param_order = [name for name, _ in module.named_parameters()]  # the whole model's, before the cut
         if self.balance in ("time", "memory") or self._auto_microbatches:
             self.layout_plan = plan_layout(self, module, chain,
-                                           lambda: block_counts(chain, self.balance, self.num_stages))
+                                           lambda: block_counts(chain, self.balance, self.num_model_stages))
             counts = self.layout_plan.counts
             if self.layout_plan.num_microbatches is not None:
                 self._num_microbatches = self.layout_plan.num_microbatches
             if self.global_rank == 0:
                 log.warning(self.layout_plan.report)
         else:
-            counts = block_counts(chain, self.balance, self.num_stages)
-        placement = plan_placement(module, path, counts)
-        self._runtime = split_chain(module, path, chain, counts=counts, stage=self.pp_rank)
+            counts = block_counts(chain, self.balance, self.num_model_stages)
+        placement = plan_placement(module, path, counts, self._layout)
+        held = [s for s, r in enumerate(self._layout) if r == self.pp_rank]
+        self._runtime = split_chain(module, path, chain, counts=counts, stages=held)
         self._replicated = ReplicatedParams(placement.replicated_names, placement.replicated_shapes,
                                             placement.replicated_owners, self.pp_rank, module)
         replicated_ids = {id(p) for p in self._replicated.params if p is not None}
         counted_ids = {id(p) for p, c in zip(self._replicated.params, self._replicated.count_here)
                        if p is not None and c}
         self._counted = {id(p) for p in module.parameters() if id(p) not in replicated_ids} | counted_ids
-        log.info(f"pipeline stage {self.pp_rank}: blocks {self._runtime.first}..{self._runtime.stop - 1} of "
+        log.info(f"pipeline rank {self.pp_rank}: {self._runtime.describe_blocks()} of "
                  f"`{path}` (block counts per stage: {counts})")
 
     def _sync_initial_params(self) -> None:
@@ -316,7 +348,8 @@ class PipelineStrategy(DDPStrategy):
                 self._transport = Transport(group=self._pp_group, device=self.root_device,
                                             timeout=self._timeout.total_seconds() if self._timeout else 1800.0,
                                             backward_group=self._backward_group)
-            schedule: Schedule = build_schedule(self.schedule_name, num_stages=self.num_stages,
+            schedule: Schedule = build_schedule(self.schedule_name, num_ranks=self.num_stages,
+                                                virtual_stages=self.virtual_stages,
                                                 num_microbatches=num_microbatches)
             executor = PipelineExecutor(schedule, rank=self.pp_rank, transport=self._transport)
             self._executors[num_microbatches] = executor
@@ -343,9 +376,12 @@ class PipelineStrategy(DDPStrategy):
         outputs: dict[int, Any] = {}
 
         def forward_fn(stage: int, microbatch: int, inputs: Any) -> Any:
-            runtime.begin(inputs)
+            runtime.begin(inputs, stage)
+            # Only the last stage's logs are relayed; what the hook logs before the chain on the other stages (a
+            # rank may hold several) is recorded and dropped, so nothing is logged twice.
+            logs = recorder if stage == runtime.last_stage else LogRecorder(module)
             try:
-                with recorder.capture(microbatch):
+                with logs.capture(microbatch):
                     out = hook(micro[microbatch], *args[1:], **kwargs)
             except StageExit as done:
                 return done.output
@@ -379,9 +415,10 @@ class PipelineStrategy(DDPStrategy):
                 if self.num_stages == 1:
                     raise
         if self.num_stages > 1:
-            dist.broadcast_object_list(payload, src=self._pp_ranks[-1], group=self._pp_group)
+            dist.broadcast_object_list(payload, src=self._pp_ranks[self.loss_rank], group=self._pp_group)
         if payload[0][0] == "error":
-            raise PipelineError(f"pipeline stage {self.num_stages - 1} failed after the step: {payload[0][1]}")
+            raise PipelineError(f"the last pipeline stage ({self.num_model_stages - 1}, on pipeline rank "
+                                f"{self.loss_rank}) failed after the step: {payload[0][1]}")
         _, loss, records, merged = payload[0]
         replay(module, records, self.root_device)
         if train:
@@ -555,6 +592,7 @@ class PipelineStrategy(DDPStrategy):
         state = {"state_dict": checkpoint.pop("state_dict")}
         state.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
         checkpoint["pipeline"] = {"param_order": self._param_order, "pipeline_parallel_size": self.num_stages,
+                                  "virtual_stages": self.virtual_stages, "schedule": self.schedule_name,
                                   "data_parallel_size": self.data_parallel_size}
         save_sharded(path, state=state, meta=checkpoint if self.is_global_zero else None,
                      is_rank_zero=self.is_global_zero, barrier=self.barrier)

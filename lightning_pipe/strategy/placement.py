@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -27,20 +28,23 @@ def block_counts(chain: nn.Module, balance: str | list[int], num_stages: int) ->
 
 @dataclass(frozen=True)
 class Placement:
-    """``replicated``: for every parameter held by more than one stage, its names (aliases), shape and stages."""
+    """``replicated``: for every parameter held by more than one rank, its names (aliases), shape and ranks."""
 
     replicated_names: list[list[str]]
     replicated_shapes: list[torch.Size]
     replicated_owners: list[list[int]]
 
 
-def plan_placement(model: nn.Module, path: str, counts: list[int]) -> Placement:
-    num_stages = len(counts)
-    stage_of_block = [s for s, c in enumerate(counts) for _ in range(c)]
+def plan_placement(model: nn.Module, path: str, counts: list[int],
+                   stage_to_rank: Sequence[int] | None = None) -> Placement:
+    """Owners are pipeline ranks: stage ``s`` is held by ``stage_to_rank[s]`` (default: rank ``s``)."""
+    layout = list(stage_to_rank) if stage_to_rank is not None else list(range(len(counts)))
+    num_ranks = max(layout) + 1
+    rank_of_block = [layout[s] for s, c in enumerate(counts) for _ in range(c)]
     chain = model.get_submodule(path) if path else model
     position = {key: i for i, key in enumerate(chain._modules)}  # keys may be names: nn.Sequential(OrderedDict)
     prefix = f"{path}." if path else ""
-    everywhere = set(range(num_stages))
+    everywhere = set(range(num_ranks))
     owners: dict[int, set[int]] = {}
     names: dict[int, list[str]] = {}
     shapes: dict[int, torch.Size] = {}
@@ -48,7 +52,7 @@ def plan_placement(model: nn.Module, path: str, counts: list[int]) -> Placement:
         stages: set[int]
         if name.startswith(prefix):
             key = name[len(prefix):].split(".", 1)[0]
-            stages = {stage_of_block[position[key]]} if key in position else everywhere
+            stages = {rank_of_block[position[key]]} if key in position else everywhere
         else:
             stages = everywhere
         owners.setdefault(id(param), set()).update(stages)
