@@ -121,7 +121,9 @@ class PipelineMetrics:
         measured = Timeline.from_packed(everyone, title=f"measured {schedule.name}, step {step}")
         means = measured.mean_durations()
         p = schedule.num_stages
-        costs = Costs([means.get(("F", s), 0.0) for s in range(p)], [means.get(("B", s), 0.0) for s in range(p)])
+        weight = [means.get(("W", s), 0.0) for s in range(p)]  # split backwards: B + W is the whole backward
+        costs = Costs([means.get(("F", s), 0.0) for s in range(p)],
+                      [means.get(("B", s), 0.0) + w for s, w in zip(range(p), weight)], weight)
         planned = Timeline.from_simulation(simulate(schedule, costs),
                                            title=f"planned {schedule.name} (simulator, measured mean action times)")
         self.saved.append(write_chrome_trace(measured, folder / f"step{step}.trace.json"))
