@@ -94,7 +94,7 @@ def _run_sweep_job() -> dict[str, Any]:
     hc = HydraConfig.get()
     out = Path(hc.runtime.output_dir)
     cmd = [sys.executable, "-m", "lightning_pipe.train", *_config_flags(sys.argv[1:]), *hc.overrides.task,
-           "hydra.mode=RUN", f'hydra.run.dir="{out}"', "hydra.output_subdir=null", "hydra.job.name=run"]
+           "hydra.mode=RUN", f'hydra.run.dir="{out}"', "hydra.output_subdir=null", "hydra.job.name=train_rank0"]
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK")}
     print(f"[sweep job {hc.job.num}] {' '.join(hc.overrides.task)} -> {out}", flush=True)
     tail: list[str] = []
