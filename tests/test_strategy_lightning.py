@@ -138,11 +138,13 @@ def test_registered_names() -> None:
 
     import lightning_pipe
 
-    for name, schedule in (("pipeline", "1f1b"), ("pipeline_gpipe", "gpipe"), ("pipeline_1f1b", "1f1b")):
+    for name, schedule, v in (("pipeline", "1f1b", 1), ("pipeline_gpipe", "gpipe", 1), ("pipeline_1f1b", "1f1b", 1),
+                              ("pipeline_interleaved_1f1b", "interleaved_1f1b", 2),
+                              ("pipeline_zero_bubble", "zero_bubble", 1), ("pipeline_zbv", "zbv", 2)):
         assert name in StrategyRegistry
         trainer = Trainer(strategy=name, accelerator="cpu", devices=2, logger=False)
         assert isinstance(trainer.strategy, lightning_pipe.PipelineStrategy)
-        assert trainer.strategy.schedule_name == schedule
+        assert (trainer.strategy.schedule_name, trainer.strategy.virtual_stages) == (schedule, v)
 
 
 @pytest.mark.distributed

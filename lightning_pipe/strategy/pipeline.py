@@ -144,10 +144,10 @@ class PipelineStrategy(DDPStrategy):
         stage_to_rank(schedule, num_ranks=1, virtual_stages=virtual_stages)  # e.g. gpipe with virtual_stages=2
         if isinstance(balance, str):
             if balance not in _BALANCES:
-                raise PipelineError(f"unknown balance={balance!r}; choose 'uniform', 'parameters' or a list of "
+                raise PipelineError(f"unknown balance={balance!r}; choose one of {list(_BALANCES)} or a list of "
                                     "block counts per stage")
         elif not (isinstance(balance, (list, tuple)) and all(isinstance(b, int) for b in balance)):
-            raise PipelineError(f"balance={balance!r} must be 'uniform', 'parameters' or a list of block counts")
+            raise PipelineError(f"balance={balance!r} must be one of {list(_BALANCES)} or a list of block counts")
         if not isinstance(timeout, timedelta):
             timeout = timedelta(seconds=float(timeout))
         super().__init__(timeout=timeout, start_method="popen", **ddp_kwargs)

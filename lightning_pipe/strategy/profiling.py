@@ -67,7 +67,8 @@ def _strategy_overhead(strategy: Any) -> float:
     transport = Transport(group=strategy._pp_group, device=strategy.root_device,
                           timeout=strategy._timeout.total_seconds() if strategy._timeout else 1800.0,
                           backward_group=strategy._backward_group)
-    return measure_action_overhead(build(strategy.schedule_name, p, max(2 * p, 4)), strategy.pp_rank, transport,
+    return measure_action_overhead(build(strategy.schedule_name, p, max(2 * p, 4), strategy.virtual_stages),
+                                   strategy.pp_rank, transport,
                                    strategy.root_device)
 
 
@@ -100,7 +101,7 @@ def plan_layout(strategy: Any, module: Any, chain: nn.Module, fallback: Any) -> 
     """Decide the cut (and ``num_microbatches`` for ``"auto"``) on global rank 0; every rank returns the same.
     ``fallback()`` gives the block counts for the balances that need no profile."""
     auto = strategy._auto_microbatches
-    p = strategy.num_stages
+    p = strategy.num_model_stages  # pipeline ranks x virtual stages
     overhead = _strategy_overhead(strategy) if auto else 0.0
     payload: list[Any] = [None]
     if strategy.global_rank == 0:
@@ -122,7 +123,7 @@ def plan_layout(strategy: Any, module: Any, chain: nn.Module, fallback: Any) -> 
 
 def _decide(strategy: Any, module: Any, chain: nn.Module, fallback: Any, overhead: float) -> LayoutPlan:
     trainer = module.trainer
-    p = strategy.num_stages
+    p = strategy.num_model_stages  # the cut has one piece per stage: pipeline ranks x virtual stages
     balance = strategy.balance
     profiled = balance in ("time", "memory") or strategy._auto_microbatches
     if not profiled:  # pragma: no cover - plan_layout is only called when something needs a profile
@@ -132,7 +133,7 @@ def _decide(strategy: Any, module: Any, chain: nn.Module, fallback: Any, overhea
     device = strategy.root_device
     home = next(module.parameters()).device
     module.to(device)
-    m_default = strategy._num_microbatches or 2 * p
+    m_default = strategy._num_microbatches or 2 * strategy.num_stages
     lines = []
     try:
         to_device = (lambda b: strategy.batch_to_device(b, device)) if hasattr(strategy, "batch_to_device") \
@@ -148,7 +149,7 @@ def _decide(strategy: Any, module: Any, chain: nn.Module, fallback: Any, overhea
         module.to(home)
         module.zero_grad(set_to_none=True)
     held_m = m_default
-    schedule = build(strategy.schedule_name, p, held_m)
+    schedule = build(strategy.schedule_name, strategy.num_stages, held_m, strategy.virtual_stages)
     held = list(simulate(schedule, Costs()).peak_activations)
     held_per_stage = [held[schedule.stage_to_rank[s]] for s in range(schedule.num_stages)]
     mem = memory_cost(main.param_bytes, main.activation_bytes, held_per_stage,
@@ -175,7 +176,8 @@ def _decide(strategy: Any, module: Any, chain: nn.Module, fallback: Any, overhea
     chosen = None
     if strategy._auto_microbatches:
         fwd, bwd = fit_linear(small, large, counts)
-        tune = choose_microbatches(StageCostModel(tuple(fwd), tuple(bwd)), size, num_ranks=p,
+        tune = choose_microbatches(StageCostModel(tuple(fwd), tuple(bwd)), size, num_ranks=strategy.num_stages,
+                                   virtual_stages=strategy.virtual_stages,
                                    schedules=[strategy.schedule_name], overhead=overhead)
         chosen = tune.chosen.microbatches
         lines.append("num_microbatches='auto':\n" + tune.table())

@@ -9,7 +9,6 @@ candidate ``(schedule, m)`` and the fastest predicted step wins (fewer micro-bat
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -23,11 +22,10 @@ __all__ = ["StageCostModel", "Candidate", "TuneResult", "build", "candidate_micr
            "main"]
 
 
-def build(name: str, num_ranks: int, num_microbatches: int) -> Schedule:
-    """``build_schedule`` for ``num_ranks`` pipeline ranks, whichever keyword this version of it takes."""
-    params = inspect.signature(build_schedule).parameters
-    key = "num_ranks" if "num_ranks" in params else "num_stages"
-    return build_schedule(name, **{key: num_ranks, "num_microbatches": num_microbatches})
+def build(name: str, num_ranks: int, num_microbatches: int, virtual_stages: int | None = None) -> Schedule:
+    """``build_schedule`` for ``num_ranks`` pipeline ranks holding ``virtual_stages`` chunks each."""
+    return build_schedule(name, num_ranks=num_ranks, num_microbatches=num_microbatches,
+                          virtual_stages=virtual_stages)
 
 
 @dataclass(frozen=True)
@@ -96,7 +94,7 @@ def candidate_microbatches(batch_size: int, *, limit: int = 256) -> list[int]:
 def choose_microbatches(model: StageCostModel, batch_size: int, *, num_ranks: int,
                         schedules: Sequence[str] = ("1f1b",), candidates: Sequence[int] | None = None,
                         overhead: float = 0.0, transfer: float = 0.0,
-                        max_activations: int | None = None) -> TuneResult:
+                        max_activations: int | None = None, virtual_stages: int | None = None) -> TuneResult:
     """Predict every ``(schedule, m)`` and choose the fastest; ``max_activations`` drops candidates that would
     hold more micro-batches at once on a rank (a memory cap)."""
     rows: list[Candidate] = []
@@ -105,7 +103,7 @@ def choose_microbatches(model: StageCostModel, batch_size: int, *, num_ranks: in
             if m > batch_size:
                 continue
             try:
-                schedule = build(name, num_ranks, m)
+                schedule = build(name, num_ranks, m, virtual_stages)
             except Exception:  # noqa: BLE001 - a schedule that needs another m (interleaved: a multiple of p)
                 continue
             if len(model.forward) != schedule.num_stages:

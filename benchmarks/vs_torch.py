@@ -1,0 +1,293 @@
+"""Our executor against ``torch.distributed.pipelining`` on the same workloads, in the same processes.
+
+For every schedule with a counterpart in PyTorch (GPipe, 1F1B, Interleaved1F1B, InterleavedZeroBubble,
+ZBVZeroBubble), p in {2, 4} and several m, both run the same stages one after the other in the same processes,
+step by step in turn (so the machine's noise hits both alike), and the table gives the step time of each (the
+slowest rank's, median over steps) and the ratio ours/torch.
+
+Workloads:
+
+* ``sleep``: each chunk's forward sleeps ``tf / v``; its backward sleeps ``2 tf / v``, half in the part that
+  computes the input gradient (B) and half in the part that computes the weight gradient (W), so the split
+  schedules can move W. The figures do not depend on the CPU count; the ideal step (simulator) is shown.
+* ``transformer``: each chunk is transformer blocks (attention + MLP of ``nn.Linear``; 1 thread per process).
+
+A second table compares our schedules with our 1F1B on the sleeping workload at p = 4, m = 16.
+Run: ``python benchmarks/vs_torch.py [--tf-ms 10] [--steps 5] [--workloads sleep transformer]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from lightning_pipe.engine import PipelineExecutor, active_collector, split_microbatches  # noqa: E402
+from lightning_pipe.schedules import build_schedule, stage_to_rank  # noqa: E402
+from lightning_pipe.simulate import Costs, simulate  # noqa: E402
+from schedule_efficiency import _free_port  # noqa: E402  (benchmarks/ is on the path: this script's folder)
+
+# (our schedule, chunks per rank, torch's class name)
+PAIRS = [
+    ("gpipe", 1, "ScheduleGPipe"),
+    ("1f1b", 1, "Schedule1F1B"),
+    ("interleaved_1f1b", 2, "ScheduleInterleaved1F1B"),
+    ("zero_bubble", 2, "ScheduleInterleavedZeroBubble"),
+    ("zbv", 2, "ScheduleZBVZeroBubble"),
+]
+OURS_ONLY = [("zero_bubble", 1)]  # ZB-H1: no one-chunk counterpart in torch
+
+
+# -- the sleeping workload ----------------------------------------------------------------------------------------
+class _SleepInput(torch.autograd.Function):
+    """Identity; forward sleeps ``tf``, backward (the input gradient, B) sleeps ``tb``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, tf: float, tb: float) -> torch.Tensor:
+        ctx.tb = tb
+        time.sleep(tf)
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        time.sleep(ctx.tb)
+        return grad, None, None
+
+
+class _SleepWeight(torch.autograd.Function):
+    """Returns the weight; its gradient (W) sleeps ``tw``. Under our split schedules the work is deferred to the
+    W action through :func:`active_collector`; torch's zero-bubble schedules run it in their own W step."""
+
+    @staticmethod
+    def forward(ctx: Any, w: torch.Tensor, tw: float) -> torch.Tensor:
+        ctx.tw, ctx.collector = tw, active_collector()
+        ctx.save_for_backward(w)
+        return w.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None]:
+        if ctx.collector is None:
+            time.sleep(ctx.tw)
+            return grad, None
+        (w,) = ctx.saved_tensors
+
+        def weight_grad() -> None:
+            time.sleep(ctx.tw)
+            w.grad = grad.clone() if w.grad is None else w.grad + grad
+
+        ctx.collector.defer(weight_grad)
+        return None, None
+
+
+class SleepChunk(nn.Module):
+    def __init__(self, tf: float, tb_input: float, tw: float) -> None:
+        super().__init__()
+        self.tf, self.tb, self.tw = tf, tb_input, tw
+        self.w = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _SleepInput.apply(x, self.tf, self.tb) + _SleepWeight.apply(self.w, self.tw)
+
+
+# -- the transformer workload -------------------------------------------------------------------------------------
+class Block(nn.Module):
+    """Pre-norm causal transformer block (attention and MLP of nn.Linear)."""
+
+    def __init__(self, d: int, heads: int, seq: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc, self.out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+        self.register_buffer("mask", torch.ones(seq, seq, dtype=torch.bool).tril(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(c, dim=-1)
+        q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(c // self.heads)
+        att = att.masked_fill(~self.mask[:t, :t], float("-inf")).softmax(dim=-1)
+        x = x + self.proj((att @ v).transpose(1, 2).reshape(b, t, c))
+        return x + self.out(F.gelu(self.fc(self.ln2(x))))
+
+
+def make_chunks(workload: str, stages: list[int], v: int, args: argparse.Namespace) -> dict[int, nn.Module]:
+    chunks: dict[int, nn.Module] = {}
+    for s in stages:
+        torch.manual_seed(s)
+        if workload == "sleep":
+            tf = args.tf_ms / 1000 / v
+            chunks[s] = SleepChunk(tf, tf, tf)
+        else:
+            chunks[s] = nn.Sequential(*[Block(args.d, 4, args.seq) for _ in range(max(1, args.blocks // v))])
+    return chunks
+
+
+def make_batch(workload: str, m: int, args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    if workload == "sleep":
+        x = torch.randn(4 * m, 64, generator=g)  # 1 KiB per micro-batch: per-message cost dominates
+    else:
+        x = torch.randn(args.mbs * m, args.seq, args.d, generator=g)
+    return x, torch.zeros_like(x)
+
+
+def loss_fn(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (out - target).pow(2).mean()
+
+
+# -- the two runners ------------------------------------------------------------------------------------------------
+def ours(rank: int, world: int, name: str, v: int, m: int, chunks: dict[int, nn.Module],
+         batch: tuple[torch.Tensor, torch.Tensor]) -> Callable[[], None]:
+    schedule = build_schedule(name, num_ranks=world, num_microbatches=m, virtual_stages=v)
+    executor = PipelineExecutor(schedule, rank=rank, timeout=120)
+    last = schedule.num_stages - 1
+    micro_x, micro_y = split_microbatches(batch[0], m), split_microbatches(batch[1], m)
+
+    def forward_fn(stage: int, microbatch: int, inputs: Any) -> Any:
+        out = chunks[stage](micro_x[microbatch] if stage == 0 else inputs)
+        return loss_fn(out, micro_y[microbatch]) if stage == last else out
+
+    return lambda: executor.run(forward_fn) and None
+
+
+def theirs(rank: int, world: int, cls_name: str, name: str, v: int, m: int, chunks: dict[int, nn.Module],
+           batch: tuple[torch.Tensor, torch.Tensor]) -> Callable[[], None]:
+    import torch.distributed.pipelining as pipelining
+
+    num_stages = world * v
+    stages = [pipelining.PipelineStage(chunks[s], s, num_stages, torch.device("cpu")) for s in sorted(chunks)]
+    cls = getattr(pipelining, cls_name)
+    schedule = cls(stages[0] if v == 1 else stages, m, loss_fn=loss_fn)
+    holds_first = 0 in chunks
+    holds_last = num_stages - 1 in chunks
+
+    def step() -> None:
+        args = (batch[0],) if holds_first else ()
+        schedule.step(*args, target=batch[1] if holds_last else None)
+
+    return step
+
+
+def timed(step: Callable[[], None], n: int) -> list[float]:
+    """Per-step time of the slowest rank, for ``n`` steps."""
+    times = []
+    for _ in range(n):
+        dist.barrier()
+        t0 = time.perf_counter()
+        step()
+        elapsed = torch.tensor([time.perf_counter() - t0])
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        times.append(float(elapsed))
+    return times
+
+
+def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: Any) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    rows = []
+    for workload in args.workloads:
+        for m in args.ms:
+            batch = make_batch(workload, m, args)
+            for name, v, cls_name in PAIRS + [(n, v, None) for n, v in OURS_ONLY]:
+                if args.schedules and name not in args.schedules:
+                    continue
+                if args.no_torch:
+                    cls_name = None
+                held = [s for s, r in enumerate(stage_to_rank(name, num_ranks=world, virtual_stages=v)) if r == rank]
+                runners: dict[str, Callable[[], None]] = {
+                    "ours": ours(rank, world, name, v, m, make_chunks(workload, held, v, args), batch)}
+                if cls_name is not None:
+                    try:
+                        runners["torch"] = theirs(rank, world, cls_name, name, v, m,
+                                                  make_chunks(workload, held, v, args), batch)
+                    except Exception as err:  # noqa: BLE001 - a combination torch does not support: say so
+                        runners["torch"] = None  # type: ignore[assignment]
+                        if rank == 0:
+                            print(f"torch {cls_name} p={world} m={m}: {type(err).__name__}: {err}", flush=True)
+                times: dict[str, list[float]] = {k: [] for k in runners}
+                for key, run in runners.items():  # one warm-up step each (torch infers shapes in its first)
+                    if run is not None:
+                        timed(run, 1)
+                for _ in range(args.steps):  # in turn, so that the machine's noise hits both alike
+                    for key, run in runners.items():
+                        if run is not None:
+                            times[key] += timed(run, 1)
+                rows.append((workload, world, m, name, v, {k: statistics.median(t) if t else float("nan")
+                                                           for k, t in times.items()}))
+    if rank == 0:
+        queue.put(rows)
+    dist.destroy_process_group()
+
+
+def ideal_ms(name: str, v: int, p: int, m: int, tf_ms: float) -> float:
+    schedule = build_schedule(name, num_ranks=p, num_microbatches=m, virtual_stages=v)
+    c = tf_ms / v
+    return simulate(schedule, Costs(c, 2 * c, c if schedule.split_backward else 0.0)).step_time
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tf-ms", type=float, default=10.0, help="sleeping workload: forward of a whole stage")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--ps", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--ms", type=int, nargs="+", default=[4, 8, 16])
+    parser.add_argument("--workloads", nargs="+", default=["sleep", "transformer"])
+    parser.add_argument("--schedules", nargs="*", default=[], help="only these of ours (default: all)")
+    parser.add_argument("--no-torch", action="store_true", help="time ours only")
+    parser.add_argument("--d", type=int, default=128, help="transformer width")
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--mbs", type=int, default=2, help="transformer samples per micro-batch")
+    parser.add_argument("--blocks", type=int, default=2, help="transformer blocks per rank")
+    args = parser.parse_args()
+    ctx = mp.get_context("spawn")
+    rows = []
+    for p in args.ps:
+        queue = ctx.Queue()
+        port = _free_port()
+        procs = [ctx.Process(target=_worker, args=(r, p, port, args, queue)) for r in range(p)]
+        for proc in procs:
+            proc.start()
+        rows += queue.get(timeout=3600)
+        for proc in procs:
+            proc.join()
+    print(f"\nstep time in ms (slowest rank, median of {args.steps} steps); sleeping stages tf={args.tf_ms:g} ms, "
+          f"tb=2tf split evenly into B and W; transformer d={args.d}, seq={args.seq}, "
+          f"{args.mbs} samples per micro-batch, {args.blocks} blocks per rank")
+    print(f"{'workload':11s} {'p':>2s} {'m':>3s} {'schedule':20s} {'ideal':>7s} {'ours':>8s} {'torch':>8s} "
+          f"{'ours/torch':>10s}")
+    ours_1f1b: dict[tuple[str, int, int], float] = {}
+    for workload, p, m, name, v, t in rows:
+        label = f"{name}" + (f" (v={v})" if v > 1 or name == "zero_bubble" else "")
+        ideal = f"{ideal_ms(name, v, p, m, args.tf_ms):7.1f}" if workload == "sleep" else f"{'':7s}"
+        mine, other = 1e3 * t["ours"], 1e3 * t.get("torch", float("nan"))
+        ratio = mine / other if other == other else float("nan")
+        print(f"{workload:11s} {p:2d} {m:3d} {label:20s} {ideal} {mine:8.1f} {other:8.1f} {ratio:10.3f}")
+        if name == "1f1b":
+            ours_1f1b[(workload, p, m)] = mine
+    print("\nours against our 1F1B (same workload, p, m)")
+    print(f"{'workload':11s} {'p':>2s} {'m':>3s} {'schedule':20s} {'ours':>8s} {'/ 1f1b':>8s} {'ideal ratio':>11s}")
+    for workload, p, m, name, v, t in rows:
+        base = ours_1f1b.get((workload, p, m), float("nan"))
+        ideal = ""
+        if workload == "sleep":
+            ideal = f"{ideal_ms(name, v, p, m, args.tf_ms) / ideal_ms('1f1b', 1, p, m, args.tf_ms):11.3f}"
+        print(f"{workload:11s} {p:2d} {m:3d} {name + f' (v={v})':20s} {1e3 * t['ours']:8.1f} "
+              f"{1e3 * t['ours'] / base:8.3f} {ideal}")
+
+
+if __name__ == "__main__":
+    main()
