@@ -9,7 +9,8 @@ Workloads:
 
 * ``sleep``: each chunk's forward sleeps ``tf / v``; its backward sleeps ``2 tf / v``, half in the part that
   computes the input gradient (B) and half in the part that computes the weight gradient (W), so the split
-  schedules can move W. The figures do not depend on the CPU count; the ideal step (simulator) is shown.
+  schedules can move W. The figures do not depend on the CPU count; the ideal step (simulator) is shown. Sleeps
+  are shortened by ``time.sleep``'s measured mean overshoot (as in ``schedule_efficiency.py``).
 * ``transformer``: each chunk is transformer blocks (attention + MLP of ``nn.Linear``; 1 thread per process).
 
 A second table compares our schedules with our 1F1B on the sleeping workload at p = 4, m = 16.
@@ -37,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lightning_pipe.engine import PipelineExecutor, active_collector, split_microbatches  # noqa: E402
 from lightning_pipe.schedules import build_schedule, stage_to_rank  # noqa: E402
 from lightning_pipe.simulate import Costs, simulate  # noqa: E402
-from schedule_efficiency import _free_port  # noqa: E402  (benchmarks/ is on the path: this script's folder)
+import schedule_efficiency as se  # noqa: E402  (benchmarks/ is on the path: this script's folder)
 
 # (our schedule, chunks per rank, torch's class name)
 PAIRS = [
@@ -57,12 +58,12 @@ class _SleepInput(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, tf: float, tb: float) -> torch.Tensor:
         ctx.tb = tb
-        time.sleep(tf)
+        se.sleep_exactly(tf)
         return x.clone()
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        time.sleep(ctx.tb)
+        se.sleep_exactly(ctx.tb)
         return grad, None, None
 
 
@@ -79,12 +80,12 @@ class _SleepWeight(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None]:
         if ctx.collector is None:
-            time.sleep(ctx.tw)
+            se.sleep_exactly(ctx.tw)
             return grad, None
         (w,) = ctx.saved_tensors
 
         def weight_grad() -> None:
-            time.sleep(ctx.tw)
+            se.sleep_exactly(ctx.tw)
             w.grad = grad.clone() if w.grad is None else w.grad + grad
 
         ctx.collector.defer(weight_grad)
@@ -198,6 +199,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: A
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    se._OVERSHOOT = se._calibrate_overshoot()  # sleeps as long as asked on average, for both runners
     rows = []
     for workload in args.workloads:
         for m in args.ms:
@@ -257,7 +259,7 @@ def main() -> None:
     rows = []
     for p in args.ps:
         queue = ctx.Queue()
-        port = _free_port()
+        port = se._free_port()
         procs = [ctx.Process(target=_worker, args=(r, p, port, args, queue)) for r in range(p)]
         for proc in procs:
             proc.start()
