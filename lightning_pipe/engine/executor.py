@@ -55,10 +55,25 @@ class StepResult:
     records: list[ActionRecord] = field(default_factory=list)
     start: float = 0.0
     end: float = 0.0
+    device_events: list[tuple[Any, Any]] | None = None
+    """On a CUDA device: per record, CUDA events around its compute (``None`` on the CPU)."""
+    anchor: Any = None
+    """On a CUDA device: an event recorded at ``start``."""
 
     @property
     def step_time(self) -> float:
         return self.end - self.start
+
+    def timed_records(self) -> list[ActionRecord]:
+        """The records, with ``start``/``end`` from the CUDA events when the step ran on a GPU (when its kernels ran,
+        not when they were launched), placed on the host clock from ``start``; on the CPU, the records as they are.
+        On a GPU this waits for the step's last kernel."""
+        if not self.device_events:
+            return self.records
+        self.device_events[-1][1].synchronize()
+        anchor, t0 = self.anchor, self.start
+        return [ActionRecord(r.action, r.ready, t0 + anchor.elapsed_time(a) / 1e3, t0 + anchor.elapsed_time(b) / 1e3)
+                for r, (a, b) in zip(self.records, self.device_events)]
 
 
 def _tag(transfer: Transfer, num_stages: int) -> int:
@@ -144,6 +159,19 @@ class PipelineExecutor:
         actions = [a for a in sched.actions[rank] if train or a.kind is _F]
         receives = [(i, t) for i, t in enumerate(map(sched.incoming, actions)) if t is not None]
         result = StepResult(start=time.perf_counter())
+        # On a GPU, each action's compute is also timed with CUDA events (the host clock sees only launches).
+        events: list[tuple[Any, Any]] | None = None
+        began: list[Any] = [None]
+        if self.transport.device.type == "cuda":
+            events, result.anchor = [], torch.cuda.Event(enable_timing=True)
+            result.anchor.record()
+            result.device_events = events
+
+        def compute_begins() -> float:
+            if events is not None:
+                began[0] = torch.cuda.Event(enable_timing=True)
+                began[0].record()
+            return time.perf_counter()
         pending: dict[tuple[bool, int, int], PendingRecv] = {}
         local: dict[tuple[bool, int, int], Any] = {}  # values handed between two stages of this rank
         saved: dict[tuple[int, int], tuple[list[torch.Tensor], Any]] = {}
@@ -223,7 +251,7 @@ class PipelineExecutor:
                 mb, s = action.microbatch, action.stage
                 if action.kind is _F:
                     inputs = None if s == 0 else take(False, mb, s - 1)
-                    start = time.perf_counter()
+                    start = compute_begins()
                     with torch.set_grad_enabled(train):
                         if split:
                             deferred[(mb, s)] = collector = WeightGradCollector()
@@ -251,12 +279,16 @@ class PipelineExecutor:
                         give(output, action, s + 1, is_gradient=False)
                 elif action.kind is _B:
                     grads = None if s == last else take(True, mb, s + 1)
-                    start = time.perf_counter()
+                    start = compute_begins()
                     self._backward(saved.pop((mb, s)), grads, action, send=s > 0, give=give)
                 else:
-                    start = time.perf_counter()
+                    start = compute_begins()
                     deferred.pop((mb, s)).run()
                 result.records.append(ActionRecord(action, ready, start, time.perf_counter()))
+                if events is not None:
+                    ended = torch.cuda.Event(enable_timing=True)
+                    ended.record()
+                    events.append((began[0], ended))
             self._current = None
             self.transport.flush()
             self.transport.end_step()

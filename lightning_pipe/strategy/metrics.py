@@ -1,6 +1,7 @@
 """Logging what the executor measured: bubble fraction, step time and throughput, and saving timelines.
 
-Every step the executor records each action's times on its rank (``time.perf_counter``: ready, start, end). Only
+Every step the executor records each action's times on its rank (``time.perf_counter``: ready, start, end; on a
+GPU also CUDA events around each action's compute, which these figures then use). Only
 on the Lightning logging steps (``log_every_n_steps``) does each rank share three numbers with its pipeline (first
 start and last end on the wall clock, busy seconds) in one small all-gather; every rank then logs the same figures
 (so ``callback_metrics`` agree everywhere and loggers on rank 0 write them):
@@ -77,7 +78,7 @@ class PipelineMetrics:
         import time
 
         t0 = time.perf_counter()
-        records = result.records
+        records = result.timed_records()  # CUDA events on a GPU, the host clock on the CPU
         mine = torch.tensor([records[0].start + self.offset, max(r.end for r in records) + self.offset,
                              sum(r.end - r.start for r in records)], dtype=torch.float64)
         if num_ranks > 1:
