@@ -35,6 +35,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/schedule_efficiency.py
 	$(PY) benchmarks/simulator_speed.py
+	$(PY) benchmarks/weight_split.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check lightning_pipe tests examples benchmarks
