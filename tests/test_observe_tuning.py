@@ -146,3 +146,18 @@ def test_tuning_cli_prints_candidates(capsys) -> None:
     assert main(["--stages", "2", "--batch-size", "16", "--schedules", "gpipe", "1f1b"]) == 0
     out = capsys.readouterr().out
     assert out.count("\n") >= 12 and "chosen:" in out
+
+
+def test_auto_microbatches_across_schedules_with_virtual_stages() -> None:
+    """Per-rank costs are spread over the chunks of interleaved and V schedules; split schedules charge half of each
+    backward to W. With sleeping stages (tF = 10 ms, backward 20 ms) at p = 4, m = 16, the predictions are the
+    simulator's ideals: 1F1B 570 ms, interleaved 525, ZB-H1 510, ZBV 495; ZBV is chosen."""
+    f, b = LinearCost(0.010, 0.0), LinearCost(0.020, 0.0)
+    model = StageCostModel((f,) * 4, (b,) * 4)
+    result = choose_microbatches(model, 64, num_ranks=4, schedules=["1f1b", "interleaved_1f1b", "zero_bubble", "zbv"],
+                                 candidates=[16])
+    steps = {c.schedule: round(c.step_time * 1e3, 6) for c in result.candidates}
+    assert steps == {"1f1b": 570, "interleaved_1f1b": 525, "zero_bubble": 510, "zbv": 495}
+    assert result.chosen.schedule == "zbv"
+    with pytest.raises(ValueError, match="do not divide"):
+        StageCostModel((f,) * 3, (b,) * 3).spread(8)

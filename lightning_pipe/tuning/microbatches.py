@@ -30,12 +30,28 @@ def build(name: str, num_ranks: int, num_microbatches: int, virtual_stages: int 
 
 @dataclass(frozen=True)
 class StageCostModel:
-    """Per stage (of the schedule: ``len == schedule.num_stages``), forward and backward cost lines (seconds)."""
+    """Per stage, forward and backward cost lines (seconds): one entry per stage of the schedule, or one per pipeline
+    rank, which a schedule with ``v`` chunks per rank spreads over them (each chunk ``1/v`` of its rank's piece)."""
 
     forward: tuple[LinearCost, ...]
     backward: tuple[LinearCost, ...]
-    weight_share: float = 0.0
-    """Share of each backward that is weight gradient (charged to W by schedules that split backward)."""
+    weight_share: float = 0.5
+    """Share of each backward that is weight gradient, charged to W by the schedules that split backward (the others
+    ignore it). 0.5: a linear layer's input and weight gradients are matmuls of the same size."""
+
+    def spread(self, num_stages: int) -> "StageCostModel":
+        """The same costs over ``num_stages`` stages: each entry cut into ``num_stages / len(self)`` equal chunks."""
+        if num_stages == len(self.forward):
+            return self
+        if num_stages % len(self.forward):
+            raise ValueError(f"the cost model has {len(self.forward)} stages, which do not divide the schedule's "
+                             f"{num_stages}")
+        k = num_stages // len(self.forward)
+
+        def cut(lines: tuple[LinearCost, ...]) -> tuple[LinearCost, ...]:
+            return tuple(LinearCost(c.fixed / k, c.per_sample / k) for c in lines for _ in range(k))
+
+        return StageCostModel(cut(self.forward), cut(self.backward), self.weight_share)
 
     @classmethod
     def constant(cls, forward: Sequence[float], backward: Sequence[float]) -> "StageCostModel":
@@ -106,11 +122,9 @@ def choose_microbatches(model: StageCostModel, batch_size: int, *, num_ranks: in
                 schedule = build(name, num_ranks, m, virtual_stages)
             except Exception:  # noqa: BLE001 - a schedule that needs another m (interleaved: a multiple of p)
                 continue
-            if len(model.forward) != schedule.num_stages:
-                raise ValueError(f"the cost model has {len(model.forward)} stages, schedule {name!r} has "
-                                 f"{schedule.num_stages}")
             size = math.ceil(batch_size / m)  # the largest micro-batch sets the pace
-            result = simulate(schedule, model.costs(size, overhead=overhead, transfer=transfer))
+            costs = model.spread(schedule.num_stages).costs(size, overhead=overhead, transfer=transfer)
+            result = simulate(schedule, costs)
             rows.append(Candidate(name, m, size, result.step_time,
                                   sum(result.bubble_fraction) / len(result.bubble_fraction),
                                   max(result.peak_activations)))
@@ -140,10 +154,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--transfer-ms", type=float, default=0.0)
     parser.add_argument("--microbatches", type=int, nargs="*", default=None)
     args = parser.parse_args(argv)
-    probe = build(args.schedules[0], args.stages, 1)
     f = LinearCost(args.forward_fixed_ms / 1e3, args.forward_per_sample_ms / 1e3)
     b = LinearCost(f.fixed * args.backward_factor, f.per_sample * args.backward_factor)
-    model = StageCostModel((f,) * probe.num_stages, (b,) * probe.num_stages)
+    model = StageCostModel((f,) * args.stages, (b,) * args.stages)  # per rank; spread over virtual stages
     result = choose_microbatches(model, args.batch_size, num_ranks=args.stages, schedules=args.schedules,
                                  candidates=args.microbatches, overhead=args.overhead_ms / 1e3,
                                  transfer=args.transfer_ms / 1e3)
