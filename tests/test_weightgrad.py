@@ -174,3 +174,4 @@ def test_any_leading_dimensions(shape: tuple[int, ...]) -> None:
     plain, split, _ = grads_both_ways(layer, torch.randn(*shape))
     for name in plain:
         torch.testing.assert_close(split[name], plain[name])
+

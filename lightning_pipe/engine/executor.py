@@ -5,6 +5,8 @@ that computes one stage for one micro-batch (``inputs`` is ``None`` on the first
 micro-batch) and returns the stage output, or on the last stage the micro-batch's mean loss. The executor keeps
 what backward needs, weights each loss by its micro-batch's share of the batch (so accumulated gradients equal the
 full batch's), runs backward with the gradient received from the next stage, and sends input gradients back.
+Under a schedule with W actions the forward runs under :func:`~lightning_pipe.engine.weightgrad.deferring`, so B
+leaves the weight gradients of linear layers to the micro-batch's W (see ``weightgrad.py``).
 """
 
 from __future__ import annotations
@@ -74,6 +76,28 @@ class StepResult:
         anchor, t0 = self.anchor, self.start
         return [ActionRecord(r.action, r.ready, t0 + anchor.elapsed_time(a) / 1e3, t0 + anchor.elapsed_time(b) / 1e3)
                 for r, (a, b) in zip(self.records, self.device_events)]
+
+
+class _CudaTimer:
+    """On a GPU, CUDA events around each action's compute: the host clock sees only when kernels were launched."""
+
+    def __init__(self, result: StepResult) -> None:
+        result.anchor = self._record()
+        result.device_events = self.events = []
+        self._began: Any = None
+
+    @staticmethod
+    def _record() -> Any:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def begin(self) -> float:
+        self._began = self._record()
+        return time.perf_counter()
+
+    def end(self) -> None:
+        self.events.append((self._began, self._record()))
 
 
 def _tag(transfer: Transfer, num_stages: int) -> int:
@@ -159,19 +183,8 @@ class PipelineExecutor:
         actions = [a for a in sched.actions[rank] if train or a.kind is _F]
         receives = [(i, t) for i, t in enumerate(map(sched.incoming, actions)) if t is not None]
         result = StepResult(start=time.perf_counter())
-        # On a GPU, each action's compute is also timed with CUDA events (the host clock sees only launches).
-        events: list[tuple[Any, Any]] | None = None
-        began: list[Any] = [None]
-        if self.transport.device.type == "cuda":
-            events, result.anchor = [], torch.cuda.Event(enable_timing=True)
-            result.anchor.record()
-            result.device_events = events
-
-        def compute_begins() -> float:
-            if events is not None:
-                began[0] = torch.cuda.Event(enable_timing=True)
-                began[0].record()
-            return time.perf_counter()
+        timer = _CudaTimer(result) if self.transport.device.type == "cuda" else None
+        compute_begins = timer.begin if timer is not None else time.perf_counter
         pending: dict[tuple[bool, int, int], PendingRecv] = {}
         local: dict[tuple[bool, int, int], Any] = {}  # values handed between two stages of this rank
         saved: dict[tuple[int, int], tuple[list[torch.Tensor], Any]] = {}
@@ -285,10 +298,8 @@ class PipelineExecutor:
                     start = compute_begins()
                     deferred.pop((mb, s)).run()
                 result.records.append(ActionRecord(action, ready, start, time.perf_counter()))
-                if events is not None:
-                    ended = torch.cuda.Event(enable_timing=True)
-                    ended.record()
-                    events.append((began[0], ended))
+                if timer is not None:
+                    timer.end()
             self._current = None
             self.transport.flush()
             self.transport.end_step()
