@@ -225,3 +225,34 @@ def test_begin_resets_order() -> None:
             runtime.begin(received)
             model(tokens())
             runtime.check_finished()
+
+
+# --- several stages on one rank (virtual stages) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("body", ["sequential", "modulelist"])
+def test_a_rank_holding_the_first_and_the_last_stage(body: str) -> None:
+    """As rank 0 under zbv: stages 0 and 3 of four one-block stages. Each forward runs only its own stage's blocks;
+    the other stage's block stands in as a pass-through."""
+    reference = make_model(body)
+    copy_ = copy.deepcopy(reference)
+    path, chain = find_chain(copy_, None)
+    runtime = split_chain(copy_, path, chain, counts=[1, 1, 1, 1], stages=[3, 0])
+    assert runtime.describe_blocks() == "stage 0: blocks 0..0, stage 3: blocks 3..3"
+    assert {n.split(".")[1] for n, _ in copy_.named_parameters() if n.startswith(path)} == {"0", "3"}
+    ref_chain = reference.get_submodule(chain_path(body))
+    idx = tokens()
+    with torch.no_grad():
+        x = reference.tok(idx) + reference.pos(torch.arange(SEQ))
+        runtime.begin(None, stage=0)
+        with pytest.raises(StageExit) as first:
+            copy_(idx)
+        runtime.end()
+        torch.testing.assert_close(first.value.output, call_block(ref_chain[0], x, body))
+        received = torch.randn(2, SEQ, 16, generator=torch.Generator().manual_seed(4))
+        runtime.begin(received, stage=3)
+        logits = copy_(idx)  # block 0 is held here too, but belongs to another stage: it must not run now
+        runtime.check_finished()
+        runtime.end()
+    torch.testing.assert_close(logits, reference.head(reference.ln_f(call_block(ref_chain[3], received, body))))
+    assert runtime.stage == 3 and runtime.is_last_stage

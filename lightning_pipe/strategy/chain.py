@@ -106,7 +106,8 @@ class ChainRuntime:
 
 
 class _Skipped:
-    """Stands in for a block held by an earlier stage: passes its first argument through."""
+    """Stands in for a block of an earlier stage (held elsewhere, or here for another stage): passes its first
+    argument through."""
 
     def __init__(self, runtime: ChainRuntime, index: int) -> None:
         self.runtime, self.index = runtime, index
