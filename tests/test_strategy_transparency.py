@@ -72,6 +72,13 @@ def _configs(world_size: int) -> list[dict[str, Any]]:
     ]
     if world_size == 2:
         configs.append({"body": "modulelist", "schedule": "1f1b", "precision": "bf16-mixed"})
+        # Profiled cuts and the micro-batch choice with virtual stages: decided on rank 0 for p x v pieces.
+        configs += [
+            {"body": "modulelist", "schedule": "zbv", "n_layer": 8, "balance": "time", "microbatches": "auto",
+             "optimizer": "sgd"},
+            {"body": "sequential", "schedule": "interleaved_1f1b", "n_layer": 8, "balance": "memory",
+             "optimizer": "sgd"},
+        ]
     return configs
 
 
