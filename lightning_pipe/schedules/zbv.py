@@ -2,9 +2,9 @@
 
 Each of the ``p`` ranks holds two chunks placed in a V: rank ``r`` holds stage ``r`` (the way down) and stage
 ``2p - 1 - r`` (the way back up), so rank 0 holds the first and the last chunk and computes the loss. Backward is
-split into B (input gradient) and W (weight gradient). With ``tF = tB = tW`` per chunk the step is
-``3 m tF + (p - 1) tF`` for ``m >= 2p``: only the first micro-batch's way down the V is idle, and no rank holds
-more than ``2p`` chunk activations, the peak of 1F1B (``p`` micro-batches of a whole stage).
+split into B (input gradient) and W (weight gradient). With ``tF = tB = tW`` per whole stage (half of it per chunk)
+the step is ``3 m tF + (p - 1) tF / 2`` for ``m >= 2p``: only the first micro-batch's way down the V is idle, and no
+rank holds more than ``2p`` chunk activations, the peak of 1F1B (``p`` micro-batches of a whole stage).
 """
 
 from __future__ import annotations
