@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 
 import pytest
 from PIL import Image
@@ -33,5 +34,14 @@ def test_time_balance_auto_microbatches_metrics_and_timeline(tmp_path) -> None:
     steps = [float(row["pipeline/step_time"]) for row in rows if row.get("pipeline/step_time")]
     assert len(steps) == 3 and all(0.1 < s < 0.4 for s in steps)  # predicted ~0.17 s
     assert results[0]["files"] == ["step1.png", "step1.trace.json"]
+    trace = json.loads((tmp_path / "timelines" / "step1.trace.json").read_text())
+    spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    sends = [e for e in spans if e["cat"] == "send"]
+    # Rank 0 posts each micro-batch's activation, rank 1 each input gradient; inside the action that sends it.
+    assert {e["tid"] for e in sends} == {0, 1} and all(e["dur"] > 0 for e in sends)
+    actions = {(e["tid"], e["name"]): e for e in spans if e["cat"] in ("forward", "backward")}
+    for e in sends:
+        action = actions[(e["tid"], e["name"].removeprefix("send "))]
+        assert action["ts"] <= e["ts"] and e["ts"] + e["dur"] <= action["ts"] + action["dur"] + 1e-3
     image = Image.open(tmp_path / "timelines" / "step1.png")
     assert image.text["lightning_pipe.rows"] == "2,2"  # plan and measurement, one row per rank

@@ -44,6 +44,9 @@ class ActionRecord:
     """When its input was there and compute began."""
     end: float
     """When compute and the posting of its sends were done."""
+    send: float = 0.0
+    """Seconds at the end of the action spent packing and posting its send (the transfer itself completes in the
+    background); 0 when it sends nothing to another rank."""
 
 
 @dataclass
@@ -74,8 +77,8 @@ class StepResult:
             return self.records
         self.device_events[-1][1].synchronize()
         anchor, t0 = self.anchor, self.start
-        return [ActionRecord(r.action, r.ready, t0 + anchor.elapsed_time(a) / 1e3, t0 + anchor.elapsed_time(b) / 1e3)
-                for r, (a, b) in zip(self.records, self.device_events)]
+        return [ActionRecord(r.action, r.ready, t0 + anchor.elapsed_time(a) / 1e3, t0 + anchor.elapsed_time(b) / 1e3,
+                             r.send) for r, (a, b) in zip(self.records, self.device_events)]
 
 
 class _CudaTimer:
@@ -240,6 +243,8 @@ class PipelineExecutor:
                 post(t)
             return pending.pop(key).wait()
 
+        send_time = [0.0]  # of the current action
+
         def give(value: Any, action: Action, dst_stage: int, is_gradient: bool) -> None:
             transfer = sched.outgoing(action)
             if transfer is None:
@@ -247,8 +252,10 @@ class PipelineExecutor:
             else:
                 what = f"send of the {'gradient' if is_gradient else 'activation'} of micro-batch " \
                        f"{action.microbatch} to stage {dst_stage}"
+                posted = time.perf_counter()
                 self.transport.send(value, transfer.dst_rank, _tag(transfer, sched.num_stages), what,
                                     channel=(is_gradient, action.stage), backward=is_gradient)
+                send_time[0] = time.perf_counter() - posted
                 sent.add(transfer.key)
 
         post_until(window)
@@ -256,6 +263,7 @@ class PipelineExecutor:
         try:
             for i, action in enumerate(actions):
                 self._current = action
+                send_time[0] = 0.0
                 ready = time.perf_counter()
                 # Keep the window of posted receives full.
                 while recv_index < len(receives) and receives[recv_index][0] < i:
@@ -297,7 +305,7 @@ class PipelineExecutor:
                 else:
                     start = compute_begins()
                     deferred.pop((mb, s)).run()
-                result.records.append(ActionRecord(action, ready, start, time.perf_counter()))
+                result.records.append(ActionRecord(action, ready, start, time.perf_counter(), send_time[0]))
                 if timer is not None:
                     timer.end()
             self._current = None

@@ -27,12 +27,14 @@ def clock_offset() -> float:
 
 @dataclass(frozen=True, slots=True)
 class Span:
-    """One action on one rank: ``ready`` its turn came, ``start`` its input was there, ``end`` it was done."""
+    """One action on one rank: ``ready`` its turn came, ``start`` its input was there, ``end`` it was done; its
+    last ``send`` seconds were spent packing and posting its output to another rank."""
 
     action: Action
     ready: float
     start: float
     end: float
+    send: float = 0.0
 
     @property
     def duration(self) -> float:
@@ -44,11 +46,12 @@ class Span:
         return self.start - self.ready
 
 
-def pack_records(records: Sequence[Any], offset: float = 0.0) -> list[tuple[str, int, int, float, float, float]]:
-    """Executor records (anything with ``action``, ``ready``, ``start``, ``end``) as small picklable tuples
-    ``(kind, microbatch, stage, ready, start, end)``, shifted by ``offset`` seconds."""
+def pack_records(records: Sequence[Any],
+                 offset: float = 0.0) -> list[tuple[str, int, int, float, float, float, float]]:
+    """Executor records (anything with ``action``, ``ready``, ``start``, ``end`` and optionally ``send``) as small
+    picklable tuples ``(kind, microbatch, stage, ready, start, end, send)``, times shifted by ``offset`` seconds."""
     return [(r.action.kind.value, r.action.microbatch, r.action.stage, r.ready + offset, r.start + offset,
-             r.end + offset) for r in records]
+             r.end + offset, getattr(r, "send", 0.0)) for r in records]
 
 
 @dataclass(frozen=True)
@@ -85,14 +88,14 @@ class Timeline:
     title: str = ""
 
     @classmethod
-    def from_packed(cls, per_rank: Sequence[Sequence[tuple[str, int, int, float, float, float]]],
-                    title: str = "") -> "Timeline":
+    def from_packed(cls, per_rank: Sequence[Sequence[tuple[Any, ...]]], title: str = "") -> "Timeline":
         """From :func:`pack_records` output of every rank (on a common clock)."""
         starts = [rec[4] for recs in per_rank for rec in recs]
         t0 = min(starts) if starts else 0.0
         spans = tuple(
-            tuple(Span(Action(ActionKind(k), mb, s), ready - t0, start - t0, end - t0)
-                  for k, mb, s, ready, start, end in recs)
+            tuple(Span(Action(ActionKind(rec[0]), rec[1], rec[2]), rec[3] - t0, rec[4] - t0, rec[5] - t0,
+                       rec[6] if len(rec) > 6 else 0.0)
+                  for rec in recs)
             for recs in per_rank
         )
         return cls(spans, title)

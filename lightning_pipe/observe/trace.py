@@ -1,4 +1,5 @@
-"""Chrome / Perfetto trace (JSON, "Trace Event Format") of a timeline: one thread per rank, plus receive waits."""
+"""Chrome / Perfetto trace (JSON, "Trace Event Format") of a timeline: one thread per rank, with receive waits and
+send postings."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ _CATEGORY = {"F": "forward", "B": "backward", "W": "weight"}
 
 def chrome_trace(timeline: Timeline, *, pid: int = 0, process_name: str | None = None) -> dict[str, Any]:
     """The trace as a dict: complete events (``ph: X``) in microseconds; open it in ui.perfetto.dev or
-    chrome://tracing. Waits for an input show as ``wait`` events on the same row."""
+    chrome://tracing. Waits for an input show as ``wait`` events on the same row; the posting of an action's send
+    as a ``send`` event at its end."""
     events: list[dict[str, Any]] = [
         {"name": "process_name", "ph": "M", "pid": pid, "args": {"name": process_name or timeline.title or "pipeline"}}
     ]
@@ -30,6 +32,9 @@ def chrome_trace(timeline: Timeline, *, pid: int = 0, process_name: str | None =
                                "tid": rank, "ts": sp.ready * 1e6, "dur": sp.wait * 1e6, "args": args})
             events.append({"name": f"{a.kind.value}{a.microbatch}", "cat": _CATEGORY[a.kind.value], "ph": "X",
                            "pid": pid, "tid": rank, "ts": sp.start * 1e6, "dur": sp.duration * 1e6, "args": args})
+            if sp.send > 0:  # nested inside the action's span: the posting is part of the action's time
+                events.append({"name": f"send {a.kind.value}{a.microbatch}", "cat": "send", "ph": "X", "pid": pid,
+                               "tid": rank, "ts": (sp.end - sp.send) * 1e6, "dur": sp.send * 1e6, "args": args})
     bubbles = timeline.bubble_fraction
     return {"traceEvents": events, "displayTimeUnit": "ms",
             "otherData": {"title": timeline.title, "step_time_s": timeline.step_time,
