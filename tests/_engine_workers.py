@@ -159,3 +159,26 @@ def failing_step(rank: int, world_size: int, *, fail_rank: int, mode: str, timeo
             first.add_note(f"then: {second}")
         raise
     return "finished"
+
+
+def out_of_order(rank: int, world_size: int, *, exact: bool) -> float:
+    """A hand-made 2-rank schedule whose second rank needs micro-batch 1's activation before micro-batch 0's, while
+    the first rank sends them in order: over the exact protocol (messages matched by order, as NCCL does) the
+    executor must receive micro-batch 0 first and keep it. Returns the largest |gradient - reference|."""
+    from lightning_pipe.schedules import B, F, Schedule
+
+    schedule = Schedule("out-of-order", 2, 2, (0, 1),
+                        ((F(0, 0), F(1, 0), B(1, 0), B(0, 0)), (F(1, 1), B(1, 1), F(0, 1), B(0, 1))))
+    loss_fn = nn.MSELoss()
+    reference = make_model("mlp")
+    x, y = make_batch("mlp", 0, 8)
+    loss_fn(reference(x), y).backward()
+    model = make_model("mlp")
+    names = {id(p): n for n, p in model.named_parameters()}
+    mine = split_sequential(model, _balance(len(model), 2))[rank]
+    transport = Transport(exact=True, backward_group=dist.new_group([0, 1]), timeout=60) if exact else None
+    executor = PipelineExecutor(schedule, rank=rank, timeout=60, transport=transport)
+    micro_x, micro_y = split_microbatches(x, 2), split_microbatches(y, 2)
+    executor.run(ModuleStages({rank: mine}, num_stages=2, microbatches=micro_x, targets=micro_y, loss_fn=loss_fn))
+    ref = dict(reference.named_parameters())
+    return max((p.grad - ref[names[id(p)]].grad).abs().max().item() for p in mine.parameters())

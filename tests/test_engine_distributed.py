@@ -44,6 +44,15 @@ def test_exact_size_protocol_matches_one_process(world_size: int) -> None:
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("exact", [False, True])
+def test_values_needed_in_another_order_than_sent(exact: bool) -> None:
+    """Rank 1 needs micro-batch 1's activation before micro-batch 0's. gloo matches by tag; the exact protocol, like
+    NCCL, by order alone: it must receive micro-batch 0 first and keep it until needed."""
+    for outcome in launch("tests._engine_workers.out_of_order", 2, deadline=100, exact=exact):
+        assert outcome.unwrap() <= TOLERANCE
+
+
+@pytest.mark.timeout(120)
 def test_control_unweighted_losses_differ() -> None:
     """Summing instead of weighting the micro-batch losses must be caught by the same comparison."""
     outcomes = launch("tests._engine_workers.transparency", 2, deadline=100, models=["mlp"], schedules=["1f1b"],
