@@ -228,7 +228,8 @@ def run(cfg: Any) -> dict[str, Any]:
     if trainer.is_global_zero:
         params = sum(p.numel() for p in model.parameters())
         print(f"{type(model).__name__} ({params / 1e6:.2f}M parameters) on {trainer.world_size} processes: "
-              f"{pp} stages x {trainer.world_size // pp} replica(s), schedule {cfg.strategy.schedule}, "
+              f"{pp} pipeline ranks x {trainer.world_size // pp} replica(s), schedule {cfg.strategy.schedule}"
+              + (f" ({cfg.strategy.virtual_stages} chunks per rank)" if cfg.strategy.virtual_stages else "") + ", "
               f"{m or cfg.strategy.num_microbatches} micro-batches"
               + (f"; schedule's bubble (simulated, backward = 2 x forward) {ideal:.3f}" if ideal is not None else "")
               + (f"; unigram baseline {baseline:.3f}" if baseline is not None else ""), flush=True)

@@ -19,18 +19,17 @@ BUBBLE_KEYS = ("pipeline/bubble_fraction", "pipeline/bubble_fraction_max")
 
 def schedule_bubble(schedule: str, num_ranks: int, num_microbatches: int, virtual_stages: int | None = None,
                     forward: float = 1.0, backward: float = 2.0) -> float | None:
-    """Idle share of the busiest-idle rank for ``schedule`` with backward = 2 x forward, from the simulator
-    (``None`` where the schedule cannot be built for these sizes)."""
+    """Idle share of the idlest rank for ``schedule`` with backward = 2 x forward per stage (half of it weight
+    gradient, which split schedules run as W), from the simulator (``None`` where the schedule cannot be built)."""
     try:
         from lightning_pipe.schedules import build_schedule
         from lightning_pipe.simulate import Costs, simulate
 
-        try:
-            built = build_schedule(schedule, num_ranks=num_ranks, num_microbatches=num_microbatches,
-                                   virtual_stages=virtual_stages)
-        except TypeError:  # an older signature
-            built = build_schedule(schedule, num_stages=num_ranks, num_microbatches=num_microbatches)
-        return float(max(simulate(built, Costs(forward=forward, backward=backward)).bubble_fraction))
+        built = build_schedule(schedule, num_ranks=num_ranks, num_microbatches=num_microbatches,
+                               virtual_stages=virtual_stages)
+        v = built.num_stages // num_ranks  # the per-rank costs are shared among a rank's chunks
+        costs = Costs(forward / v, backward / v, backward / (2 * v) if built.split_backward else 0.0)
+        return float(max(simulate(built, costs).bubble_fraction))
     except Exception:  # noqa: BLE001 - a figure for the printout only
         return None
 
