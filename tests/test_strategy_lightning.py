@@ -37,10 +37,12 @@ def _rows_close(rows: list[dict[str, str]], ref_rows: list[dict[str, str]]) -> N
 
 @pytest.mark.distributed
 @pytest.mark.timeout(300)
-def test_metrics_loggers_callbacks_and_evaluation_match_one_device() -> None:
-    outcomes = launch("tests._strategy_workers.pipeline_jobs", 2, deadline=240, configs=[METRICS_CONFIG])
+@pytest.mark.parametrize("schedule", ["1f1b", "zbv"])  # zbv: rank 0 holds the last stage and computes the loss
+def test_metrics_loggers_callbacks_and_evaluation_match_one_device(schedule: str) -> None:
+    config = {**METRICS_CONFIG, "schedule": schedule}
+    outcomes = launch("tests._strategy_workers.pipeline_jobs", 2, deadline=240, configs=[config])
     results = [o.unwrap()[0] for o in outcomes]
-    ref = reference(METRICS_CONFIG)
+    ref = reference(config)
     assert {"train_loss", "val_loss", "val_acc"} <= set(ref["metrics"])
     for rank, result in enumerate(results):
         for what in ("metrics", "logged", "progress_bar"):
