@@ -175,3 +175,28 @@ def test_any_leading_dimensions(shape: tuple[int, ...]) -> None:
     for name in plain:
         torch.testing.assert_close(split[name], plain[name])
 
+
+
+
+def test_activation_checkpointing_inside_a_block() -> None:
+    """Checkpointed layers recompute their forward during B, outside the deferral: they are not deferred (their
+    weight gradients come in B), so the recomputation saves what the forward saved; the others still wait for W."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+    outer = nn.Linear(8, 8)
+    x = torch.randn(4, 8, requires_grad=True)
+    outer(checkpoint(inner, x, use_reentrant=False)).square().sum().backward()
+    expected = {n: p.grad.clone() for n, p in [*inner.named_parameters("inner"), *outer.named_parameters("outer")]}
+    inner.zero_grad()
+    outer.zero_grad()
+    collector = WeightGradCollector()
+    with deferring(collector):
+        y = outer(checkpoint(inner, x, use_reentrant=False))
+    y.square().sum().backward()
+    assert all(p.grad is not None for p in inner.parameters())  # checkpointed: computed in B
+    assert outer.weight.grad is None and len(collector) == 1  # deferred to W
+    collector.run()
+    for name, p in [*inner.named_parameters("inner"), *outer.named_parameters("outer")]:
+        torch.testing.assert_close(p.grad, expected[name])

@@ -12,6 +12,10 @@ ordinary backward.
 
 Custom layers can take part: a ``torch.autograd.Function`` reads :func:`active_collector` in ``forward`` and, in
 ``backward``, hands its weight-gradient work to ``collector.defer(fn)`` instead of returning it.
+
+Layers under saved-tensor hooks (activation checkpointing, CPU offloading) are not deferred: checkpointing
+recomputes the forward during backward, outside this deferral, and the recomputation must save the same tensors as
+the forward did. Their weight gradients are computed in B.
 """
 
 from __future__ import annotations
@@ -106,11 +110,17 @@ class _DeferLinearMode(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
                            kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
-        if func is F.linear and torch.is_grad_enabled():
+        if func is F.linear and torch.is_grad_enabled() and not _saved_tensor_hooks_active():
             x, weight, bias = _linear_args(args, kwargs)
             if _deferrable(weight) and (bias is None or _deferrable(bias)):
                 return _DeferredLinear.apply(self.collector, x, weight, bias)
         return func(*args, **kwargs)
+
+
+def _saved_tensor_hooks_active() -> bool:
+    """Whether saved-tensor hooks are in force (torch.utils.checkpoint, offloading): the forward may be rerun."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is not None and top(False) is not None
 
 
 def _linear_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any, Any]:
