@@ -4,8 +4,10 @@ For each workload (stages that sleep ``c + k * b`` ms forward and twice that bac
 transformer layers), schedule (GPipe, 1F1B), p in {2, 4} and m in {4, 8, 16} at a fixed batch of 64 samples:
 
 * predicted: every rank profiles its own stage (``lightning_pipe.tuning.profile_chain``, on a micro-batch of the
-  real size, all ranks at once so CPU sharing is as in the run), the per-action overhead is measured on the spot
-  with a no-op step of the real executor, and the simulator turns both into a step time;
+  real size, all ranks at once so CPU sharing is as in the run; with ``--in-flight``, by timing as many forwards
+  then backwards as the schedule holds at its peak on that rank, so the memory working set is the run's), the
+  per-action overhead is measured on the spot with a no-op step of the real executor, and the simulator turns both
+  into a step time;
 * measured: median step of the real executor (slowest rank), and the measured mean bubble from its records.
 
 Then a sweep over m (sleeping stages, 1F1B, p=4): bubble falls as m grows while the per-micro-batch cost (the
@@ -57,6 +59,27 @@ def _transformer_stage(rank: int, p: int) -> nn.Module:
     return nn.Sequential(*layers[rank * per:(rank + 1) * per])
 
 
+IN_FLIGHT = "--in-flight" in sys.argv
+
+
+def _in_flight_times(stage: nn.Module, x: torch.Tensor, held: int, iterations: int = 5) -> tuple[float, float]:
+    """Per micro-batch forward and backward seconds with ``held`` micro-batches in flight, as the schedule holds them
+    (``held`` forwards, then their backwards): the memory working set of the run, not of one micro-batch."""
+    fwd, bwd = [], []
+    for i in range(iterations + 2):
+        t0 = time.perf_counter()
+        losses = [stage(x * 1.0).pow(2).mean() for _ in range(held)]
+        t1 = time.perf_counter()
+        for loss in losses:
+            loss.backward()
+        t2 = time.perf_counter()
+        if i >= 2:
+            fwd.append((t1 - t0) / held)
+            bwd.append((t2 - t1) / held)
+    stage.zero_grad(set_to_none=True)
+    return statistics.median(fwd), statistics.median(bwd)
+
+
 def _run_config(rank: int, p: int, name: str, m: int, stage: nn.Module, shape: tuple[int, ...],
                 steps: int, warmup: int, keep_timeline: bool) -> dict[str, Any]:
     b = BATCH // m
@@ -65,9 +88,14 @@ def _run_config(rank: int, p: int, name: str, m: int, stage: nn.Module, shape: t
     # Predicted: profile this rank's stage now (all ranks at once), overhead from a no-op step, simulator.
     dist.barrier()
     x_prof = torch.randn(b, *shape, requires_grad=True)
-    prof = profile_chain(lambda: stage(x_prof * 1.0).pow(2).mean(), list(stage), iterations=5, warmup=2, samples=b)
-    fb = torch.tensor([sum(prof.forward) + prof.post_forward, sum(prof.backward) + prof.post_backward],
-                      dtype=torch.float64)
+    if IN_FLIGHT:
+        held = simulate(schedule, Costs()).peak_activations[rank]
+        fb = torch.tensor(_in_flight_times(stage, x_prof, held), dtype=torch.float64)
+    else:
+        prof = profile_chain(lambda: stage(x_prof * 1.0).pow(2).mean(), list(stage), iterations=5, warmup=2,
+                             samples=b)
+        fb = torch.tensor([sum(prof.forward) + prof.post_forward, sum(prof.backward) + prof.post_backward],
+                          dtype=torch.float64)
     everyone = [torch.empty_like(fb) for _ in range(p)]
     dist.all_gather(everyone, fb)
     dist.barrier()
@@ -160,6 +188,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", default="bench_out")
+    parser.add_argument("--in-flight", action="store_true",
+                        help="profile with the schedule's peak micro-batches in flight (its memory working set)")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     ctx = mp.get_context("spawn")
