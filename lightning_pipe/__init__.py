@@ -1,7 +1,8 @@
 """lightning_pipe: pipeline parallelism for PyTorch Lightning.
 
-``import lightning_pipe`` registers ``Trainer(strategy="pipeline")`` (and ``"pipeline_gpipe"``,
-``"pipeline_1f1b"``). The engine (``lightning_pipe.schedules``, ``lightning_pipe.simulate``,
+``import lightning_pipe`` registers ``Trainer(strategy="pipeline")`` and one name per schedule
+(``"pipeline_gpipe"``, ``"pipeline_1f1b"``, ``"pipeline_interleaved_1f1b"``, ``"pipeline_zero_bubble"``,
+``"pipeline_zbv"``). The engine (``lightning_pipe.schedules``, ``lightning_pipe.simulate``,
 ``lightning_pipe.engine``) does not import Lightning.
 """
 
