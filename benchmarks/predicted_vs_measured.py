@@ -40,7 +40,8 @@ from lightning_pipe.observe import Timeline, pack_records, plot_timelines, summa
 from lightning_pipe.observe import write_chrome_trace  # noqa: E402
 from lightning_pipe.simulate import Costs, simulate  # noqa: E402
 from lightning_pipe.strategy.profiling import measure_action_overhead  # noqa: E402
-from lightning_pipe.tuning import build, profile_chain  # noqa: E402
+from lightning_pipe.schedules import build_schedule  # noqa: E402
+from lightning_pipe.tuning import profile_chain  # noqa: E402
 
 BATCH = 64
 FIXED_MS, PER_SAMPLE_MS = 2.0, 24.0 / BATCH  # sleeping stage: forward 2 ms + 0.375 ms per sample
@@ -84,7 +85,7 @@ def _run_config(rank: int, p: int, name: str, m: int, stage: nn.Module, shape: t
                 steps: int, warmup: int, keep_timeline: bool) -> dict[str, Any]:
     b = BATCH // m
     x_in = torch.randn(b, *shape, requires_grad=True)
-    schedule = build(name, p, m)
+    schedule = build_schedule(name, num_ranks=p, num_microbatches=m)
     # Predicted: profile this rank's stage now (all ranks at once), overhead from a no-op step, simulator.
     dist.barrier()
     x_prof = torch.randn(b, *shape, requires_grad=True)

@@ -13,9 +13,10 @@ from PIL import Image
 from lightning_pipe.errors import PipelineError
 from lightning_pipe.observe import Timeline, plot_timelines, summarize_records, write_chrome_trace
 from lightning_pipe.partition import optimal_partition
+from lightning_pipe.schedules import build_schedule
 from lightning_pipe.simulate import Costs, simulate
 from lightning_pipe.tuning import (
-    LinearCost, StageCostModel, build, choose_microbatches, greedy_partition, memory_partition, min_max_partition,
+    LinearCost, StageCostModel, choose_microbatches, greedy_partition, memory_partition, min_max_partition,
     profile_chain, time_partition,
 )
 from tests._observe_workers import SLEEPS, SleepBlock
@@ -125,7 +126,7 @@ def test_auto_microbatches_picks_the_cost_model_optimum() -> None:
 
 
 def test_timeline_trace_and_png(tmp_path) -> None:
-    result = simulate(build("1f1b", 4, 8), Costs(1e-3, 2e-3, transfer=1e-4))
+    result = simulate(build_schedule("1f1b", num_ranks=4, num_microbatches=8), Costs(1e-3, 2e-3, transfer=1e-4))
     planned = Timeline.from_simulation(result)
     assert planned.bubble_fraction == pytest.approx(result.bubble_fraction)
     assert planned.step_time == pytest.approx(result.step_time)

@@ -24,7 +24,8 @@ from lightning_pipe.errors import PipelineError
 from lightning_pipe.schedules.actions import Schedule
 from lightning_pipe.simulate import Costs, simulate
 from lightning_pipe.strategy.logs import LogRecorder
-from lightning_pipe.tuning.microbatches import StageCostModel, TuneResult, build, choose_microbatches
+from lightning_pipe.schedules import build_schedule
+from lightning_pipe.tuning.microbatches import StageCostModel, TuneResult, choose_microbatches
 from lightning_pipe.tuning.partition import memory_cost, memory_partition, time_partition
 from lightning_pipe.tuning.profile import ChainProfile, fit_linear, profile_chain
 
@@ -67,9 +68,9 @@ def _strategy_overhead(strategy: Any) -> float:
     transport = Transport(group=strategy._pp_group, device=strategy.root_device,
                           timeout=strategy._timeout.total_seconds() if strategy._timeout else 1800.0,
                           backward_group=strategy._backward_group)
-    return measure_action_overhead(build(strategy.schedule_name, p, max(2 * p, 4), strategy.virtual_stages),
-                                   strategy.pp_rank, transport,
-                                   strategy.root_device)
+    schedule = build_schedule(strategy.schedule_name, num_ranks=p, num_microbatches=max(2 * p, 4),
+                              virtual_stages=strategy.virtual_stages)
+    return measure_action_overhead(schedule, strategy.pp_rank, transport, strategy.root_device)
 
 
 def _first_batch(trainer: Any) -> Any:
@@ -149,7 +150,8 @@ def _decide(strategy: Any, module: Any, chain: nn.Module, fallback: Any, overhea
         module.to(home)
         module.zero_grad(set_to_none=True)
     held_m = m_default
-    schedule = build(strategy.schedule_name, strategy.num_stages, held_m, strategy.virtual_stages)
+    schedule = build_schedule(strategy.schedule_name, num_ranks=strategy.num_stages, num_microbatches=held_m,
+                              virtual_stages=strategy.virtual_stages)
     held = list(simulate(schedule, Costs()).peak_activations)
     held_per_stage = [held[schedule.stage_to_rank[s]] for s in range(schedule.num_stages)]
     mem = memory_cost(main.param_bytes, main.activation_bytes, held_per_stage,

@@ -8,11 +8,11 @@ from lightning_pipe.tuning.partition import (
 )
 from lightning_pipe.tuning.profile import ChainProfile, LinearCost, fit_linear, profile_chain
 from lightning_pipe.tuning.microbatches import (
-    Candidate, StageCostModel, TuneResult, build, choose_microbatches, candidate_microbatches,
+    Candidate, StageCostModel, TuneResult, choose_microbatches, candidate_microbatches,
 )
 
 __all__ = [
     "PartitionResult", "greedy_partition", "memory_partition", "min_max_partition", "time_partition",
     "ChainProfile", "LinearCost", "fit_linear", "profile_chain",
-    "Candidate", "StageCostModel", "TuneResult", "build", "choose_microbatches", "candidate_microbatches",
+    "Candidate", "StageCostModel", "TuneResult", "choose_microbatches", "candidate_microbatches",
 ]

@@ -14,18 +14,11 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from lightning_pipe.schedules import build_schedule
-from lightning_pipe.schedules.actions import Schedule
 from lightning_pipe.simulate import Costs, simulate
 from lightning_pipe.tuning.profile import LinearCost
 
-__all__ = ["StageCostModel", "Candidate", "TuneResult", "build", "candidate_microbatches", "choose_microbatches",
+__all__ = ["StageCostModel", "Candidate", "TuneResult", "candidate_microbatches", "choose_microbatches",
            "main"]
-
-
-def build(name: str, num_ranks: int, num_microbatches: int, virtual_stages: int | None = None) -> Schedule:
-    """``build_schedule`` for ``num_ranks`` pipeline ranks holding ``virtual_stages`` chunks each."""
-    return build_schedule(name, num_ranks=num_ranks, num_microbatches=num_microbatches,
-                          virtual_stages=virtual_stages)
 
 
 @dataclass(frozen=True)
@@ -119,7 +112,8 @@ def choose_microbatches(model: StageCostModel, batch_size: int, *, num_ranks: in
             if m > batch_size:
                 continue
             try:
-                schedule = build(name, num_ranks, m, virtual_stages)
+                schedule = build_schedule(name, num_ranks=num_ranks, num_microbatches=m,
+                                          virtual_stages=virtual_stages)
             except Exception:  # noqa: BLE001 - a schedule that needs another m (interleaved: a multiple of p)
                 continue
             size = math.ceil(batch_size / m)  # the largest micro-batch sets the pace
