@@ -52,21 +52,6 @@ OURS_ONLY = [("zero_bubble", 1)]  # ZB-H1: no one-chunk counterpart in torch
 
 
 # -- the sleeping workload ----------------------------------------------------------------------------------------
-class _SleepInput(torch.autograd.Function):
-    """Identity; forward sleeps ``tf``, backward (the input gradient, B) sleeps ``tb``."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, tf: float, tb: float) -> torch.Tensor:
-        ctx.tb = tb
-        se.sleep_exactly(tf)
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        se.sleep_exactly(ctx.tb)
-        return grad, None, None
-
-
 class _SleepWeight(torch.autograd.Function):
     """Returns the weight; its gradient (W) sleeps ``tw``. Under our split schedules the work is deferred to the
     W action through :func:`active_collector`; torch's zero-bubble schedules run it in their own W step."""
@@ -99,7 +84,8 @@ class SleepChunk(nn.Module):
         self.w = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _SleepInput.apply(x, self.tf, self.tb) + _SleepWeight.apply(self.w, self.tw)
+        # The input path (B): identity whose forward sleeps tf and backward tb; the weight path (W) apart.
+        return se._Sleep.apply(x, self.tf, self.tb) + _SleepWeight.apply(self.w, self.tw)
 
 
 # -- the transformer workload -------------------------------------------------------------------------------------
