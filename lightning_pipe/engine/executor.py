@@ -145,6 +145,7 @@ class PipelineExecutor:
         self.schedule = schedule
         self.rank = rank
         self.post_ahead = post_ahead
+        self._send_order_cache: dict[bool, dict[tuple[int, bool], tuple[Transfer, ...]]] = {}
         self._current: Action | None = None
         if transport is None:
             transport = Transport(group=group, device=device, timeout=timeout)
@@ -218,16 +219,11 @@ class PipelineExecutor:
                 post(receives[next_recv][1])
                 next_recv += 1
 
-        # Exact protocol: each peer's values of one kind, in the order that peer sends them. NCCL matches a pair's
-        # messages by order alone, and interleaved schedules may need values in another order than they are sent:
-        # a value is received after every value sent before it on its pair (those wait in ``early`` until needed).
-        in_send_order: dict[tuple[int, bool], deque[Transfer]] = {}
+        # Exact protocol: a value is received after every value sent before it on its pair (those wait in
+        # ``early`` until needed); see _send_orders.
+        in_send_order = {pair: deque(ts) for pair, ts in self._send_orders(train).items()} \
+            if self.transport.exact else {}
         early: dict[tuple[bool, int, int], Any] = {}
-        if self.transport.exact:
-            for src in range(sched.num_ranks):
-                for j, t in sched.sends(src):
-                    if t.dst_rank == rank and (train or sched.actions[src][j].kind is _F):
-                        in_send_order.setdefault((src, t.is_gradient), deque()).append(t)
 
         def take(is_gradient: bool, microbatch: int, src_stage: int) -> Any:
             key = (is_gradient, microbatch, src_stage)
@@ -324,6 +320,20 @@ class PipelineExecutor:
                                 f"received early={sorted(early)}, "
                                 f"weight gradients={sorted(deferred)})")
         return result
+
+    def _send_orders(self, train: bool) -> dict[tuple[int, bool], tuple[Transfer, ...]]:
+        """Per (peer, is_gradient), the values that peer sends to this rank, in the order it sends them. NCCL matches
+        a pair's messages by order alone, and a schedule may need values in another order than they are sent.
+        Derived from the schedule once per kind of run (training or forward-only), not every step."""
+        orders = self._send_order_cache.get(train)
+        if orders is None:
+            sched, lists = self.schedule, {}
+            for src in range(sched.num_ranks):
+                for j, t in sched.sends(src):
+                    if t.dst_rank == self.rank and (train or sched.actions[src][j].kind is _F):
+                        lists.setdefault((src, t.is_gradient), []).append(t)
+            orders = self._send_order_cache[train] = {pair: tuple(ts) for pair, ts in lists.items()}
+        return orders
 
     def _notify_peers(self, actions: Sequence[Action], sent: set[tuple[bool, int, int]],
                       error: BaseException) -> None:
