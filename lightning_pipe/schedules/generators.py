@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Protocol
 
 from lightning_pipe.errors import ScheduleError
@@ -66,8 +67,10 @@ SCHEDULES: dict[str, Generator] = {
 }
 """Schedule generators by the name users give as ``PipelineStrategy(schedule=...)``."""
 
-DEFAULT_VIRTUAL_STAGES: dict[str, int] = {"gpipe": 1, "1f1b": 1, "interleaved_1f1b": 2, "zero_bubble": 1, "zbv": 2}
-"""Chunks per rank when ``virtual_stages`` is not given."""
+DEFAULT_VIRTUAL_STAGES: dict[str, int] = {
+    name: inspect.signature(generator).parameters["virtual_stages"].default for name, generator in SCHEDULES.items()
+}
+"""Chunks per rank when ``virtual_stages`` is not given: each generator's own default."""
 
 
 def _generator(name: str) -> Generator:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -75,8 +76,6 @@ class PipelineMetrics:
         should_log = trainer._logger_connector.should_update_logs
         if not (should_log or want_timeline):
             return
-        import time
-
         t0 = time.perf_counter()
         records = result.timed_records()  # CUDA events on a GPU, the host clock on the CPU
         mine = torch.tensor([records[0].start + self.offset, max(r.end for r in records) + self.offset,
