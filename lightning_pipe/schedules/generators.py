@@ -9,7 +9,7 @@ from lightning_pipe.errors import ScheduleError
 from lightning_pipe.schedules.actions import Action, B, F, Schedule
 from lightning_pipe.schedules.checks import check_sizes
 from lightning_pipe.schedules.interleaved import interleaved_1f1b, interleaved_stage_to_rank, zero_bubble
-from lightning_pipe.schedules.zbv import v_stage_to_rank, zbv
+from lightning_pipe.schedules.zbv import check_two_chunks, v_stage_to_rank, zbv
 
 __all__ = [
     "gpipe", "one_f_one_b", "Generator", "SCHEDULES", "DEFAULT_VIRTUAL_STAGES", "build_schedule", "stage_to_rank",
@@ -95,7 +95,7 @@ def stage_to_rank(name: str, *, num_ranks: int, virtual_stages: int | None = Non
     v = DEFAULT_VIRTUAL_STAGES[name] if virtual_stages is None else virtual_stages
     check_sizes(num_ranks, 1, v)
     if name == "zbv":
-        zbv(num_ranks, 1, v)  # checks v
+        check_two_chunks(v)
         return v_stage_to_rank(num_ranks)
     if name in ("gpipe", "1f1b"):
         _one_chunk(name, v)

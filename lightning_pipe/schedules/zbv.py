@@ -13,7 +13,13 @@ from lightning_pipe.errors import ScheduleError
 from lightning_pipe.schedules.actions import Action, ActionKind, Schedule
 from lightning_pipe.schedules.checks import check_sizes
 
-__all__ = ["zbv", "v_stage_to_rank"]
+__all__ = ["zbv", "v_stage_to_rank", "check_two_chunks"]
+
+
+def check_two_chunks(virtual_stages: int) -> None:
+    if virtual_stages != 2:
+        raise ScheduleError(f"schedule 'zbv' places exactly two chunks on each rank; got virtual_stages="
+                            f"{virtual_stages}: leave it unset or set it to 2")
 
 
 def v_stage_to_rank(num_ranks: int) -> tuple[int, ...]:
@@ -48,9 +54,7 @@ class _RankOrder:
 def zbv(num_ranks: int, num_microbatches: int, virtual_stages: int = 2) -> Schedule:
     """The V-shaped zero-bubble schedule for ``p`` ranks (``2p`` stages) and any ``m >= 1``."""
     check_sizes(num_ranks, num_microbatches, virtual_stages)
-    if virtual_stages != 2:
-        raise ScheduleError(f"schedule 'zbv' places exactly two chunks on each rank; got virtual_stages="
-                            f"{virtual_stages}: leave it unset or set it to 2")
+    check_two_chunks(virtual_stages)
     p, m = num_ranks, num_microbatches
     f, b, w = ActionKind.FORWARD, ActionKind.BACKWARD, ActionKind.WEIGHT
     laid_out = max(m, 2 * p - 1)
