@@ -3,11 +3,13 @@
 For each workload (stages that sleep ``c + k * b`` ms forward and twice that backward; a real stack of 8
 transformer layers), schedule (GPipe, 1F1B), p in {2, 4} and m in {4, 8, 16} at a fixed batch of 64 samples:
 
-* predicted: every rank profiles its own stage (``lightning_pipe.tuning.profile_chain``, on a micro-batch of the
-  real size, all ranks at once so CPU sharing is as in the run; with ``--in-flight``, by timing as many forwards
-  then backwards as the schedule holds at its peak on that rank, so the memory working set is the run's), the
-  per-action overhead is measured on the spot with a no-op step of the real executor, and the simulator turns both
-  into a step time;
+* predicted: every rank profiles its own stage on a micro-batch of the real size, timing as many forwards then
+  backwards as the schedule holds at its peak on that rank, so that the memory working set is the run's (with
+  ``--one-microbatch``: ``lightning_pipe.tuning.profile_chain`` on one micro-batch, what
+  ``num_microbatches="auto"`` uses). The per-action overhead is measured on the spot with a no-op step of the real
+  executor, and the simulator turns both into a step time. Where the ranks outnumber the host's cores (p=4 on a
+  2-core machine), each rank is profiled alone and the simulator shares the cores among the ranks computing at
+  each moment (``simulate(..., cores=)``); otherwise all ranks profile at once, as they run;
 * measured: median step of the real executor (slowest rank), and the measured mean bubble from its records.
 
 Then a sweep over m (sleeping stages, 1F1B, p=4): bubble falls as m grows while the per-micro-batch cost (the
@@ -60,7 +62,8 @@ def _transformer_stage(rank: int, p: int) -> nn.Module:
     return nn.Sequential(*layers[rank * per:(rank + 1) * per])
 
 
-IN_FLIGHT = "--in-flight" in sys.argv
+IN_FLIGHT = "--one-microbatch" not in sys.argv
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _in_flight_times(stage: nn.Module, x: torch.Tensor, held: int, iterations: int = 5) -> tuple[float, float]:
@@ -82,21 +85,28 @@ def _in_flight_times(stage: nn.Module, x: torch.Tensor, held: int, iterations: i
 
 
 def _run_config(rank: int, p: int, name: str, m: int, stage: nn.Module, shape: tuple[int, ...],
-                steps: int, warmup: int, keep_timeline: bool) -> dict[str, Any]:
+                steps: int, warmup: int, keep_timeline: bool, cpu_bound: bool) -> dict[str, Any]:
     b = BATCH // m
     x_in = torch.randn(b, *shape, requires_grad=True)
     schedule = build_schedule(name, num_ranks=p, num_microbatches=m)
-    # Predicted: profile this rank's stage now (all ranks at once), overhead from a no-op step, simulator.
+    # Predicted: profile this rank's stage now, overhead from a no-op step, simulator. With more ranks than cores,
+    # each rank is profiled alone (its speed with a core to itself) and the simulator models the sharing.
+    shared = cpu_bound and p > CORES  # sleeping stages leave the cores free
     dist.barrier()
     x_prof = torch.randn(b, *shape, requires_grad=True)
-    if IN_FLIGHT:
-        held = simulate(schedule, Costs()).peak_activations[rank]
-        fb = torch.tensor(_in_flight_times(stage, x_prof, held), dtype=torch.float64)
-    else:
-        prof = profile_chain(lambda: stage(x_prof * 1.0).pow(2).mean(), list(stage), iterations=5, warmup=2,
-                             samples=b)
-        fb = torch.tensor([sum(prof.forward) + prof.post_forward, sum(prof.backward) + prof.post_backward],
-                          dtype=torch.float64)
+    fb = torch.zeros(2, dtype=torch.float64)
+    for turn in range(p) if shared else [rank]:
+        if turn == rank:
+            if IN_FLIGHT:
+                held = simulate(schedule, Costs()).peak_activations[rank]
+                fb = torch.tensor(_in_flight_times(stage, x_prof, held), dtype=torch.float64)
+            else:
+                prof = profile_chain(lambda: stage(x_prof * 1.0).pow(2).mean(), list(stage), iterations=5,
+                                     warmup=2, samples=b)
+                fb = torch.tensor([sum(prof.forward) + prof.post_forward, sum(prof.backward) + prof.post_backward],
+                                  dtype=torch.float64)
+        if shared:
+            dist.barrier()
     everyone = [torch.empty_like(fb) for _ in range(p)]
     dist.all_gather(everyone, fb)
     dist.barrier()
@@ -104,7 +114,7 @@ def _run_config(rank: int, p: int, name: str, m: int, stage: nn.Module, shape: t
     o = torch.tensor([overhead], dtype=torch.float64)
     dist.all_reduce(o, op=dist.ReduceOp.MAX)
     costs = Costs([float(e[0]) + o.item() for e in everyone], [float(e[1]) + o.item() for e in everyone])
-    predicted = simulate(schedule, costs)
+    predicted = simulate(schedule, costs, cores=CORES if shared else None)
 
     executor = PipelineExecutor(schedule, rank=rank)
 
@@ -159,12 +169,13 @@ def _worker(rank: int, p: int, port: int, args: argparse.Namespace, queue: Any) 
         for name in args.schedules:
             for m in args.microbatches:
                 keep = workload == "sleep" and name == "1f1b" and p == 4 and m == 8
-                r = _run_config(rank, p, name, m, stage, shape, args.steps, args.warmup, keep)
+                r = _run_config(rank, p, name, m, stage, shape, args.steps, args.warmup, keep,
+                                cpu_bound=workload != "sleep")
                 if rank == 0:
                     queue.put(("compare", workload, name, p, m, r))
     if p == 4 and args.sweep:
         for m in args.sweep:
-            r = _run_config(rank, p, "1f1b", m, sleeping, (64,), args.steps, args.warmup, False)
+            r = _run_config(rank, p, "1f1b", m, sleeping, (64,), args.steps, args.warmup, False, cpu_bound=False)
             if rank == 0:
                 queue.put(("sweep", "sleep", "1f1b", p, m, r))
     dist.barrier()
@@ -189,8 +200,9 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", default="bench_out")
-    parser.add_argument("--in-flight", action="store_true",
-                        help="profile with the schedule's peak micro-batches in flight (its memory working set)")
+    parser.add_argument("--one-microbatch", action="store_true",
+                        help="profile one micro-batch (as num_microbatches='auto' does) instead of the schedule's "
+                             "peak micro-batches in flight")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     ctx = mp.get_context("spawn")
@@ -202,6 +214,10 @@ def main() -> int:
             rows.append(queue.get())
     print(f"batch {BATCH}; sleeping stage forward {FIXED_MS:g} + {PER_SAMPLE_MS:g} ms/sample (backward 2x); "
           "transformer: 8 layers d=128 ff=512 seq=64 split evenly; times in ms, medians")
+    mode = "the schedule's peak micro-batches in flight" if IN_FLIGHT else "one micro-batch"
+    print(f"profile: {mode}; "
+          f"{CORES} cores here" + (f": transformer rows with p > {CORES} profile each rank alone and simulate "
+                                   f"{CORES} shared cores" if any(p > CORES for p in args.stages) else ""))
     print(f"{'workload':11} {'schedule':8} {'p':>2} {'m':>3} {'predicted':>9} {'measured':>9} {'meas/pred':>9} "
           f"{'bubble pred':>11} {'bubble meas':>11} {'overhead/act':>12} {'metrics/step':>12}")
     worst = 0.0

@@ -7,6 +7,7 @@ what the executor does, so the simulator predicts the executor's step time.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections import deque
 from dataclasses import dataclass
@@ -73,8 +74,18 @@ def ideal_step_time(num_stages: int, num_microbatches: int, forward: float, back
     return (num_microbatches + num_stages - 1) * (forward + backward)
 
 
-def simulate(schedule: Schedule, costs: Costs) -> SimulationResult:
-    """Simulate ``schedule`` under ``costs``; raise :class:`ScheduleDeadlockError` if it can never finish."""
+def simulate(schedule: Schedule, costs: Costs, *, cores: int | None = None) -> SimulationResult:
+    """Simulate ``schedule`` under ``costs``; raise :class:`ScheduleDeadlockError` if it can never finish.
+
+    ``cores``: the ranks share this many processors (several ranks on one CPU host). Costs are then each rank's
+    times when it runs alone, and while more ranks compute at once than there are cores, each computes at
+    ``cores / running`` of its speed. ``None`` (or at least as many cores as ranks): every rank has its own device.
+    """
+    if cores is not None and cores < schedule.num_ranks:
+        if cores < 1:
+            raise ValueError(f"cores must be at least 1, got {cores}")
+        starts, ends = _run_shared(schedule, costs, cores)
+        return _result(schedule, starts, ends)
     p, m = schedule.num_stages, schedule.num_microbatches
     tf, tb, tw = costs.per_stage(p)
     split = schedule.split_backward
@@ -142,6 +153,11 @@ def simulate(schedule: Schedule, costs: Costs) -> SimulationResult:
             if ptr[r] < len(schedule.actions[r])
         ]
         raise ScheduleDeadlockError(f"schedule {schedule.name!r} deadlocks: " + "; ".join(stuck))
+    return _result(schedule, starts, ends)
+
+
+def _result(schedule: Schedule, starts: list[list[float]], ends: list[list[float]]) -> SimulationResult:
+    num_ranks, split = schedule.num_ranks, schedule.split_backward
     first = min((s[0] for s in starts if s), default=0.0)
     last = max((e[-1] for e in ends if e), default=0.0)
     step = last - first
@@ -156,6 +172,68 @@ def simulate(schedule: Schedule, costs: Costs) -> SimulationResult:
         bubble_fraction=bubble,
         peak_activations=tuple(_peak_activations(acts, split) for acts in schedule.actions),
     )
+
+
+def _run_shared(schedule: Schedule, costs: Costs, cores: int) -> tuple[list[list[float]], list[list[float]]]:
+    """Event by event: the ranks computing at one time share ``cores`` processors equally."""
+    p, m = schedule.num_stages, schedule.num_microbatches
+    tf, tb, tw = costs.per_stage(p)
+    split, rank_of, transfer = schedule.split_backward, schedule.stage_to_rank, float(costs.transfer)
+    done: dict[ActionKind, list[float | None]] = {_F: [None] * (p * m), _B: [None] * (p * m), _W: [None] * (p * m)}
+    num_ranks = schedule.num_ranks
+    ptr = [0] * num_ranks
+    left: list[float | None] = [None] * num_ranks  # work left of the action each rank is computing
+    starts: list[list[float]] = [[] for _ in range(num_ranks)]
+    ends: list[list[float]] = [[] for _ in range(num_ranks)]
+    now = 0.0
+    while True:
+        wake = math.inf  # the next time a rank's inputs arrive (transfer latency)
+        for rank in range(num_ranks):
+            acts = schedule.actions[rank]
+            if left[rank] is not None or ptr[rank] == len(acts):
+                continue
+            action = acts[ptr[rank]]
+            kind, mb, s = action.kind, action.microbatch, action.stage
+            if kind is _F:
+                deps, cost = (((_F, s - 1),) if s > 0 else ()), tf[s]
+            elif kind is _B:
+                deps = ((_F, s), (_B, s + 1)) if s < p - 1 else ((_F, s),)
+                cost = tb[s] - tw[s] if split else tb[s]
+            else:
+                deps, cost = ((_B, s),), tw[s]
+            ready = 0.0
+            for dep_kind, dep_stage in deps:
+                finished = done[dep_kind][dep_stage * m + mb]
+                if finished is None:
+                    ready = math.inf
+                    break
+                ready = max(ready, finished + (transfer if rank_of[dep_stage] != rank else 0.0))
+            if ready <= now:
+                left[rank] = cost
+                starts[rank].append(now)
+            elif ready < math.inf:
+                wake = min(wake, ready)
+        running = [r for r in range(num_ranks) if left[r] is not None]
+        if not running:
+            if wake == math.inf:
+                break
+            now = wake
+            continue
+        speed = min(1.0, cores / len(running))
+        step = min(min(left[r] for r in running) / speed, wake - now)  # type: ignore[type-var]
+        now += step
+        for r in running:
+            left[r] -= step * speed  # type: ignore[operator]
+            if left[r] <= 1e-12 * max(1.0, now):  # type: ignore[operator]
+                action = schedule.actions[r][ptr[r]]
+                done[action.kind][action.stage * m + action.microbatch] = now
+                ends[r].append(now)
+                left[r], ptr[r] = None, ptr[r] + 1
+    if any(ptr[r] < len(schedule.actions[r]) for r in range(num_ranks)):
+        stuck = [f"rank {r} at {schedule.actions[r][ptr[r]]}" for r in range(num_ranks)
+                 if ptr[r] < len(schedule.actions[r])]
+        raise ScheduleDeadlockError(f"schedule {schedule.name!r} deadlocks: " + "; ".join(stuck))
+    return starts, ends
 
 
 def _describe(blocked: tuple[Action, ActionKind, int]) -> str:

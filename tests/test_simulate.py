@@ -195,3 +195,49 @@ def test_costs_wrong_length(field: str) -> None:
     with pytest.raises(ValueError, match=rf"Costs\.{field} has 2 entries for 3 stages"):
         simulate(gpipe(3, 2), costs)
     assert costs.per_stage(2)[["forward", "backward", "weight"].index(field)] == [1.0, 2.0]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Ranks sharing fewer cores than there are ranks (several ranks on one CPU host).
+
+
+def test_shared_cores_hand_computed() -> None:
+    # GPipe, p=2, m=2, forward 1, backward 2, one core. Rank 0 runs F0 alone (0-1); then F1@s0 and F0@s1 share the
+    # core (1-3, half speed each); F1@s1 alone (3-4); B0@s1 alone (4-6); then B1@s1 and B0@s0 share it (6-10).
+    # B1@s0 alone (10-12). The core never idles: the step is the total work, 12.
+    result = simulate(gpipe(2, 2), Costs(1.0, 2.0), cores=1)
+    assert result.start == ((0.0, 1.0, 6.0, 10.0), (1.0, 3.0, 4.0, 6.0))
+    assert result.end == ((1.0, 3.0, 10.0, 12.0), (3.0, 4.0, 6.0, 10.0))
+    assert result.step_time == 12.0
+
+
+@PROPERTY
+@given(gen=generators, p=stages, m=microbatches, cores=st.integers(min_value=1, max_value=8),
+       tf=quarters, tb=quarters)
+def test_shared_cores_bounds(gen: Generator, p: int, m: int, cores: int, tf: float, tb: float) -> None:
+    """Sharing never helps; it costs at most the factor ranks/cores; the cores cannot do more than their share."""
+    schedule = gen(p, m)
+    alone = simulate(schedule, Costs(tf, tb)).step_time
+    shared = simulate(schedule, Costs(tf, tb), cores=cores).step_time
+    work = p * m * (tf + tb)
+    assert shared >= alone - 1e-9
+    assert shared >= work / min(cores, p) - 1e-9
+    assert shared <= alone * max(1.0, p / cores) + 1e-9
+    if cores >= p:
+        assert shared == alone
+    if cores == 1:
+        assert shared == pytest.approx(work)  # one core never idles while some rank has work it can do
+
+
+def test_fewer_cores_are_never_faster() -> None:
+    schedule = one_f_one_b(4, 8)
+    times = [simulate(schedule, Costs(1.0, 2.0, transfer=0.25), cores=c).step_time for c in (1, 2, 3, 4)]
+    assert times == sorted(times, reverse=True) and times[0] > times[-1]
+
+
+def test_shared_cores_still_find_deadlocks_and_check_the_count() -> None:
+    schedule = two_stage([F(0, 0), B(0, 0)], [B(0, 1), F(0, 1)], m=1)
+    with pytest.raises(ScheduleDeadlockError, match="rank 1 at B0@s1"):
+        simulate(schedule, Costs(), cores=1)
+    with pytest.raises(ValueError, match="cores must be at least 1"):
+        simulate(one_f_one_b(2, 2), Costs(), cores=0)

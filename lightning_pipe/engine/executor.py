@@ -261,10 +261,6 @@ class PipelineExecutor:
                 self._current = action
                 send_time[0] = 0.0
                 ready = time.perf_counter()
-                # Keep the window of posted receives full.
-                while recv_index < len(receives) and receives[recv_index][0] < i:
-                    recv_index += 1
-                post_until(recv_index + window)
                 mb, s = action.microbatch, action.stage
                 if action.kind is _F:
                     inputs = None if s == 0 else take(False, mb, s - 1)
@@ -304,6 +300,11 @@ class PipelineExecutor:
                 result.records.append(ActionRecord(action, ready, start, time.perf_counter(), send_time[0]))
                 if timer is not None:
                     timer.end()
+                # Keep the window of posted receives full. Done after the action's send rather than before its
+                # compute, so that posting is not on the critical path from a value's arrival to its use.
+                while recv_index < len(receives) and receives[recv_index][0] <= i:
+                    recv_index += 1
+                post_until(recv_index + window)
             self._current = None
             self.transport.flush()
             self.transport.end_step()

@@ -39,6 +39,7 @@ _PREFIX = 16  # gloo protocol: int64 metadata length (-1: overflow), int64 paylo
 _OVERFLOW, _FAILURE = -1, -2  # markers in the first int64 of a message (both protocols)
 _FAILURE_TEXT = 900  # bytes of a failure message that travel (fits any receive buffer of either protocol)
 _ALIGN = 16
+_REAP_AT = 64  # pending sends before the list of them is first scanned for completed ones
 
 
 def _aligned(n: int) -> int:
@@ -57,6 +58,16 @@ class _TensorMeta:
 _Meta = tuple[TreeSpec, list[_TensorMeta], int]  # spec, tensors, payload bytes
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """How a message for values of one structure, dtypes and shapes is laid out (gloo protocol)."""
+
+    meta: _Meta
+    raw: bytes  # the pickled metadata
+    base: int  # where the payload starts
+    prefix: torch.Tensor  # the message's first ``base`` bytes: lengths and metadata
+
+
 def _describe_tensors(value: Any) -> tuple[list[torch.Tensor], _Meta]:
     tensors, spec = flatten(value)
     metas, offset = [], 0
@@ -68,21 +79,79 @@ def _describe_tensors(value: Any) -> tuple[list[torch.Tensor], _Meta]:
     return tensors, (spec, metas, offset)
 
 
+def _tensors_only(spec: TreeSpec) -> bool:
+    """Whether every leaf of ``spec`` is a tensor. Only such layouts are cached: other leaves travel in the
+    metadata, and equal keys may still differ there (``1 == 1.0 == True``) or not hash at all."""
+    if spec.kind == "leaf":
+        return False
+    return all(_tensors_only(c) for c in spec.children)
+
+
+def _message_layout(value: Any, cache: dict[Hashable, _Layout]) -> tuple[list[torch.Tensor], _Layout]:
+    """The tensors of ``value`` and how its message is laid out. Consecutive values usually have the same
+    structure, dtypes and shapes, so layouts of values made of tensors alone are kept in ``cache``: a send then
+    skips building and pickling the metadata (this runs once per transfer, on the critical path)."""
+    tensors, spec = flatten(value)
+    cacheable = _tensors_only(spec)
+    key = (spec, tuple((t.dtype, t.shape, t.requires_grad) for t in tensors)) if cacheable else None
+    layout = cache.get(key) if cacheable else None
+    if layout is None:
+        _, meta = _describe_tensors(value)
+        raw = pickle.dumps(meta, protocol=pickle.HIGHEST_PROTOCOL)
+        base = _aligned(_PREFIX + len(raw))
+        prefix = torch.zeros(base, dtype=torch.uint8)
+        prefix[: _PREFIX + len(raw)] = _bytes_tensor(struct.pack("<qq", len(raw), meta[2]) + raw)
+        layout = _Layout(meta, raw, base, prefix)
+        if cacheable:
+            if len(cache) >= 256:
+                cache.clear()
+            cache[key] = layout
+    return tensors, layout
+
+
 def _pack(buffer: torch.Tensor, tensors: list[torch.Tensor], metas: list[_TensorMeta], base: int) -> None:
     for t, m in zip(tensors, metas):
         if m.nbytes:
             buffer[base + m.offset : base + m.offset + m.nbytes].view(t.dtype).view(t.shape).copy_(t.detach())
 
 
-def _unpack(buffer: torch.Tensor, meta: _Meta, base: int) -> Any:
+_NUMPY_DTYPES: dict[torch.dtype, Any] = {}
+
+
+def _numpy_dtype(dtype: torch.dtype) -> Any:
+    """The numpy dtype of ``dtype``, or ``None`` where numpy has none (bfloat16, float8...)."""
+    if dtype not in _NUMPY_DTYPES:
+        try:
+            _NUMPY_DTYPES[dtype] = torch.empty((), dtype=dtype).numpy().dtype
+        except TypeError:
+            _NUMPY_DTYPES[dtype] = None
+    return _NUMPY_DTYPES[dtype]
+
+
+def _unpack(buffer: torch.Tensor, meta: _Meta, base: int, host: Any = None) -> Any:
+    """The value in ``buffer``, its tensors viewing the buffer. ``host``, a numpy view of a CPU buffer, lets
+    tensors be cut out with numpy's cheaper indexing (on the critical path from a value's arrival to its use)."""
     spec, metas, _ = meta
     tensors = []
     for m in metas:
-        t = buffer[base + m.offset : base + m.offset + m.nbytes].view(m.dtype).view(m.shape)
+        begin = base + m.offset
+        np_dtype = _numpy_dtype(m.dtype) if host is not None else None
+        if np_dtype is not None:
+            t = torch.from_numpy(host[begin : begin + m.nbytes].view(np_dtype).reshape(m.shape))
+        else:
+            t = buffer[begin : begin + m.nbytes].view(m.dtype).view(m.shape)
         if m.requires_grad:
             t.requires_grad_(True)
         tensors.append(t)
     return unflatten(tensors, spec)
+
+
+def _host_view(buffer: torch.Tensor) -> Any:
+    """A numpy array of the start of ``buffer`` (its lengths and, usually, its metadata): the buffer itself, not a
+    copy, on the CPU (read in place: no tensor op on the critical path); else a copy of its first bytes."""
+    if buffer.device.type == "cpu":
+        return buffer.numpy()
+    return buffer[: _PREFIX + HEADER_BYTES].cpu().numpy()
 
 
 def _bytes_tensor(raw: bytes) -> torch.Tensor:
@@ -110,16 +179,21 @@ class PendingRecv:
         if t.exact:
             return self._wait_exact()
         buffer = self._buffer
-        meta_len, length = (int(v) for v in buffer[:_PREFIX].cpu().view(torch.int64))
+        head = _host_view(buffer)
+        meta_len, length = struct.unpack_from("<qq", head)
         if meta_len == _FAILURE:
             self._raise_failure(buffer[_PREFIX : _PREFIX + length])
         if meta_len == _OVERFLOW:  # the whole message follows on the overflow tag
             buffer = torch.empty(length, dtype=torch.uint8, device=t.device)
             t._wait(t._irecv(buffer, self.peer, self.tag * 2 + 1, self.backward), self.peer, self.what)
-            meta_len, length = (int(v) for v in buffer[:_PREFIX].cpu().view(torch.int64))
+            head = _host_view(buffer)
+            meta_len, length = struct.unpack_from("<qq", head)
+        if _PREFIX + meta_len > len(head):
+            head = buffer[: _PREFIX + meta_len].cpu().numpy()
         base = _aligned(_PREFIX + meta_len)
         t.observe(self.channel, base + length)
-        return _unpack(buffer, t.decode(buffer[_PREFIX : _PREFIX + meta_len].cpu().numpy().tobytes()), base)
+        meta = t.decode(head[_PREFIX : _PREFIX + meta_len].tobytes())
+        return _unpack(buffer, meta, base, head if buffer.device.type == "cpu" else None)
 
     def _raise_failure(self, text: torch.Tensor) -> None:
         message = text.cpu().numpy().tobytes().decode("utf-8", errors="replace")
@@ -170,6 +244,10 @@ class Transport:
     ) -> None:
         self.group = group
         self.backward_group = backward_group
+        # The process groups themselves: their send/recv skip the argument checks of dist.isend/irecv, which cost
+        # tens of microseconds on the critical path of every transfer (messages here are always uint8 tensors).
+        world = group if group is not None else dist.group.WORLD
+        self._pg = {False: world, True: backward_group if backward_group is not None else world}
         self.device = torch.device(device)
         self.timeout = datetime.timedelta(seconds=timeout)
         self.describe = describe
@@ -180,6 +258,8 @@ class Transport:
         self._sends: list[tuple[dist.Work, int, str, Any]] = []
         self.broken: str | None = None  # set when a step failed: its messages may still be in flight
         self._decoded: dict[bytes, _Meta] = {}
+        self._layouts: dict[Hashable, _Layout] = {}
+        self._reap_at = _REAP_AT
 
     def decode(self, raw: bytes) -> _Meta:
         """The metadata pickled in ``raw``; consecutive messages usually repeat it, so recent ones are cached."""
@@ -211,16 +291,13 @@ class Transport:
         self._seen.clear()
 
     # -- raw operations --------------------------------------------------------------------------------------
-    def _group(self, backward: bool) -> dist.ProcessGroup | None:
-        return self.backward_group if backward and self.backward_group is not None else self.group
-
     def _irecv(self, tensor: torch.Tensor, peer: int, tag: int, backward: bool) -> dist.Work:
-        return dist.irecv(tensor, group=self._group(backward), group_src=peer, tag=0 if self.exact else tag)
+        return self._pg[backward].recv([tensor], peer, 0 if self.exact else tag)
 
     def _isend(self, tensor: torch.Tensor, peer: int, tag: int, backward: bool) -> dist.Work:
         # The exact protocol matches messages by order alone, as NCCL does (it ignores tags): over gloo too, so that
         # the tests run the same matching as NCCL would.
-        return dist.isend(tensor, group=self._group(backward), group_dst=peer, tag=0 if self.exact else tag)
+        return self._pg[backward].send([tensor], peer, 0 if self.exact else tag)
 
     def _wait(self, work: dist.Work, peer: int, what: str) -> None:
         try:
@@ -245,21 +322,24 @@ class Transport:
     def send(self, value: Any, peer: int, tag: int, what: str, channel: Hashable = None, *,
              backward: bool = False) -> None:
         """Start sending ``value`` to ``peer`` on ``tag``; the buffers are kept until :meth:`flush`."""
-        tensors, meta = _describe_tensors(value)
-        raw = pickle.dumps(meta, protocol=pickle.HIGHEST_PROTOCOL)
+        tensors, layout = _message_layout(value, self._layouts)
+        meta, base = layout.meta, layout.base
         if self.exact:
-            self._send_exact(tensors, meta, raw, peer, tag, what, backward)
+            self._send_exact(tensors, meta, layout.raw, peer, tag, what, backward)
             return
         channel = (self._rank, channel)
-        base = _aligned(_PREFIX + len(raw))
         self.observe(channel, base + meta[2])
-        if len(self._sends) > 64:
+        if len(self._sends) > self._reap_at:
             self.reap()
-        message = torch.empty(base + meta[2], dtype=torch.uint8)
-        # Prefix and metadata in one copy: this runs once per transfer, on the critical path.
-        message[: _PREFIX + len(raw)] = _bytes_tensor(struct.pack("<qq", len(raw), meta[2]) + raw)
-        _pack(message, tensors, meta[1], base)
-        message = message.to(self.device)
+        if len(tensors) == 1 and meta[1][0].nbytes == meta[2] and tensors[0].is_contiguous():
+            # One tensor (the usual case): prefix and payload in one op; every op here is on the critical path.
+            message = torch.cat((layout.prefix, tensors[0].detach().view(-1).view(torch.uint8)))
+        else:
+            message = torch.empty(base + meta[2], dtype=torch.uint8)
+            message[:base] = layout.prefix
+            _pack(message, tensors, meta[1], base)
+        if self.device.type != "cpu":
+            message = message.to(self.device)
         if base + meta[2] <= self.capacity(channel):
             self._sends.append((self._isend(message, peer, tag * 2, backward), peer, what, message))
         else:
@@ -326,5 +406,9 @@ class Transport:
             time.sleep(0.001)
 
     def reap(self) -> None:
-        """Forget the sends that have already completed (keeps the list short during a long step)."""
+        """Forget the sends that have already completed (keeps the list short during a long step).
+
+        gloo reports a send completed only once it was waited for, so there the list only grows until
+        :meth:`flush`; the next scan comes when it has doubled, which keeps the cost per send constant."""
         self._sends = [s for s in self._sends if not s[0].is_completed()]
+        self._reap_at = max(_REAP_AT, 2 * len(self._sends))
