@@ -94,19 +94,29 @@ def _run_config(rank: int, p: int, name: str, m: int, stage: nn.Module, shape: t
     shared = cpu_bound and p > CORES  # sleeping stages leave the cores free
     dist.barrier()
     x_prof = torch.randn(b, *shape, requires_grad=True)
-    fb = torch.zeros(2, dtype=torch.float64)
-    for turn in range(p) if shared else [rank]:
-        if turn == rank:
-            if IN_FLIGHT:
-                held = simulate(schedule, Costs()).peak_activations[rank]
-                fb = torch.tensor(_in_flight_times(stage, x_prof, held), dtype=torch.float64)
-            else:
-                prof = profile_chain(lambda: stage(x_prof * 1.0).pow(2).mean(), list(stage), iterations=5,
-                                     warmup=2, samples=b)
-                fb = torch.tensor([sum(prof.forward) + prof.post_forward, sum(prof.backward) + prof.post_backward],
-                                  dtype=torch.float64)
-        if shared:
+
+    def profile() -> torch.Tensor:
+        if IN_FLIGHT:
+            held = simulate(schedule, Costs()).peak_activations[rank]
+            return torch.tensor(_in_flight_times(stage, x_prof, held), dtype=torch.float64)
+        prof = profile_chain(lambda: stage(x_prof * 1.0).pow(2).mean(), list(stage), iterations=5, warmup=2,
+                             samples=b)
+        return torch.tensor([sum(prof.forward) + prof.post_forward, sum(prof.backward) + prof.post_backward],
+                            dtype=torch.float64)
+
+    fb = profile()  # all ranks at once
+    cores: float | None = None
+    if shared:
+        # Each rank alone as well: the costs of a rank with a core to itself, and, from the two, how many cores
+        # the host delivers when every rank computes (fewer than it has: switching, caches, gloo's threads).
+        busy = fb.clone()
+        for turn in range(p):
+            if turn == rank:
+                fb = profile()
             dist.barrier()
+        ratio = torch.tensor([float(busy.sum() / fb.sum())], dtype=torch.float64)
+        dist.all_reduce(ratio)
+        cores = min(float(CORES), p / (ratio.item() / p))
     everyone = [torch.empty_like(fb) for _ in range(p)]
     dist.all_gather(everyone, fb)
     dist.barrier()
@@ -114,7 +124,7 @@ def _run_config(rank: int, p: int, name: str, m: int, stage: nn.Module, shape: t
     o = torch.tensor([overhead], dtype=torch.float64)
     dist.all_reduce(o, op=dist.ReduceOp.MAX)
     costs = Costs([float(e[0]) + o.item() for e in everyone], [float(e[1]) + o.item() for e in everyone])
-    predicted = simulate(schedule, costs, cores=CORES if shared else None)
+    predicted = simulate(schedule, costs, cores=cores)
 
     executor = PipelineExecutor(schedule, rank=rank)
 
@@ -145,7 +155,7 @@ def _run_config(rank: int, p: int, name: str, m: int, stage: nn.Module, shape: t
     out: dict[str, Any] = dict(step=statistics.median(times), bubble=statistics.median(bubbles),
                                predicted=predicted.step_time,
                                predicted_bubble=sum(predicted.bubble_fraction) / p, overhead=o.item(),
-                               metric_cost=statistics.median(metric_cost))
+                               metric_cost=statistics.median(metric_cost), cores=cores)
     busy = sum(r.end - r.start for r in result.records)
     busies = [None] * p
     dist.all_gather_object(busies, busy)
@@ -216,8 +226,9 @@ def main() -> int:
           "transformer: 8 layers d=128 ff=512 seq=64 split evenly; times in ms, medians")
     mode = "the schedule's peak micro-batches in flight" if IN_FLIGHT else "one micro-batch"
     print(f"profile: {mode}; "
-          f"{CORES} cores here" + (f": transformer rows with p > {CORES} profile each rank alone and simulate "
-                                   f"{CORES} shared cores" if any(p > CORES for p in args.stages) else ""))
+          f"{CORES} cores here" + (f": transformer rows with p > {CORES} profile each rank alone too, and simulate "
+                                   "the cores the host delivers when all ranks compute" if any(
+                                       p > CORES for p in args.stages) else ""))
     print(f"{'workload':11} {'schedule':8} {'p':>2} {'m':>3} {'predicted':>9} {'measured':>9} {'meas/pred':>9} "
           f"{'bubble pred':>11} {'bubble meas':>11} {'overhead/act':>12} {'metrics/step':>12}")
     worst = 0.0
@@ -228,7 +239,8 @@ def main() -> int:
         worst = max(worst, abs(ratio - 1))
         print(f"{workload:11} {name:8} {p:>2} {m:>3} {1e3 * r['predicted']:>9.1f} {1e3 * r['step']:>9.1f} "
               f"{ratio:>9.3f} {100 * r['predicted_bubble']:>10.1f}% {100 * r['bubble']:>10.1f}% "
-              f"{1e3 * r['overhead']:>12.3f} {100 * r['metric_cost'] / r['step']:>11.2f}%")
+              f"{1e3 * r['overhead']:>12.3f} {100 * r['metric_cost'] / r['step']:>11.2f}%"
+              + (f"  (simulated on {r['cores']:.2f} shared cores)" if r["cores"] else ""))
         if "timeline" in r and _has_matplotlib():
             measured = Timeline.from_packed(r["timeline"], title=f"measured {name} p={p} m={m} (sleeping stages)")
             planned = Timeline.from_simulation(r["plan"], title="planned (profile + overhead + simulator)")

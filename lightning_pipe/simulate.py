@@ -74,16 +74,18 @@ def ideal_step_time(num_stages: int, num_microbatches: int, forward: float, back
     return (num_microbatches + num_stages - 1) * (forward + backward)
 
 
-def simulate(schedule: Schedule, costs: Costs, *, cores: int | None = None) -> SimulationResult:
+def simulate(schedule: Schedule, costs: Costs, *, cores: float | None = None) -> SimulationResult:
     """Simulate ``schedule`` under ``costs``; raise :class:`ScheduleDeadlockError` if it can never finish.
 
     ``cores``: the ranks share this many processors (several ranks on one CPU host). Costs are then each rank's
     times when it runs alone, and while more ranks compute at once than there are cores, each computes at
-    ``cores / running`` of its speed. ``None`` (or at least as many cores as ranks): every rank has its own device.
+    ``cores / running`` of its speed. A fractional value stands for cores that deliver less than their count when
+    shared (switching, caches): measured as ranks x (time alone) / (time with every rank busy). ``None`` (or at least
+    as many cores as ranks): every rank has its own device.
     """
     if cores is not None and cores < schedule.num_ranks:
-        if cores < 1:
-            raise ValueError(f"cores must be at least 1, got {cores}")
+        if not cores > 0:
+            raise ValueError(f"cores must be positive, got {cores}")
         starts, ends = _run_shared(schedule, costs, cores)
         return _result(schedule, starts, ends)
     p, m = schedule.num_stages, schedule.num_microbatches
@@ -174,7 +176,7 @@ def _result(schedule: Schedule, starts: list[list[float]], ends: list[list[float
     )
 
 
-def _run_shared(schedule: Schedule, costs: Costs, cores: int) -> tuple[list[list[float]], list[list[float]]]:
+def _run_shared(schedule: Schedule, costs: Costs, cores: float) -> tuple[list[list[float]], list[list[float]]]:
     """Event by event: the ranks computing at one time share ``cores`` processors equally."""
     p, m = schedule.num_stages, schedule.num_microbatches
     tf, tb, tw = costs.per_stage(p)

@@ -239,5 +239,13 @@ def test_shared_cores_still_find_deadlocks_and_check_the_count() -> None:
     schedule = two_stage([F(0, 0), B(0, 0)], [B(0, 1), F(0, 1)], m=1)
     with pytest.raises(ScheduleDeadlockError, match="rank 1 at B0@s1"):
         simulate(schedule, Costs(), cores=1)
-    with pytest.raises(ValueError, match="cores must be at least 1"):
+    with pytest.raises(ValueError, match="cores must be positive"):
         simulate(one_f_one_b(2, 2), Costs(), cores=0)
+
+
+def test_fractional_cores() -> None:
+    # GPipe p=2 m=1 runs one action at a time: half a core makes every action twice as long.
+    assert simulate(gpipe(2, 1), Costs(1.0, 2.0), cores=0.5).step_time == 12.0
+    # 1.5 cores for 2 ranks lie between one core and two.
+    times = [simulate(gpipe(2, 4), Costs(1.0, 2.0), cores=c).step_time for c in (1, 1.5, 2)]
+    assert times[0] > times[1] > times[2]
