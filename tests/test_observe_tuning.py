@@ -162,3 +162,35 @@ def test_auto_microbatches_across_schedules_with_virtual_stages() -> None:
     assert result.chosen.schedule == "zbv"
     with pytest.raises(ValueError, match="do not divide"):
         StageCostModel((f,) * 3, (b,) * 3).spread(8)
+
+
+def test_auto_microbatches_on_ranks_sharing_cores() -> None:
+    """4 ranks on 1 core: the core is never idle, so the step is the total work plus the per-action overhead, and the
+    best m is the fewest actions, not the smallest bubble; with a core per rank the usual optimum (8) stands."""
+    f, b = LinearCost(0.002, 0.024 / 64), LinearCost(0.004, 0.048 / 64)
+    model = StageCostModel((f,) * 4, (b,) * 4)
+    alone = choose_microbatches(model, 64, num_ranks=4, candidates=[1, 2, 4, 8, 16], cores=4)
+    shared = choose_microbatches(model, 64, num_ranks=4, candidates=[1, 2, 4, 8, 16], cores=1)
+    assert alone.chosen.microbatches == 8 and shared.chosen.microbatches == 1
+    for c in shared.candidates:  # total work: 4 ranks x m x (F + B) of 64/m samples each
+        m = c.microbatches
+        assert c.step_time == pytest.approx(4 * m * 3 * (0.002 + 0.024 / m))
+    from lightning_pipe.tune import main
+
+    assert main(["--stages", "4", "--batch-size", "16", "--cores", "2", "--microbatches", "2", "4"]) == 0
+
+
+def test_strategy_models_shared_cores_only_on_an_oversubscribed_cpu_host(monkeypatch) -> None:
+    import os
+    import types
+
+    from lightning_pipe.strategy.profiling import _shared_cores
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    cpu = torch.device("cpu")
+    strategy = types.SimpleNamespace
+
+    assert _shared_cores(strategy(num_processes=2, num_stages=2), cpu) is None  # a core per rank
+    assert _shared_cores(strategy(num_processes=4, num_stages=4), cpu) == 2.0
+    assert _shared_cores(strategy(num_processes=8, num_stages=4), cpu) == 1.0  # two pipelines share the 2 cores
+    assert _shared_cores(strategy(num_processes=4, num_stages=4), torch.device("meta")) is None  # not a CPU

@@ -11,6 +11,7 @@ decision, so every rank uses the same one. Limitation: the whole model must fit 
 from __future__ import annotations
 
 import logging
+import os
 import statistics
 from dataclasses import dataclass
 from typing import Any
@@ -71,6 +72,18 @@ def _strategy_overhead(strategy: Any) -> float:
     schedule = build_schedule(strategy.schedule_name, num_ranks=p, num_microbatches=max(2 * p, 4),
                               virtual_stages=strategy.virtual_stages)
     return measure_action_overhead(schedule, strategy.pp_rank, transport, strategy.root_device)
+
+
+def _shared_cores(strategy: Any, device: torch.device) -> float | None:
+    """On a CPU host running more processes than it has cores, the cores one pipeline gets (rank 0 profiled alone,
+    so the simulator must model the sharing); ``None`` when every rank has its own device or core."""
+    if device.type != "cpu":
+        return None
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = max(1, int(getattr(strategy, "num_processes", 1)))  # this host's processes
+    if local <= usable:
+        return None
+    return usable * min(strategy.num_stages, local) / local
 
 
 def _first_batch(trainer: Any) -> Any:
@@ -178,11 +191,13 @@ def _decide(strategy: Any, module: Any, chain: nn.Module, fallback: Any, overhea
     chosen = None
     if strategy._auto_microbatches:
         fwd, bwd = fit_linear(small, large, counts)
+        cores = _shared_cores(strategy, device)
         tune = choose_microbatches(StageCostModel(tuple(fwd), tuple(bwd)), size, num_ranks=strategy.num_stages,
                                    virtual_stages=strategy.virtual_stages,
-                                   schedules=[strategy.schedule_name], overhead=overhead)
+                                   schedules=[strategy.schedule_name], overhead=overhead, cores=cores)
         chosen = tune.chosen.microbatches
-        lines.append("num_microbatches='auto':\n" + tune.table())
+        shared = f" (the pipeline's ranks share {cores:g} CPU cores)" if cores is not None else ""
+        lines.append(f"num_microbatches='auto'{shared}:\n" + tune.table())
     return LayoutPlan(counts, chosen, "\n".join(lines), tune)
 
 

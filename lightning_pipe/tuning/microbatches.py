@@ -103,9 +103,11 @@ def candidate_microbatches(batch_size: int, *, limit: int = 256) -> list[int]:
 def choose_microbatches(model: StageCostModel, batch_size: int, *, num_ranks: int,
                         schedules: Sequence[str] = ("1f1b",), candidates: Sequence[int] | None = None,
                         overhead: float = 0.0, transfer: float = 0.0,
-                        max_activations: int | None = None, virtual_stages: int | None = None) -> TuneResult:
+                        max_activations: int | None = None, virtual_stages: int | None = None,
+                        cores: float | None = None) -> TuneResult:
     """Predict every ``(schedule, m)`` and choose the fastest; ``max_activations`` drops candidates that would
-    hold more micro-batches at once on a rank (a memory cap)."""
+    hold more micro-batches at once on a rank (a memory cap); ``cores``: the ranks share this many cores of one
+    host, the costs being each rank's alone (see :func:`~lightning_pipe.simulate.simulate`)."""
     rows: list[Candidate] = []
     for name in schedules:
         for m in (candidates if candidates is not None else candidate_microbatches(batch_size)):
@@ -118,7 +120,7 @@ def choose_microbatches(model: StageCostModel, batch_size: int, *, num_ranks: in
                 continue
             size = math.ceil(batch_size / m)  # the largest micro-batch sets the pace
             costs = model.spread(schedule.num_stages).costs(size, overhead=overhead, transfer=transfer)
-            result = simulate(schedule, costs)
+            result = simulate(schedule, costs, cores=cores)
             rows.append(Candidate(name, m, size, result.step_time,
                                   sum(result.bubble_fraction) / len(result.bubble_fraction),
                                   max(result.peak_activations)))
@@ -147,12 +149,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--overhead-ms", type=float, default=0.3, help="per-action overhead (measured: ~0.3)")
     parser.add_argument("--transfer-ms", type=float, default=0.0)
     parser.add_argument("--microbatches", type=int, nargs="*", default=None)
+    parser.add_argument("--cores", type=float, default=None,
+                        help="the ranks share this many cores of one CPU host (costs are each rank's alone)")
     args = parser.parse_args(argv)
     f = LinearCost(args.forward_fixed_ms / 1e3, args.forward_per_sample_ms / 1e3)
     b = LinearCost(f.fixed * args.backward_factor, f.per_sample * args.backward_factor)
     model = StageCostModel((f,) * args.stages, (b,) * args.stages)  # per rank; spread over virtual stages
     result = choose_microbatches(model, args.batch_size, num_ranks=args.stages, schedules=args.schedules,
                                  candidates=args.microbatches, overhead=args.overhead_ms / 1e3,
-                                 transfer=args.transfer_ms / 1e3)
+                                 transfer=args.transfer_ms / 1e3, cores=args.cores)
     print(result.table())
     return 0
