@@ -84,6 +84,30 @@ def _in_flight_times(stage: nn.Module, x: torch.Tensor, held: int, iterations: i
     return statistics.median(fwd), statistics.median(bwd)
 
 
+def _delivered_cores(stage: nn.Module, x: torch.Tensor, rank: int, p: int, iterations: int = 8) -> float:
+    """How many cores the host delivers to ``p`` ranks computing at once: ``p x (time alone) / (time together)``
+    for the same forward and backward on every rank (capped at the cores there are). Every rank must call it."""
+
+    def work() -> float:
+        t0 = time.perf_counter()
+        for _ in range(iterations):
+            stage(x * 1.0).pow(2).mean().backward()
+        return time.perf_counter() - t0
+
+    work()  # warm
+    alone = 0.0
+    for turn in range(p):
+        dist.barrier()
+        if turn == rank:
+            alone = work()
+    dist.barrier()
+    together = work()
+    stage.zero_grad(set_to_none=True)
+    ratio = torch.tensor([together / alone], dtype=torch.float64)
+    dist.all_reduce(ratio)
+    return min(float(CORES), p / (ratio.item() / p))
+
+
 def _run_config(rank: int, p: int, name: str, m: int, stage: nn.Module, shape: tuple[int, ...],
                 steps: int, warmup: int, keep_timeline: bool, cpu_bound: bool) -> dict[str, Any]:
     b = BATCH // m
@@ -104,23 +128,21 @@ def _run_config(rank: int, p: int, name: str, m: int, stage: nn.Module, shape: t
         return torch.tensor([sum(prof.forward) + prof.post_forward, sum(prof.backward) + prof.post_backward],
                             dtype=torch.float64)
 
-    fb = profile()  # all ranks at once
     cores: float | None = None
-    if shared:
-        # Each rank alone as well: the costs of a rank with a core to itself, and, from the two, how many cores
-        # the host delivers when every rank computes (fewer than it has: switching, caches, gloo's threads).
-        busy = fb.clone()
+    if not shared:
+        fb = profile()  # all ranks at once, as they run
+    else:
+        # Each rank alone: its costs with a core to itself. Then how many cores the host delivers when every rank
+        # computes (fewer than it has: switching, caches, gloo's threads), from the same fixed work on every rank.
         for turn in range(p):
             if turn == rank:
                 fb = profile()
             dist.barrier()
-        ratio = torch.tensor([float(busy.sum() / fb.sum())], dtype=torch.float64)
-        dist.all_reduce(ratio)
-        cores = min(float(CORES), p / (ratio.item() / p))
+        cores = _delivered_cores(stage, x_prof, rank, p)
     everyone = [torch.empty_like(fb) for _ in range(p)]
     dist.all_gather(everyone, fb)
     dist.barrier()
-    overhead = measure_action_overhead(schedule, rank, Transport(), "cpu")
+    overhead = measure_action_overhead(schedule, rank, Transport(), "cpu", activation=x_prof)
     o = torch.tensor([overhead], dtype=torch.float64)
     dist.all_reduce(o, op=dist.ReduceOp.MAX)
     costs = Costs([float(e[0]) + o.item() for e in everyone], [float(e[1]) + o.item() for e in everyone])

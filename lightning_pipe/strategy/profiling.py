@@ -44,12 +44,14 @@ class LayoutPlan:
 
 
 def measure_action_overhead(schedule: Schedule, rank: int, transport: Transport, device: torch.device | str,
-                            *, steps: int = 6) -> float:
+                            *, steps: int = 6, activation: torch.Tensor | None = None) -> float:
     """Seconds each action costs beyond its compute on this pipeline (posting sends and receives, waits, the
     executor's bookkeeping): a no-op step of the real executor over the real group, divided by the simulated
-    step of unit-cost actions. Every rank of the pipeline must call it at the same time."""
+    step of unit-cost actions. ``activation``: a tensor shaped like what crosses stages, so that the transfers are
+    of the real size (default: 16 numbers). Every rank of the pipeline must call it at the same time."""
     executor = PipelineExecutor(schedule, rank=rank, transport=transport)
-    x0 = torch.zeros(16, device=device, requires_grad=True)
+    x0 = (activation.detach().to(device) if activation is not None else torch.zeros(16, device=device))
+    x0 = x0.clone().requires_grad_(True)
 
     def forward_fn(stage: int, microbatch: int, inputs: Any) -> torch.Tensor:
         out = (x0 if inputs is None else inputs) * 1.0
