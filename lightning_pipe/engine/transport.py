@@ -331,9 +331,11 @@ class Transport:
         self.observe(channel, base + meta[2])
         if len(self._sends) > self._reap_at:
             self.reap()
-        if len(tensors) == 1 and meta[1][0].nbytes == meta[2] and tensors[0].is_contiguous():
-            # One tensor (the usual case): prefix and payload in one op; every op here is on the critical path.
-            message = torch.cat((layout.prefix, tensors[0].detach().view(-1).view(torch.uint8)))
+        one = tensors[0] if len(tensors) == 1 else None
+        if one is not None and meta[1][0].nbytes == meta[2] and one.device.type == "cpu" and one.is_contiguous() \
+                and not one.is_complex():
+            # One CPU tensor (the usual case): prefix and payload in one op; every op here is on the critical path.
+            message = torch.cat((layout.prefix, one.detach().view(-1).view(torch.uint8)))
         else:
             message = torch.empty(base + meta[2], dtype=torch.uint8)
             message[:base] = layout.prefix
