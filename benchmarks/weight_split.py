@@ -1,7 +1,7 @@
 """Splitting backward into B and W must not do the work twice: B + W against one ordinary backward.
 
 For a GPT block (attention and MLP of ``nn.Linear``), an MLP block and ``nn.TransformerEncoderLayer`` (whose
-attention projections are fused inside ``nn.MultiheadAttention`` and so stay in B), it times an ordinary backward
+``nn.MultiheadAttention`` projections go through ``torch.nn.functional.linear`` too), it times an ordinary backward
 and, on the same forward, B (input gradient, plus the gradients that are not deferred) and W (the deferred weight
 gradients), each the median of several runs, interleaved so that noise hits both alike.
 Run: ``python benchmarks/weight_split.py [--d 256] [--seq 128] [--batch 8]``.

@@ -200,3 +200,39 @@ def test_activation_checkpointing_inside_a_block() -> None:
     collector.run()
     for name, p in [*inner.named_parameters("inner"), *outer.named_parameters("outer")]:
         torch.testing.assert_close(p.grad, expected[name])
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multi_head_attention_projections_are_deferred_and_match(batch_first: bool) -> None:
+    """nn.MultiheadAttention computes its projections with torch.nn.functional's own ``linear``: the packed input
+    projection (self-attention) and the output projection are deferred too, with the same gradients."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=batch_first)
+    x = torch.randn(3, 5, 16)
+    plain, split, deferred = grads_both_ways(layer, x)
+    assert deferred == 4  # in_proj, out_proj, linear1, linear2
+    for name in plain:
+        torch.testing.assert_close(split[name], plain[name], rtol=1e-5, atol=1e-6)
+
+
+def test_linear_is_restored_and_other_threads_are_left_alone() -> None:
+    import threading
+
+    original = F.linear
+    layer = nn.Linear(4, 4)
+    seen: list[int] = []
+
+    def other_thread() -> None:  # runs while the main thread defers: its linear must not be deferred
+        collector = active_collector()
+        layer(torch.randn(2, 4)).sum().backward()
+        seen.append(0 if collector is None and layer.weight.grad is not None else 1)
+
+    collector = WeightGradCollector()
+    with deferring(collector):
+        with deferring(WeightGradCollector()):  # nested
+            assert F.linear is not original
+        assert F.linear is not original
+        worker = threading.Thread(target=other_thread)
+        worker.start()
+        worker.join()
+    assert F.linear is original and seen == [0] and len(collector) == 0
