@@ -112,16 +112,7 @@ def simulate(schedule: Schedule, costs: Costs, *, cores: float | None = None) ->
             action = acts[i]
             kind, mb, s = action.kind, action.microbatch, action.stage
             idx = s * m + mb
-            # Dependencies as (kind, stage) of the producing action, for the same micro-batch.
-            if kind is _F:
-                deps = ((_F, s - 1),) if s > 0 else ()
-                cost = tf[s]
-            elif kind is _B:
-                deps = ((_F, s), (_B, s + 1)) if s < p - 1 else ((_F, s),)
-                cost = tb[s] - tw[s] if split else tb[s]
-            else:
-                deps = ((_B, s),)
-                cost = tw[s]
+            deps, cost = _deps_and_cost(kind, s, p, tf, tb, tw, split)
             begin = t
             blocked = False
             for dep_kind, dep_stage in deps:
@@ -176,6 +167,16 @@ def _result(schedule: Schedule, starts: list[list[float]], ends: list[list[float
     )
 
 
+def _deps_and_cost(kind: ActionKind, s: int, p: int, tf: list[float], tb: list[float], tw: list[float],
+                   split: bool) -> tuple[tuple[tuple[ActionKind, int], ...], float]:
+    """The action's dependencies, as (kind, stage) of the producing action for the same micro-batch, and its cost."""
+    if kind is _F:
+        return (((_F, s - 1),) if s > 0 else ()), tf[s]
+    if kind is _B:
+        return (((_F, s), (_B, s + 1)) if s < p - 1 else ((_F, s),)), (tb[s] - tw[s] if split else tb[s])
+    return ((_B, s),), tw[s]
+
+
 def _run_shared(schedule: Schedule, costs: Costs, cores: float) -> tuple[list[list[float]], list[list[float]]]:
     """Event by event: the ranks computing at one time share ``cores`` processors equally."""
     p, m = schedule.num_stages, schedule.num_microbatches
@@ -196,13 +197,7 @@ def _run_shared(schedule: Schedule, costs: Costs, cores: float) -> tuple[list[li
                 continue
             action = acts[ptr[rank]]
             kind, mb, s = action.kind, action.microbatch, action.stage
-            if kind is _F:
-                deps, cost = (((_F, s - 1),) if s > 0 else ()), tf[s]
-            elif kind is _B:
-                deps = ((_F, s), (_B, s + 1)) if s < p - 1 else ((_F, s),)
-                cost = tb[s] - tw[s] if split else tb[s]
-            else:
-                deps, cost = ((_B, s),), tw[s]
+            deps, cost = _deps_and_cost(kind, s, p, tf, tb, tw, split)
             ready = 0.0
             for dep_kind, dep_stage in deps:
                 finished = done[dep_kind][dep_stage * m + mb]

@@ -68,15 +68,15 @@ class _Layout:
     prefix: torch.Tensor  # the message's first ``base`` bytes: lengths and metadata
 
 
-def _describe_tensors(value: Any) -> tuple[list[torch.Tensor], _Meta]:
-    tensors, spec = flatten(value)
+def _describe_tensors(tensors: list[torch.Tensor], spec: TreeSpec) -> _Meta:
+    """The metadata of a flattened value: its spec, each tensor's dtype, shape and place, the payload size."""
     metas, offset = [], 0
     for t in tensors:
         nbytes = t.numel() * t.element_size()
         metas.append(_TensorMeta(t.dtype, tuple(t.shape), bool(t.requires_grad and t.is_floating_point()),
                                  offset, nbytes))
         offset = _aligned(offset + nbytes)
-    return tensors, (spec, metas, offset)
+    return spec, metas, offset
 
 
 def _tensors_only(spec: TreeSpec) -> bool:
@@ -96,7 +96,7 @@ def _message_layout(value: Any, cache: dict[Hashable, _Layout]) -> tuple[list[to
     key = (spec, tuple((t.dtype, t.shape, t.requires_grad) for t in tensors)) if cacheable else None
     layout = cache.get(key) if cacheable else None
     if layout is None:
-        _, meta = _describe_tensors(value)
+        meta = _describe_tensors(tensors, spec)
         raw = pickle.dumps(meta, protocol=pickle.HIGHEST_PROTOCOL)
         base = _aligned(_PREFIX + len(raw))
         prefix = torch.zeros(base, dtype=torch.uint8)
