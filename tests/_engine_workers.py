@@ -71,11 +71,11 @@ def _balance(n: int, p: int) -> list[int]:
 
 def transparency(rank: int, world_size: int, *, models: list[str], schedules: list[str], ms: list[int],
                  steps: int = 2, batch_size: int = 10, unweighted: bool = False,
-                 exact: bool = False) -> dict[str, float]:
+                 exact: bool = False, post_ahead: int | None = None) -> dict[str, float]:
     """For each configuration, the largest |pipelined - reference| over this rank's loss and gradients.
 
     ``unweighted=True`` sums the micro-batch losses instead of weighting them: a control that must show a
-    difference, so the comparison is known to be able to fail.
+    difference, so the comparison is known to be able to fail. ``post_ahead``: receives gloo keeps posted ahead.
     """
     loss_fn = nn.MSELoss()
     report: dict[str, float] = {}
@@ -109,7 +109,8 @@ def transparency(rank: int, world_size: int, *, models: list[str], schedules: li
                     micro_x, micro_y = split_microbatches(x, m), split_microbatches(y, m)
                     schedule = build_schedule(name, num_ranks=world_size, num_microbatches=len(micro_x),
                                               virtual_stages=v)
-                    executor = PipelineExecutor(schedule, rank=rank, timeout=60, transport=transport)
+                    executor = PipelineExecutor(schedule, rank=rank, timeout=60, transport=transport,
+                                                post_ahead=post_ahead)
                     mine.zero_grad()
                     stages = ModuleStages(held, num_stages=len(layout), microbatches=micro_x,
                                           targets=micro_y, loss_fn=loss_fn)
@@ -182,3 +183,58 @@ def out_of_order(rank: int, world_size: int, *, exact: bool) -> float:
     executor.run(ModuleStages({rank: mine}, num_stages=2, microbatches=micro_x, targets=micro_y, loss_fn=loss_fn))
     ref = dict(reference.named_parameters())
     return max((p.grad - ref[names[id(p)]].grad).abs().max().item() for p in mine.parameters())
+
+
+def _sequence_value(i: int) -> Any:
+    """The ``i``-th value of :func:`message_sequence`: runs of one layout, broken by other shapes, flags, trees,
+    leaves and a value too large for the receive buffer."""
+    g = torch.Generator().manual_seed(i)
+    kinds = ["a", "a", "a", "wide", "grad", "tree3", "tree3", "tree4", "a", "big", "a", "a"]
+    kind = kinds[i]
+    if kind == "a":
+        return torch.randn(4, 8, generator=g)
+    if kind == "wide":
+        return torch.randn(5, 8, generator=g)
+    if kind == "grad":
+        return torch.randn(5, 8, generator=g).requires_grad_()
+    if kind.startswith("tree"):
+        return (torch.randn(2, 3, generator=g), {"n": int(kind[-1]), "m": torch.ones(2, dtype=torch.bool)})
+    return torch.randn(4000, generator=g)  # 16 KB: announced, then sent on the overflow tag
+
+
+SEQUENCE_LENGTH = 12
+
+
+def message_sequence(rank: int, world_size: int) -> dict[str, int]:
+    """Rank 0 sends :func:`_sequence_value` 0, 1, ... on one channel, then a failure notice; rank 1 keeps two
+    receives posted ahead, as the executor does, and checks every value. Returns how many receives found the
+    layout they had prepared for (the prepared views of the buffer) and how many parsed the message."""
+    from lightning_pipe.errors import PipelineCommError
+
+    transport = Transport(timeout=60)
+    if rank == 0:
+        for i in range(SEQUENCE_LENGTH):
+            transport.send(_sequence_value(i), 1, i, f"value {i}", channel="c")
+        transport.send_failure(RuntimeError("boom on purpose"), 1, SEQUENCE_LENGTH)
+        transport.flush()
+        return {}
+    counts = {"prepared": 0, "parsed": 0}
+    posted = [transport.recv(0, i, f"value {i}", channel="c") for i in range(2)]
+    for i in range(SEQUENCE_LENGTH):
+        pending = posted[i]
+        prepared = pending._expected[1] if pending._expected is not None else None
+        value = pending.wait()
+        counts["prepared" if value is prepared and prepared is not None else "parsed"] += 1
+        posted.append(transport.recv(0, i + 2, f"value {i + 2}", channel="c"))
+        expected = _sequence_value(i)
+        got, want = (value[0], expected[0]) if isinstance(expected, tuple) else (value, expected)
+        assert torch.equal(got.detach(), want.detach()) and got.requires_grad == want.requires_grad, i
+        if isinstance(expected, tuple):
+            assert value[1]["n"] == expected[1]["n"] and torch.equal(value[1]["m"], expected[1]["m"]), i
+    try:
+        posted[SEQUENCE_LENGTH].wait()
+    except PipelineCommError as error:
+        assert "boom on purpose" in str(error)
+    else:
+        raise AssertionError("the failure notice was not raised")
+    return counts

@@ -43,6 +43,17 @@ def test_exact_size_protocol_matches_one_process(world_size: int) -> None:
         assert len(report) == 16 and max(report.values()) <= TOLERANCE, report
 
 
+@pytest.mark.timeout(240)
+def test_receives_posted_ahead_match_one_process() -> None:
+    """gloo with receives posted ahead of need (``post_ahead``; by default each is posted when needed), over shapes
+    that change between steps: a posted buffer may be too small for the next step's messages."""
+    outcomes = launch("tests._engine_workers.transparency", 2, deadline=200, models=["mlp", "transformer"],
+                      schedules=["1f1b", "interleaved_1f1b", "zbv"], ms=[1, 5], post_ahead=3)
+    for outcome in outcomes:
+        report = outcome.unwrap()
+        assert len(report) == 12 and max(report.values()) <= TOLERANCE, report
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("exact", [False, True])
 def test_values_needed_in_another_order_than_sent(exact: bool) -> None:
@@ -108,3 +119,14 @@ def test_a_rank_that_stalls_turns_into_a_timeout_error() -> None:
     assert "timeout" in rank0.error
     # One timeout, plus at most 2 s spent handing failure notices to peers, well before the stalled rank wakes up.
     assert rank0.elapsed < 2 * timeout + 3.0
+
+
+@pytest.mark.timeout(120)
+def test_receives_prepared_for_the_last_layout_read_every_message_right() -> None:
+    """A receive prepares the value of the channel's last layout before the message comes; runs of one layout use
+    it, and every change (shape, requires_grad, tree, leaf, overflow, failure notice) is parsed instead."""
+    counts = launch("tests._engine_workers.message_sequence", 2, deadline=100)[1].unwrap()
+    # With two receives posted ahead, a receive expects the layout of the message two before it. Prepared: the 3rd
+    # "a", and the two "a" after "big" (an overflow leaves the expected layout as it was). "tree4" expects "tree3"
+    # (same shapes, another leaf) and is parsed; so is the failure notice, which expects "a".
+    assert counts == {"prepared": 3, "parsed": 9}, counts
