@@ -123,9 +123,9 @@ class PipelineExecutor:
         group: The pipeline process group (``None``: the default group).
         device: Where received tensors are placed.
         timeout: Seconds any single wait may take before it fails with a message naming the peer.
-        post_ahead: How many receives gloo keeps posted ahead of need (``None`` or 0: each is posted when its
-            value is needed, which measured fastest on gloo). With exact-size backends (NCCL) each receive is
-            posted when its action starts.
+        post_ahead: How many receives gloo keeps posted ahead of need (``None``: one more than the ranks; 0: each
+            is posted when its value is needed). With exact-size backends (NCCL) each receive is posted when its
+            action starts.
         transport: A transport to share with other executors of the same pipeline (``group``, ``device`` and
             ``timeout`` then come from it).
     """
@@ -199,12 +199,17 @@ class PipelineExecutor:
         sent: set[tuple[bool, int, int]] = set()  # transfers already sent, so a failure notifies only the rest
         next_recv = 0
         # Exact-size backends (NCCL) match messages in posting order: a receive is posted only when its action
-        # starts, after the sends of the actions before it. On gloo too a receive is posted when its value is needed
-        # (as torch.distributed.pipelining does), unless ``post_ahead`` asks otherwise: every receive posted ahead
-        # makes gloo send a ready notice that the peer's I/O thread must handle while the peer computes or sends.
-        # Measured here (1F1B, p=2, m=32, no work): a step took 35 ms with 3 receives posted ahead, 20 ms without,
-        # and 1 post in 10 stalled for 2-5 ms.
-        window = 0 if self.transport.exact else (self.post_ahead or 0)
+        # starts, after the sends of the actions before it. On gloo a few receives are posted ahead of need, so that
+        # the sender writes the value as soon as it is made; a receive posted only when needed (post_ahead=0, as
+        # torch.distributed.pipelining does) makes the sender's I/O thread write it then. Measured here: with no
+        # work at all (1F1B, p=2, m=32) posting when needed is faster (20 ms a step against 35 ms; posts ahead
+        # stall 1 time in 10 for 2-5 ms in gloo), but on CPU-bound stages it is slower, since the sender's I/O
+        # thread then competes with its compute (transformer, p=2, m=16, in turn in the same processes: interleaved
+        # 1F1B 143 ms against 118 ms posting ahead, 1F1B 122 against 109); on sleeping stages they are equal.
+        if self.transport.exact:
+            window = 0
+        else:
+            window = self.post_ahead if self.post_ahead is not None else sched.num_ranks + 1
 
         def post(t: Transfer) -> None:
             what = f"receive of the {'gradient' if t.is_gradient else 'activation'} of micro-batch " \
@@ -231,7 +236,7 @@ class PipelineExecutor:
             if key in early:
                 return early.pop(key)
             if key not in pending and not self.transport.exact:
-                post_until(next_recv + 1)  # gloo: receives are taken in order, so this is the next one
+                post_until(next_recv + 1)  # gloo, post_ahead=0: receives are taken in order, so this is the next
             if key not in pending:  # exact-size protocol: received now, after what its sender sent before it
                 queue = in_send_order[(sched.stage_to_rank[src_stage], is_gradient)]
                 while (t := queue.popleft()).key != key:
