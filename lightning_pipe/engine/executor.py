@@ -107,6 +107,38 @@ def _tag(transfer: Transfer, num_stages: int) -> int:
     return (transfer.microbatch * num_stages + transfer.src_stage) * 2 + int(transfer.is_gradient)
 
 
+def _transfer_text(t: Transfer, *, receive: bool) -> str:
+    """What a transfer is, for error messages."""
+    value = f"the {'gradient' if t.is_gradient else 'activation'} of micro-batch {t.microbatch}"
+    return f"receive of {value} from stage {t.src_stage}" if receive else f"send of {value} to stage {t.dst_stage}"
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """One rank's actions and their transfers, derived from the schedule once per kind of run (training or
+    forward-only) instead of during every step: this work would sit between actions, on the critical path."""
+
+    actions: tuple[Action, ...]
+    receives: tuple[tuple[int, Transfer, str], ...]
+    """(index of the action that needs it, transfer, description) for every value received, in action order."""
+    sends: tuple[tuple[Transfer, int, str] | None, ...]
+    """Per action, (transfer, tag, description) of what it sends to another rank; ``None`` when it sends nothing
+    or hands its value to a stage of this rank."""
+
+
+_ENGINE = getattr(torch.autograd.Variable, "_execution_engine", None)
+
+
+def _run_backward(outputs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
+    """``torch.autograd.backward(outputs, grads)`` without the Python argument checks that run before the engine
+    (as Megatron-LM's ``custom_backward`` does). The gradients are the shapes and dtypes of the outputs already:
+    received from the next stage, or built here for the loss; the engine itself still validates them."""
+    if _ENGINE is None:  # pragma: no cover - a torch without the engine handle
+        torch.autograd.backward(list(outputs), list(grads))
+    else:
+        _ENGINE.run_backward(tuple(outputs), tuple(grads), False, False, (), True, True)
+
+
 def _as_leaves(value: Any) -> Any:
     """A copy of ``value`` whose floating tensors are fresh leaves, as if it had crossed to another rank."""
     tensors, spec = flatten(value)
@@ -147,6 +179,7 @@ class PipelineExecutor:
         self.rank = rank
         self.post_ahead = post_ahead
         self._send_order_cache: dict[bool, dict[tuple[int, bool], tuple[Transfer, ...]]] = {}
+        self._plan_cache: dict[bool, _Plan] = {}
         self._current: Action | None = None
         if transport is None:
             transport = Transport(group=group, device=device, timeout=timeout)
@@ -185,14 +218,16 @@ class PipelineExecutor:
         weights = list(loss_weights) if loss_weights is not None else [1.0 / m] * m
         if len(weights) != m:
             raise PipelineError(f"{len(weights)} loss weights for {m} micro-batches")
-        actions = [a for a in sched.actions[rank] if train or a.kind is _F]
-        receives = [(i, t) for i, t in enumerate(map(sched.incoming, actions)) if t is not None]
+        plan = self._plan(train)
+        actions, receives = plan.actions, plan.receives
         result = StepResult(start=time.perf_counter())
         timer = _CudaTimer(result) if self.transport.device.type == "cuda" else None
         compute_begins = timer.begin if timer is not None else time.perf_counter
         pending: dict[tuple[bool, int, int], PendingRecv] = {}
         local: dict[tuple[bool, int, int], Any] = {}  # values handed between two stages of this rank
-        saved: dict[tuple[int, int], tuple[list[torch.Tensor], Any]] = {}
+        # Per (micro-batch, stage): the stage input's tensors, the output, and on the last stage the gradient of the
+        # loss (its micro-batch's weight: weighting by the backward's seed costs no op in the forward).
+        saved: dict[tuple[int, int], tuple[list[torch.Tensor], Any, torch.Tensor | None]] = {}
         # Per (micro-batch, stage), the weight gradients that B left for W (schedules that split the backward).
         deferred: dict[tuple[int, int], WeightGradCollector] = {}
         split = train and sched.split_backward
@@ -211,16 +246,14 @@ class PipelineExecutor:
         else:
             window = self.post_ahead if self.post_ahead is not None else sched.num_ranks + 1
 
-        def post(t: Transfer) -> None:
-            what = f"receive of the {'gradient' if t.is_gradient else 'activation'} of micro-batch " \
-                   f"{t.microbatch} from stage {t.src_stage}"
+        def post(t: Transfer, what: str) -> None:
             pending[t.key] = self.transport.recv(t.src_rank, _tag(t, sched.num_stages), what,
                                                  channel=(t.is_gradient, t.src_stage), backward=t.is_gradient)
 
         def post_until(limit: int) -> None:
             nonlocal next_recv
             while not self.transport.exact and next_recv < len(receives) and next_recv < limit:
-                post(receives[next_recv][1])
+                post(*receives[next_recv][1:])
                 next_recv += 1
 
         # Exact protocol: a value is received after every value sent before it on its pair (those wait in
@@ -240,23 +273,24 @@ class PipelineExecutor:
             if key not in pending:  # exact-size protocol: received now, after what its sender sent before it
                 queue = in_send_order[(sched.stage_to_rank[src_stage], is_gradient)]
                 while (t := queue.popleft()).key != key:
-                    post(t)
+                    post(t, _transfer_text(t, receive=True))
                     early[t.key] = pending.pop(t.key).wait()
-                post(t)
+                post(t, _transfer_text(t, receive=True))
             return pending.pop(key).wait()
 
         send_time = [0.0]  # of the current action
 
-        def give(value: Any, action: Action, dst_stage: int, is_gradient: bool) -> None:
-            transfer = sched.outgoing(action)
-            if transfer is None:
+        def give(value: Any, i: int, is_gradient: bool) -> None:
+            """Hand action ``i``'s output (or input gradient) to the stage that needs it."""
+            out = plan.sends[i]
+            if out is None:  # the next (or previous) stage is on this rank
+                action = actions[i]
                 local[(is_gradient, action.microbatch, action.stage)] = _as_leaves(value)
             else:
-                what = f"send of the {'gradient' if is_gradient else 'activation'} of micro-batch " \
-                       f"{action.microbatch} to stage {dst_stage}"
+                transfer, tag, what = out
                 posted = time.perf_counter()
-                self.transport.send(value, transfer.dst_rank, _tag(transfer, sched.num_stages), what,
-                                    channel=(is_gradient, action.stage), backward=is_gradient)
+                self.transport.send(value, transfer.dst_rank, tag, what, channel=(is_gradient, transfer.src_stage),
+                                    backward=is_gradient)
                 send_time[0] = time.perf_counter() - posted
                 sent.add(transfer.key)
 
@@ -288,18 +322,24 @@ class PipelineExecutor:
                                     + (f" of shape {tuple(output.shape)}" if isinstance(output, torch.Tensor) else "")
                                 )
                             result.losses[mb] = output.detach()
-                            loss = output * weights[mb]
-                            saved[(mb, s)] = (input_leaves, scale_loss(loss) if scale_loss is not None else loss)
+                            if scale_loss is None:
+                                saved[(mb, s)] = (input_leaves, output, torch.full_like(output, weights[mb]))
+                            else:
+                                loss = scale_loss(output * weights[mb])
+                                saved[(mb, s)] = (input_leaves, loss, torch.ones_like(loss))
                         else:
                             result.outputs[mb] = output
                     else:
                         if train:
-                            saved[(mb, s)] = (input_leaves, output)
-                        give(output, action, s + 1, is_gradient=False)
+                            saved[(mb, s)] = (input_leaves, output, None)
+                        give(output, i, is_gradient=False)
                 elif action.kind is _B:
                     grads = None if s == last else take(True, mb, s + 1)
                     start = compute_begins()
-                    self._backward(saved.pop((mb, s)), grads, action, send=s > 0, give=give)
+                    input_leaves, output, seed = saved.pop((mb, s))
+                    self._backward(output, grads, seed)
+                    if s > 0:  # one entry per tensor of the stage input, None where it has no gradient
+                        give([t.grad if t.requires_grad else None for t in input_leaves], i, is_gradient=True)
                 else:
                     start = compute_begins()
                     deferred.pop((mb, s)).run()
@@ -355,23 +395,26 @@ class PipelineExecutor:
         # Let the notices leave before the process may exit (peers waiting on them have posted their receives).
         self.transport.drain(seconds=min(2.0, self.transport.timeout.total_seconds()))
 
+    def _plan(self, train: bool) -> _Plan:
+        plan = self._plan_cache.get(train)
+        if plan is None:
+            sched = self.schedule
+            actions = tuple(a for a in sched.actions[self.rank] if train or a.kind is _F)
+            receives = tuple((i, t, _transfer_text(t, receive=True))
+                             for i, t in enumerate(map(sched.incoming, actions)) if t is not None)
+            sends = tuple(None if t is None else (t, _tag(t, sched.num_stages), _transfer_text(t, receive=False))
+                          for t in map(sched.outgoing, actions))
+            plan = self._plan_cache[train] = _Plan(actions, receives, sends)
+        return plan
+
     @staticmethod
-    def _backward(
-        state: tuple[list[torch.Tensor], Any],
-        grads: Any,
-        action: Action,
-        *,
-        send: bool,
-        give: Callable[[Any, Action, int, bool], None],
-    ) -> None:
-        input_leaves, output = state  # input_leaves: every tensor of the stage input, in flatten order
-        if grads is None:  # last stage: output is the weighted loss
-            outs, grad_outs = [output], [None]
-        else:
-            pairs = [(o, g) for o, g in zip(flatten(output)[0], grads) if g is not None and o.requires_grad]
-            outs, grad_outs = [o for o, _ in pairs], [g for _, g in pairs]
-        if outs and outs[0].requires_grad:
-            torch.autograd.backward(outs, grad_outs if grads is not None else None)
-        if send:
-            # One entry per tensor of the stage input, None where it has no gradient.
-            give([t.grad if t.requires_grad else None for t in input_leaves], action, action.stage - 1, True)
+    def _backward(output: Any, grads: Any, seed: torch.Tensor | None) -> None:
+        """Backward from ``output`` with the gradients received from the next stage, or on the last stage from the
+        loss with ``seed`` (its weight)."""
+        if grads is None:
+            if output.requires_grad:
+                _run_backward((output,), (seed,))
+            return
+        pairs = [(o, g) for o, g in zip(flatten(output)[0], grads) if g is not None and o.requires_grad]
+        if pairs:
+            _run_backward([o for o, _ in pairs], [g for _, g in pairs])
