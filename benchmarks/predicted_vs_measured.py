@@ -9,7 +9,9 @@ transformer layers), schedule (GPipe, 1F1B), p in {2, 4} and m in {4, 8, 16} at 
   ``num_microbatches="auto"`` uses). The per-action overhead is measured on the spot with a no-op step of the real
   executor, and the simulator turns both into a step time. Where the ranks outnumber the host's cores (p=4 on a
   2-core machine), each rank is profiled alone and the simulator shares the cores among the ranks computing at
-  each moment (``simulate(..., cores=)``); otherwise all ranks profile at once, as they run;
+  each moment (``simulate(..., cores=)``), and the overhead is measured under load instead of on idle cores: real
+  1F1B steps at m=32 (not in the table) are run and the overhead that makes the simulator match them is found
+  (``--idle-overhead`` for the no-op step); otherwise all ranks profile at once, as they run;
 * measured: median step of the real executor (slowest rank), and the measured mean bubble from its records.
 
 Then a sweep over m (sleeping stages, 1F1B, p=4): bubble falls as m grows while the per-micro-batch cost (the
@@ -108,16 +110,11 @@ def _delivered_cores(stage: nn.Module, x: torch.Tensor, rank: int, p: int, itera
     return min(float(CORES), p / (ratio.item() / p))
 
 
-def _run_config(rank: int, p: int, name: str, m: int, stage: nn.Module, shape: tuple[int, ...],
-                steps: int, warmup: int, keep_timeline: bool, cpu_bound: bool) -> dict[str, Any]:
-    b = BATCH // m
-    x_in = torch.randn(b, *shape, requires_grad=True)
-    schedule = build_schedule(name, num_ranks=p, num_microbatches=m)
-    # Predicted: profile this rank's stage now, overhead from a no-op step, simulator. With more ranks than cores,
-    # each rank is profiled alone (its speed with a core to itself) and the simulator models the sharing.
-    shared = cpu_bound and p > CORES  # sleeping stages leave the cores free
-    dist.barrier()
-    x_prof = torch.randn(b, *shape, requires_grad=True)
+def _profiled_costs(rank: int, p: int, schedule: Any, stage: nn.Module, x_prof: torch.Tensor,
+                    shared: bool) -> tuple[list[float], list[float], float | None]:
+    """Every rank's forward and backward seconds per micro-batch of ``x_prof``'s size (the same lists on every
+    rank), and where ranks share cores, how many the host delivers. Every rank must call it."""
+    b = x_prof.shape[0]
 
     def profile() -> torch.Tensor:
         if IN_FLIGHT:
@@ -128,6 +125,7 @@ def _run_config(rank: int, p: int, name: str, m: int, stage: nn.Module, shape: t
         return torch.tensor([sum(prof.forward) + prof.post_forward, sum(prof.backward) + prof.post_backward],
                             dtype=torch.float64)
 
+    dist.barrier()
     cores: float | None = None
     if not shared:
         fb = profile()  # all ranks at once, as they run
@@ -142,17 +140,81 @@ def _run_config(rank: int, p: int, name: str, m: int, stage: nn.Module, shape: t
     everyone = [torch.empty_like(fb) for _ in range(p)]
     dist.all_gather(everyone, fb)
     dist.barrier()
-    overhead = measure_action_overhead(schedule, rank, Transport(), "cpu", activation=x_prof)
-    o = torch.tensor([overhead], dtype=torch.float64)
-    dist.all_reduce(o, op=dist.ReduceOp.MAX)
-    costs = Costs([float(e[0]) + o.item() for e in everyone], [float(e[1]) + o.item() for e in everyone])
-    predicted = simulate(schedule, costs, cores=cores)
+    return [float(e[0]) for e in everyone], [float(e[1]) for e in everyone], cores
 
-    executor = PipelineExecutor(schedule, rank=rank)
 
+def _predict(schedule: Any, fwd: list[float], bwd: list[float], overhead: float, cores: float | None) -> Any:
+    return simulate(schedule, Costs([f + overhead for f in fwd], [b + overhead for b in bwd]), cores=cores)
+
+
+def _slowest_step(executor: PipelineExecutor, forward_fn: Any, steps: int, warmup: int) -> float:
+    """Median over ``steps`` (after ``warmup``) of the slowest rank's step time."""
+    times = []
+    for step in range(warmup + steps):
+        dist.barrier()
+        t0 = time.perf_counter()
+        executor.run(forward_fn)
+        elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        if step >= warmup:
+            times.append(elapsed.item())
+    return statistics.median(times)
+
+
+def _stage_forward(stage: nn.Module, x_in: torch.Tensor, p: int) -> Any:
     def forward_fn(s: int, mb: int, inputs: Any) -> torch.Tensor:
         out = stage(x_in * 1.0 if inputs is None else inputs)
         return out.pow(2).mean() if s == p - 1 else out
+    return forward_fn
+
+
+CALIBRATION_M = 32
+"""Micro-batches of the real steps that measure the overhead under load: outside the table, and many actions, so
+that the noise of one step weighs little on each action's share."""
+
+
+def _overhead_under_load(rank: int, p: int, stage: nn.Module, shape: tuple[int, ...]) -> float:
+    """Where ranks share cores: the per-action overhead when they all compute. A no-op step
+    (``measure_action_overhead``) runs with the cores idle and misses what a loaded host adds to every transfer:
+    gloo's I/O threads wait for a core, and a send blocks on a lock that such a thread, preempted, holds. So real
+    1F1B steps are run at ``CALIBRATION_M`` micro-batches, and the overhead with which the simulator gives their
+    measured step time is found by bisection. Every rank must call it; all get the same value."""
+    schedule = build_schedule("1f1b", num_ranks=p, num_microbatches=CALIBRATION_M)
+    x = torch.randn(BATCH // CALIBRATION_M, *shape, requires_grad=True)
+    fwd, bwd, cores = _profiled_costs(rank, p, schedule, stage, x, shared=True)
+    measured = _slowest_step(PipelineExecutor(schedule, rank=rank), _stage_forward(stage, x, p), 5, 2)
+    lo, hi = 0.0, 1e-3
+    while _predict(schedule, fwd, bwd, hi, cores).step_time < measured and hi < 1.0:
+        hi *= 2
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _predict(schedule, fwd, bwd, mid, cores).step_time < measured else (lo, mid)
+    return lo
+
+
+def _run_config(rank: int, p: int, name: str, m: int, stage: nn.Module, shape: tuple[int, ...],
+                steps: int, warmup: int, keep_timeline: bool, cpu_bound: bool,
+                load: float | None) -> dict[str, Any]:
+    b = BATCH // m
+    x_in = torch.randn(b, *shape, requires_grad=True)
+    schedule = build_schedule(name, num_ranks=p, num_microbatches=m)
+    # Predicted: profile this rank's stage now, overhead from a no-op step, simulator. With more ranks than cores,
+    # each rank is profiled alone (its speed with a core to itself), the simulator models the sharing, and the
+    # overhead is the one measured under load (``load``, see _overhead_under_load).
+    shared = cpu_bound and p > CORES  # sleeping stages leave the cores free
+    x_prof = torch.randn(b, *shape, requires_grad=True)
+    fwd, bwd, cores = _profiled_costs(rank, p, schedule, stage, x_prof, shared)
+    if shared and load is not None:
+        overhead = load
+    else:
+        o = torch.tensor([measure_action_overhead(schedule, rank, Transport(), "cpu", activation=x_prof)],
+                         dtype=torch.float64)
+        dist.all_reduce(o, op=dist.ReduceOp.MAX)
+        overhead = o.item()
+    predicted = _predict(schedule, fwd, bwd, overhead, cores)
+
+    executor = PipelineExecutor(schedule, rank=rank)
+    forward_fn = _stage_forward(stage, x_in, p)
 
     times, bubbles, metric_cost, packed = [], [], [], None
     for step in range(warmup + steps):
@@ -176,7 +238,7 @@ def _run_config(rank: int, p: int, name: str, m: int, stage: nn.Module, shape: t
             packed = pack_records(recs)
     out: dict[str, Any] = dict(step=statistics.median(times), bubble=statistics.median(bubbles),
                                predicted=predicted.step_time,
-                               predicted_bubble=sum(predicted.bubble_fraction) / p, overhead=o.item(),
+                               predicted_bubble=sum(predicted.bubble_fraction) / p, overhead=overhead,
                                metric_cost=statistics.median(metric_cost), cores=cores)
     busy = sum(r.end - r.start for r in result.records)
     busies = [None] * p
@@ -198,16 +260,22 @@ def _worker(rank: int, p: int, port: int, args: argparse.Namespace, queue: Any) 
     sleeping = nn.Sequential(_SleepStage())
     for workload in args.workloads:
         stage, shape = (sleeping, (64,)) if workload == "sleep" else (_transformer_stage(rank, p), (64, 128))
+        load = None
+        if workload != "sleep" and p > CORES and not args.idle_overhead:
+            load = _overhead_under_load(rank, p, stage, shape)
+            if rank == 0:
+                queue.put(("load", workload, "1f1b", p, 0, load))
         for name in args.schedules:
             for m in args.microbatches:
                 keep = workload == "sleep" and name == "1f1b" and p == 4 and m == 8
                 r = _run_config(rank, p, name, m, stage, shape, args.steps, args.warmup, keep,
-                                cpu_bound=workload != "sleep")
+                                cpu_bound=workload != "sleep", load=load)
                 if rank == 0:
                     queue.put(("compare", workload, name, p, m, r))
     if p == 4 and args.sweep:
         for m in args.sweep:
-            r = _run_config(rank, p, "1f1b", m, sleeping, (64,), args.steps, args.warmup, False, cpu_bound=False)
+            r = _run_config(rank, p, "1f1b", m, sleeping, (64,), args.steps, args.warmup, False, cpu_bound=False,
+                            load=None)
             if rank == 0:
                 queue.put(("sweep", "sleep", "1f1b", p, m, r))
     dist.barrier()
@@ -232,6 +300,9 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", default="bench_out")
+    parser.add_argument("--idle-overhead", action="store_true",
+                        help="where ranks share cores, take the overhead from a no-op step on idle cores too, instead "
+                             "of measuring it under load")
     parser.add_argument("--one-microbatch", action="store_true",
                         help="profile one micro-batch (as num_microbatches='auto' does) instead of the schedule's "
                              "peak micro-batches in flight")
@@ -254,6 +325,7 @@ def main() -> int:
     print(f"{'workload':11} {'schedule':8} {'p':>2} {'m':>3} {'predicted':>9} {'measured':>9} {'meas/pred':>9} "
           f"{'bubble pred':>11} {'bubble meas':>11} {'overhead/act':>12} {'metrics/step':>12}")
     worst = 0.0
+    loads = {(workload, p): r for kind, workload, _, p, _, r in rows if kind == "load"}
     for kind, workload, name, p, m, r in rows:
         if kind != "compare":
             continue
@@ -262,13 +334,17 @@ def main() -> int:
         print(f"{workload:11} {name:8} {p:>2} {m:>3} {1e3 * r['predicted']:>9.1f} {1e3 * r['step']:>9.1f} "
               f"{ratio:>9.3f} {100 * r['predicted_bubble']:>10.1f}% {100 * r['bubble']:>10.1f}% "
               f"{1e3 * r['overhead']:>12.3f} {100 * r['metric_cost'] / r['step']:>11.2f}%"
-              + (f"  (simulated on {r['cores']:.2f} shared cores)" if r["cores"] else ""))
+              + (f"  (simulated on {r['cores']:.2f} shared cores" + (
+                  ", overhead measured under load)" if (workload, p) in loads else ")") if r["cores"] else ""))
         if "timeline" in r and _has_matplotlib():
             measured = Timeline.from_packed(r["timeline"], title=f"measured {name} p={p} m={m} (sleeping stages)")
             planned = Timeline.from_simulation(r["plan"], title="planned (profile + overhead + simulator)")
             plot_timelines([planned, measured], os.path.join(args.out, "timeline_1f1b_p4_m8.png"))
             write_chrome_trace(measured, os.path.join(args.out, "timeline_1f1b_p4_m8.trace.json"))
     print(f"largest |measured/predicted - 1|: {100 * worst:.1f}% (target: within 15%)")
+    for (workload, p), load in loads.items():
+        print(f"{workload} p={p}: overhead per action under load, from real 1F1B steps at m={CALIBRATION_M} (not in "
+              f"the table): {1e3 * load:.3f} ms")
     sweep = [(m, r) for kind, _, _, _, m, r in rows if kind == "sweep"]
     if sweep:
         useful = 3 * PER_SAMPLE_MS / 1e3 * BATCH  # per rank, the sample-proportional work (F + B) of a step
