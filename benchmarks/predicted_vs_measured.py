@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import schedule_efficiency as se  # noqa: E402
-from lightning_pipe.engine import PipelineExecutor, Transport  # noqa: E402
+from lightning_pipe.engine import PipelineExecutor, Transport, destroy_process_group  # noqa: E402
 from lightning_pipe.observe import Timeline, pack_records, plot_timelines, summarize_records  # noqa: E402
 from lightning_pipe.observe import write_chrome_trace  # noqa: E402
 from lightning_pipe.simulate import Costs, simulate  # noqa: E402
@@ -279,7 +279,7 @@ def _worker(rank: int, p: int, port: int, args: argparse.Namespace, queue: Any) 
             if rank == 0:
                 queue.put(("sweep", "sleep", "1f1b", p, m, r))
     dist.barrier()
-    dist.destroy_process_group()
+    destroy_process_group()  # and frees what refers to the groups: see its docstring
 
 
 def _has_matplotlib() -> bool:

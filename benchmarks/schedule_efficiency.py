@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lightning_pipe.engine import PipelineExecutor  # noqa: E402
+from lightning_pipe.engine import PipelineExecutor, destroy_process_group  # noqa: E402
 from lightning_pipe.schedules import build_schedule  # noqa: E402
 from lightning_pipe.simulate import Costs, ideal_step_time, simulate  # noqa: E402
 
@@ -98,7 +98,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: A
             if rank == 0:
                 queue.put((name, world, m, statistics.median(times), gathered))
     dist.barrier()
-    dist.destroy_process_group()
+    destroy_process_group()  # and frees what refers to the groups: see its docstring
 
 
 def _free_port() -> int:

@@ -35,7 +35,9 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lightning_pipe.engine import PipelineExecutor, active_collector, split_microbatches  # noqa: E402
+from lightning_pipe.engine import (  # noqa: E402
+    PipelineExecutor, active_collector, destroy_process_group, split_microbatches,
+)
 from lightning_pipe.schedules import build_schedule, stage_to_rank  # noqa: E402
 from lightning_pipe.simulate import Costs, simulate  # noqa: E402
 import schedule_efficiency as se  # noqa: E402  (benchmarks/ is on the path: this script's folder)
@@ -218,7 +220,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: A
                                                            for k, t in times.items()}))
     if rank == 0:
         queue.put(rows)
-    dist.destroy_process_group()
+    destroy_process_group()  # and frees what refers to the groups: see its docstring
 
 
 def ideal_ms(name: str, v: int, p: int, m: int, tf_ms: float) -> float:

@@ -30,7 +30,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lightning_pipe.engine import (  # noqa: E402
-    ModuleStages, PipelineExecutor, microbatch_weights, split_microbatches, split_sequential,
+    ModuleStages, PipelineExecutor, destroy_process_group, microbatch_weights, split_microbatches, split_sequential,
 )
 from lightning_pipe.schedules import B, F, Schedule, build_schedule, validate_schedule  # noqa: E402
 from lightning_pipe.simulate import Costs, format_timeline, simulate  # noqa: E402
@@ -88,7 +88,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
           f"{sum(p.numel() for p in stage.parameters())} parameters, "
           f"largest gradient difference to one process {diff:.1e}", flush=True)
     assert diff < 1e-5, diff
-    dist.destroy_process_group()
+    destroy_process_group()  # and frees what refers to the groups: see its docstring
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lightning_pipe.engine import (  # noqa: E402
-    ModuleStages, PipelineExecutor, microbatch_weights, split_microbatches, split_sequential,
+    ModuleStages, PipelineExecutor, destroy_process_group, microbatch_weights, split_microbatches, split_sequential,
 )
 from lightning_pipe.schedules import build_schedule  # noqa: E402
 
@@ -65,7 +65,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
                 total += batch_loss * batch_len
         if rank == world - 1:
             print(f"epoch {epoch + 1:3d}  loss {total / len(x):.4f}", flush=True)
-    dist.destroy_process_group()
+    destroy_process_group()  # and frees what refers to the groups: see its docstring
 
 
 def main() -> None:

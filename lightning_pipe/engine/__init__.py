@@ -2,6 +2,7 @@
 
 from lightning_pipe.engine.executor import ActionRecord, ForwardFn, PipelineExecutor, StepResult
 from lightning_pipe.engine.microbatch import batch_size_of, merge_microbatches, microbatch_weights, split_microbatches
+from lightning_pipe.engine.shutdown import destroy_process_group
 from lightning_pipe.engine.stage import ModuleStages, split_sequential
 from lightning_pipe.engine.transport import PendingRecv, Transport
 from lightning_pipe.engine.weightgrad import WeightGradCollector, active_collector, deferring
@@ -10,5 +11,5 @@ __all__ = [
     "ActionRecord", "ForwardFn", "PipelineExecutor", "StepResult",
     "batch_size_of", "merge_microbatches", "microbatch_weights", "split_microbatches",
     "ModuleStages", "split_sequential", "PendingRecv", "Transport",
-    "WeightGradCollector", "active_collector", "deferring",
+    "WeightGradCollector", "active_collector", "deferring", "destroy_process_group",
 ]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import atexit
 import functools
-import gc
 import logging
 import shutil
 import warnings
@@ -34,6 +33,7 @@ from lightning_pipe.engine import (
     PipelineExecutor,
     batch_size_of,
     Transport,
+    destroy_process_group,
     merge_microbatches,
     microbatch_weights,
     split_microbatches,
@@ -69,14 +69,7 @@ def _destroy_process_group_at_exit() -> None:
     """Tear the process group down before the interpreter does: gloo's threads otherwise sometimes abort the
     process at exit ("terminate called without an active exception") after a successful run."""
 
-    def destroy() -> None:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-        # Free what still refers to the groups (works, meshes) now, while the interpreter is whole: left to the
-        # final garbage collection, a gloo worker thread may throw during Py_Finalize and abort the process.
-        gc.collect()
-
-    atexit.register(destroy)
+    atexit.register(destroy_process_group)  # then frees what still refers to the groups (works, meshes)
 
 
 def _to_device(value: Any, device: torch.device) -> Any:
