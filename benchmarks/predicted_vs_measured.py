@@ -86,14 +86,21 @@ def _in_flight_times(stage: nn.Module, x: torch.Tensor, held: int, iterations: i
     return statistics.median(fwd), statistics.median(bwd)
 
 
-def _delivered_cores(stage: nn.Module, x: torch.Tensor, rank: int, p: int, iterations: int = 8) -> float:
+def _delivered_cores(stage: nn.Module, x: torch.Tensor, rank: int, p: int, held: int = 1,
+                     iterations: int = 8) -> float:
     """How many cores the host delivers to ``p`` ranks computing at once: ``p x (time alone) / (time together)``
-    for the same forward and backward on every rank (capped at the cores there are). Every rank must call it."""
+    for the same ``iterations`` forwards and backwards on every rank, run ``held`` forwards then their backwards at a
+    time as the schedule holds them on this rank, so that the ranks compete for memory as in the run, not only for
+    cores (capped at the cores there are). Every rank must call it."""
 
     def work() -> float:
         t0 = time.perf_counter()
-        for _ in range(iterations):
-            stage(x * 1.0).pow(2).mean().backward()
+        done = 0
+        while done < iterations:
+            losses = [stage(x * 1.0).pow(2).mean() for _ in range(min(held, iterations - done))]
+            for loss in losses:
+                loss.backward()
+            done += len(losses)
         return time.perf_counter() - t0
 
     work()  # warm
@@ -136,7 +143,8 @@ def _profiled_costs(rank: int, p: int, schedule: Any, stage: nn.Module, x_prof: 
             if turn == rank:
                 fb = profile()
             dist.barrier()
-        cores = _delivered_cores(stage, x_prof, rank, p)
+        held = simulate(schedule, Costs()).peak_activations[rank] if IN_FLIGHT else 1
+        cores = _delivered_cores(stage, x_prof, rank, p, held)
     everyone = [torch.empty_like(fb) for _ in range(p)]
     dist.all_gather(everyone, fb)
     dist.barrier()
