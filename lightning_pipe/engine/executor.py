@@ -126,17 +126,20 @@ class _Plan:
     or hands its value to a stage of this rank."""
 
 
-_ENGINE = getattr(torch.autograd.Variable, "_execution_engine", None)
+# What torch.autograd.backward calls once its arguments are checked: the engine, with the context that compiled
+# regions' backward reads on device threads (a private function; absent, the public one is used).
+_ENGINE_RUN_BACKWARD = getattr(torch.autograd.graph, "_engine_run_backward", None)
 
 
 def _run_backward(outputs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
     """``torch.autograd.backward(outputs, grads)`` without the Python argument checks that run before the engine
     (as Megatron-LM's ``custom_backward`` does). The gradients are the shapes and dtypes of the outputs already:
     received from the next stage, or built here for the loss; the engine itself still validates them."""
-    if _ENGINE is None:  # pragma: no cover - a torch without the engine handle
+    if _ENGINE_RUN_BACKWARD is None:  # pragma: no cover - a torch without it
         torch.autograd.backward(list(outputs), list(grads))
     else:
-        _ENGINE.run_backward(tuple(outputs), tuple(grads), False, False, (), True, True)
+        _ENGINE_RUN_BACKWARD(tuple(outputs), tuple(grads), False, False, (), allow_unreachable=True,
+                             accumulate_grad=True)
 
 
 def _as_leaves(value: Any) -> Any:
