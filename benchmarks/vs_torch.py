@@ -212,8 +212,9 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: A
                 for key, run in runners.items():  # one warm-up step each (torch infers shapes in its first)
                     if run is not None:
                         timed(run, 1)
-                for _ in range(args.steps):  # in turn, so that the machine's noise hits both alike
-                    for key, run in runners.items():
+                for step in range(args.steps):  # in turn, so that the machine's noise hits both alike,
+                    turn = list(runners.items())  # and each goes first every other step
+                    for key, run in turn[::-1] if step % 2 else turn:
                         if run is not None:
                             times[key] += timed(run, 1)
                 rows.append((workload, world, m, name, v, {k: statistics.median(t) if t else float("nan")
