@@ -139,14 +139,19 @@ def simulate(schedule: Schedule, costs: Costs, *, cores: float | None = None) ->
                 ready.extend(woken)
             i += 1
         ptr[rank], free[rank] = i, t
-    if any(ptr[r] < len(schedule.actions[r]) for r in range(num_ranks)):
+    _raise_if_stuck(schedule, ptr, blocked_on)
+    return _result(schedule, starts, ends)
+
+
+def _raise_if_stuck(schedule: Schedule, ptr: list[int], blocked_on: dict[int, tuple[Action, ActionKind, int]]) -> None:
+    """Raise :class:`ScheduleDeadlockError` naming what each unfinished rank waits for, if any rank is unfinished."""
+    if any(ptr[r] < len(schedule.actions[r]) for r in range(schedule.num_ranks)):
         stuck = [
             f"rank {r} at {schedule.actions[r][ptr[r]]} waits for {_describe(blocked_on[r])}"
-            for r in range(num_ranks)
+            for r in range(schedule.num_ranks)
             if ptr[r] < len(schedule.actions[r])
         ]
         raise ScheduleDeadlockError(f"schedule {schedule.name!r} deadlocks: " + "; ".join(stuck))
-    return _result(schedule, starts, ends)
 
 
 def _result(schedule: Schedule, starts: list[list[float]], ends: list[list[float]]) -> SimulationResult:
@@ -186,6 +191,7 @@ def _run_shared(schedule: Schedule, costs: Costs, cores: float) -> tuple[list[li
     num_ranks = schedule.num_ranks
     ptr = [0] * num_ranks
     left: list[float | None] = [None] * num_ranks  # work left of the action each rank is computing
+    blocked_on: dict[int, tuple[Action, ActionKind, int]] = {}
     starts: list[list[float]] = [[] for _ in range(num_ranks)]
     ends: list[list[float]] = [[] for _ in range(num_ranks)]
     now = 0.0
@@ -202,6 +208,7 @@ def _run_shared(schedule: Schedule, costs: Costs, cores: float) -> tuple[list[li
             for dep_kind, dep_stage in deps:
                 finished = done[dep_kind][dep_stage * m + mb]
                 if finished is None:
+                    blocked_on[rank] = (action, dep_kind, dep_stage)
                     ready = math.inf
                     break
                 ready = max(ready, finished + (transfer if rank_of[dep_stage] != rank else 0.0))
@@ -226,10 +233,7 @@ def _run_shared(schedule: Schedule, costs: Costs, cores: float) -> tuple[list[li
                 done[action.kind][action.stage * m + action.microbatch] = now
                 ends[r].append(now)
                 left[r], ptr[r] = None, ptr[r] + 1
-    if any(ptr[r] < len(schedule.actions[r]) for r in range(num_ranks)):
-        stuck = [f"rank {r} at {schedule.actions[r][ptr[r]]}" for r in range(num_ranks)
-                 if ptr[r] < len(schedule.actions[r])]
-        raise ScheduleDeadlockError(f"schedule {schedule.name!r} deadlocks: " + "; ".join(stuck))
+    _raise_if_stuck(schedule, ptr, blocked_on)
     return starts, ends
 
 

@@ -237,7 +237,7 @@ def test_fewer_cores_are_never_faster() -> None:
 
 def test_shared_cores_still_find_deadlocks_and_check_the_count() -> None:
     schedule = two_stage([F(0, 0), B(0, 0)], [B(0, 1), F(0, 1)], m=1)
-    with pytest.raises(ScheduleDeadlockError, match="rank 1 at B0@s1"):
+    with pytest.raises(ScheduleDeadlockError, match="rank 1 at B0@s1 waits for F0@s1"):
         simulate(schedule, Costs(), cores=1)
     with pytest.raises(ValueError, match="cores must be positive"):
         simulate(one_f_one_b(2, 2), Costs(), cores=0)

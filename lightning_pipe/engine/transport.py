@@ -227,9 +227,10 @@ class PendingRecv:
             head = buffer[: _PREFIX + meta_len].cpu().numpy()
         base = _aligned(_PREFIX + meta_len)
         t.observe(self.channel, base + length)
-        meta = t.decode(head[_PREFIX : _PREFIX + meta_len].tobytes())
+        head_bytes = head[: _PREFIX + meta_len].tobytes()
+        meta = t.decode(head_bytes[_PREFIX:])
         if buffer is self._buffer:  # the next receive on this channel expects this layout
-            t._expected[self.channel] = _Expected(head[: _PREFIX + meta_len].tobytes(), meta, base, base + length)
+            t._expected[self.channel] = _Expected(head_bytes, meta, base, base + length)
         return _unpack(buffer, meta, base, head if buffer.device.type == "cpu" else None)
 
     def _raise_failure(self, text: torch.Tensor) -> None:
