@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Any
@@ -41,8 +42,45 @@ class Unpack(nn.Module):
         return value[0]
 
 
+@dataclasses.dataclass
+class Hidden:
+    """A dataclass crossing stages, holding a complex tensor too (both carry gradients back) and a field that
+    ``__init__`` does not set."""
+
+    h: torch.Tensor
+    z: torch.Tensor
+    label: str = "hidden"
+    hops: int = dataclasses.field(init=False, default=0)
+
+
+class Wrap(nn.Module):
+    def forward(self, x: torch.Tensor) -> Hidden:
+        return Hidden(x, torch.complex(x, -x))
+
+
+class DataBlock(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(d, d)
+
+    def forward(self, value: Hidden) -> Hidden:
+        assert isinstance(value, Hidden) and value.label == "hidden", type(value)
+        h = torch.tanh(self.linear(value.h)) + 0.1 * value.z.real * value.z.imag
+        out = Hidden(h, torch.complex(h, 0.5 * h) * value.z.abs().clamp(max=2.0))
+        out.hops = value.hops + 1
+        return out
+
+
+class Unwrap(nn.Module):
+    def forward(self, value: Hidden) -> torch.Tensor:
+        assert value.hops == 6, value.hops  # the non-init field crossed every stage
+        return value.h + value.z.real
+
+
 def make_model(kind: str) -> nn.Sequential:
     torch.manual_seed(1234)
+    if kind == "dataclass":
+        return nn.Sequential(Wrap(), *[DataBlock(16) for _ in range(6)], Unwrap())
     if kind == "mlp":
         layers: list[nn.Module] = []
         for i in range(8):
@@ -55,7 +93,7 @@ def make_model(kind: str) -> nn.Sequential:
 
 def make_batch(kind: str, step: int, batch_size: int) -> tuple[Any, torch.Tensor]:
     g = torch.Generator().manual_seed(100 + step)
-    if kind == "mlp":
+    if kind in ("mlp", "dataclass"):
         return torch.randn(batch_size, 16, generator=g), torch.randn(batch_size, 16, generator=g)
     seq = 5 + 3 * step  # the sequence length changes between steps
     x = torch.randn(batch_size, seq, 16, generator=g)
@@ -71,18 +109,21 @@ def _balance(n: int, p: int) -> list[int]:
 
 def transparency(rank: int, world_size: int, *, models: list[str], schedules: list[str], ms: list[int],
                  steps: int = 2, batch_size: int = 10, unweighted: bool = False,
-                 exact: bool = False, post_ahead: int | None = None) -> dict[str, float]:
+                 exact: bool = False, post_ahead: int | None = None, one_group: bool = False) -> dict[str, float]:
     """For each configuration, the largest |pipelined - reference| over this rank's loss and gradients.
 
     ``unweighted=True`` sums the micro-batch losses instead of weighting them: a control that must show a
     difference, so the comparison is known to be able to fail. ``post_ahead``: receives gloo keeps posted ahead.
+    ``one_group`` (with ``exact``): no group of their own for gradients.
     """
     loss_fn = nn.MSELoss()
     report: dict[str, float] = {}
     # exact=True: the protocol used with NCCL (exact sizes, receives posted just in time, gradients on a group of
     # their own), run here over gloo.
-    transport = Transport(exact=True, backward_group=dist.new_group(list(range(world_size))), timeout=60) \
-        if exact else None
+    # one_group: the exact protocol with activations and gradients on one group (what PipelineExecutor builds
+    # for NCCL when given no transport): matched by order across both kinds.
+    backward_group = None if one_group else dist.new_group(list(range(world_size))) if exact else None
+    transport = Transport(exact=True, backward_group=backward_group, timeout=60) if exact else None
     for kind in models:
         reference = make_model(kind)
         ref_grads, ref_losses = [], []
@@ -238,3 +279,29 @@ def message_sequence(rank: int, world_size: int) -> dict[str, int]:
     else:
         raise AssertionError("the failure notice was not raised")
     return counts
+
+
+def bad_setups(rank: int, world_size: int) -> dict[str, str]:
+    """Mistakes that must fail at once on every rank with the setting to change, not hang: a schedule for more
+    ranks than the group has, a rank that is not this process's, and a stage whose first op is in place."""
+    from lightning_pipe.errors import PipelineError
+
+    errors: dict[str, str] = {}
+    for key, kwargs in (("ranks", dict(num_ranks=world_size + 1, rank=rank)),
+                        ("rank", dict(num_ranks=world_size, rank=1 - rank))):
+        schedule = build_schedule("1f1b", num_ranks=kwargs["num_ranks"], num_microbatches=2)
+        try:
+            PipelineExecutor(schedule, rank=kwargs["rank"], timeout=30)
+        except PipelineError as err:
+            errors[key] = str(err)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(inplace=True), nn.Linear(4, 4))
+    stages = {0: model[:1], 1: model[1:]}
+    x, y = torch.randn(4, 4), torch.randn(4, 4)
+    schedule = build_schedule("1f1b", num_ranks=2, num_microbatches=2)
+    executor = PipelineExecutor(schedule, rank=rank, timeout=30)
+    try:
+        executor.run(ModuleStages({rank: stages[rank]}, num_stages=2, microbatches=split_microbatches(x, 2),
+                                  targets=split_microbatches(y, 2), loss_fn=nn.MSELoss()))
+    except Exception as err:  # noqa: BLE001
+        errors["inplace"] = f"{type(err).__name__}: {err}"
+    return errors

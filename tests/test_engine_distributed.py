@@ -44,6 +44,30 @@ def test_exact_size_protocol_matches_one_process(world_size: int) -> None:
 
 
 @pytest.mark.timeout(240)
+def test_exact_size_protocol_on_one_group_matches_one_process() -> None:
+    """The exact protocol without a group for gradients (what the executor builds for NCCL by default): activations
+    and gradients between two ranks are matched by one order, which the interleaved and V schedules exercise (both
+    kinds flow each way). The dataclass model also sends dataclasses and complex tensors."""
+    outcomes = launch("tests._engine_workers.transparency", 2, deadline=200, models=["transformer", "dataclass"],
+                      schedules=["interleaved_1f1b", "zero_bubble:2", "zbv"], ms=[1, 5], exact=True, one_group=True)
+    for outcome in outcomes:
+        report = outcome.unwrap()
+        assert len(report) == 12 and max(report.values()) <= TOLERANCE, report
+
+
+@pytest.mark.timeout(240)
+def test_dataclasses_and_complex_tensors_cross_stages_with_their_gradients() -> None:
+    """A dataclass (with a field ``__init__`` does not set) and a complex tensor between every two stages: their
+    gradients flow back (before, a dataclass was pickled as a leaf and a complex tensor lost requires_grad, both
+    silently)."""
+    outcomes = launch("tests._engine_workers.transparency", 2, deadline=200, models=["dataclass"],
+                      schedules=["1f1b", "zbv"], ms=[3])
+    for outcome in outcomes:
+        report = outcome.unwrap()
+        assert len(report) == 2 and max(report.values()) <= TOLERANCE, report
+
+
+@pytest.mark.timeout(240)
 def test_receives_posted_when_needed_match_one_process() -> None:
     """gloo with receives posted only when needed (``post_ahead=0``; by default a few are posted ahead), over shapes
     that change between steps."""
@@ -61,6 +85,20 @@ def test_values_needed_in_another_order_than_sent(exact: bool) -> None:
     NCCL, by order alone: it must receive micro-batch 0 first and keep it until needed."""
     for outcome in launch("tests._engine_workers.out_of_order", 2, deadline=100, exact=exact):
         assert outcome.unwrap() <= TOLERANCE
+
+
+@pytest.mark.timeout(120)
+def test_bad_setups_fail_at_once_on_every_rank_naming_the_setting() -> None:
+    for outcome in launch("tests._engine_workers.bad_setups", 2, deadline=100):
+        errors = outcome.unwrap()
+        assert "is for 3 ranks but the pipeline group has 2 processes: build it with num_ranks=2" in errors["ranks"]
+        assert f"but this process is rank {outcome.rank} of the pipeline group" in errors["rank"]
+        if outcome.rank == 1:  # the stage that starts with ReLU(inplace=True)
+            assert errors["inplace"].startswith("PipelineError: stage 1 changes its input in place")
+            assert "inplace=False" in errors["inplace"] and "balance" in errors["inplace"]
+        else:  # told by rank 1 instead of waiting for its gradient
+            assert errors["inplace"].startswith("PipelineCommError") and "changes its input in place" in \
+                errors["inplace"]
 
 
 @pytest.mark.timeout(120)

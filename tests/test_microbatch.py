@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 import dataclasses
 from collections import namedtuple
 from typing import Any
@@ -429,3 +431,25 @@ def test_merge_keeps_autograd_graph():
     merged = merge_microbatches(outs)
     merged.sum().backward()
     assert torch.equal(x.grad, torch.full_like(x, 2.0))
+
+
+def test_split_and_merge_keep_a_defaultdict_and_its_factory() -> None:
+    batch = collections.defaultdict(list, x=torch.arange(4.0).view(4, 1), n=3)
+    parts = split_microbatches(batch, 2)
+    assert all(type(p) is collections.defaultdict and p.default_factory is list for p in parts)
+    assert parts[1]["x"].flatten().tolist() == [2.0, 3.0] and parts[1]["n"] == 3
+    merged = merge_microbatches(parts)
+    assert type(merged) is collections.defaultdict and merged.default_factory is list
+    assert torch.equal(merged["x"], batch["x"])
+
+
+def test_merge_joins_ragged_per_sample_lists_of_equal_sized_micro_batches() -> None:
+    """Two micro-batches of two ragged sequences each: lists of equal length holding tensors, but of different
+    lengths within a list, so per-sample (joined), not a container of batched tensors (merged entry by entry)."""
+    seqs = [torch.ones(5), torch.ones(2), torch.ones(7), torch.ones(3)]
+    batch = {"x": torch.zeros(4, 2), "seqs": seqs}
+    merged = merge_microbatches(split_microbatches(batch, 2))
+    assert [s.shape[0] for s in merged["seqs"]] == [5, 2, 7, 3]
+    # A container of batched tensors is still merged entry by entry.
+    pairs = merge_microbatches([[torch.zeros(2, 3), torch.ones(2)], [torch.zeros(2, 3), torch.ones(2)]])
+    assert [p.shape for p in pairs] == [(4, 3), (4,)]

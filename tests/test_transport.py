@@ -58,6 +58,20 @@ def test_values_with_other_leaves_are_not_cached() -> None:
     assert cache == {}
 
 
+def test_dict_keys_that_hash_alike_are_not_confused_by_the_cache() -> None:
+    cache: dict[Hashable, _Layout] = {}
+    x = torch.randn(2)
+    keys = [next(iter(_round_trip({key: x}, cache))) for key in (1, True, 1.0, "k")]
+    assert [type(k) for k in keys] == [int, bool, float, str]
+    assert len(cache) == 1  # only the dict with string keys
+
+
+def test_complex_tensors_keep_requires_grad() -> None:
+    z = torch.complex(torch.randn(3), torch.randn(3)).requires_grad_(True)
+    out = _round_trip(z, {})
+    assert out.requires_grad and out.dtype == torch.complex64 and torch.equal(out.detach(), z.detach())
+
+
 @pytest.mark.parametrize("host", [True, False])
 def test_every_dtype_and_shape_reads_back_with_or_without_numpy(host: bool) -> None:
     """numpy has no bfloat16: such tensors are cut out with torch instead."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import pickle
 from collections import namedtuple
 from typing import Any, NamedTuple, Optional
@@ -208,3 +210,54 @@ def test_spec_is_immutable():
     _, spec = flatten((torch.ones(1),))
     with pytest.raises(Exception):
         spec.kind = "list"  # type: ignore[misc]
+
+
+# -- dataclasses and dict subclasses keep their class ---------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Hidden:
+    h: torch.Tensor
+    label: str = "x"
+    hops: int = dataclasses.field(init=False, default=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Frozen:
+    h: torch.Tensor
+    extra: Any = None
+
+
+class AttrDict(collections.OrderedDict):
+    """Shaped like transformers' ModelOutput: a dict whose keys are also attributes."""
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self[key]
+        except KeyError as err:
+            raise AttributeError(key) from err
+
+
+def test_dataclass_round_trip_keeps_class_tensors_and_fields_not_set_by_init() -> None:
+    value = Hidden(torch.randn(2, 3), "y")
+    value.hops = 4
+    tensors, spec = flatten(value)
+    assert tensors == [value.h] and spec.kind == "dataclass"  # the tensor travels as a tensor, not in the metadata
+    out = unflatten(tensors, spec)
+    assert type(out) is Hidden and out.h is value.h and out.label == "y" and out.hops == 4
+
+
+def test_frozen_dataclass_nested_in_a_tuple_round_trips() -> None:
+    value = (Frozen(torch.ones(2), extra=[torch.zeros(1), 3]), torch.arange(2))
+    out = round_trip(value)
+    assert type(out[0]) is Frozen and out[0].extra[1] == 3
+    assert_same(out, value)
+
+
+def test_dict_subclasses_keep_their_class_and_a_defaultdict_its_factory() -> None:
+    out = round_trip(AttrDict(last_hidden_state=torch.ones(2, 3)))
+    assert type(out) is AttrDict and out.last_hidden_state.shape == (2, 3)
+    dd = round_trip(collections.defaultdict(list, x=torch.ones(1)))
+    assert type(dd) is collections.defaultdict and dd.default_factory is list and dd["missing"] == []
+    spec = flatten(AttrDict(a=torch.ones(1)))[1]
+    assert pickle.loads(pickle.dumps(spec)) == spec  # travels in a message's metadata

@@ -236,3 +236,21 @@ def test_linear_is_restored_and_other_threads_are_left_alone() -> None:
         worker.start()
         worker.join()
     assert F.linear is original and seen == [0] and len(collector) == 0
+
+
+def test_weights_with_gradient_hooks_get_their_gradient_in_b_through_the_hooks() -> None:
+    """A hook registered on a weight (here masking rows, as partial fine-tuning does) must see the gradient when
+    autograd makes it: such weights are not deferred to W."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    mask = torch.tensor([[1.0], [1.0], [0.0], [0.0]])
+    seen = []
+    model[0].weight.register_hook(lambda g: (seen.append(g.shape), g * mask)[1])
+    accumulated = []
+    model[1].weight.register_post_accumulate_grad_hook(lambda p: accumulated.append(p.grad.clone()))
+    plain, split, deferred = grads_both_ways(model, torch.randn(3, 4))
+    assert deferred == 0  # both hooked weights (and their layers' biases) get their gradient in B, through the hooks
+    assert seen == [(4, 4), (4, 4)] and len(accumulated) == 2
+    assert split["0.weight"][2:].abs().sum() == 0
+    for name in plain:
+        torch.testing.assert_close(split[name], plain[name])

@@ -142,10 +142,14 @@ def _run_backward(outputs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]
                              accumulate_grad=True)
 
 
+def _differentiable(t: torch.Tensor) -> bool:
+    return t.is_floating_point() or t.is_complex()
+
+
 def _as_leaves(value: Any) -> Any:
     """A copy of ``value`` whose floating tensors are fresh leaves, as if it had crossed to another rank."""
     tensors, spec = flatten(value)
-    leaves = [t.detach().requires_grad_(t.requires_grad and t.is_floating_point()) for t in tensors]
+    leaves = [t.detach().requires_grad_(t.requires_grad and _differentiable(t)) for t in tensors]
     return unflatten(leaves, spec)
 
 
@@ -186,6 +190,16 @@ class PipelineExecutor:
         self._current: Action | None = None
         if transport is None:
             transport = Transport(group=group, device=device, timeout=timeout)
+        size = dist.get_world_size(transport.group)
+        if size != schedule.num_ranks:
+            # Checked on every rank before any message: a mismatch would otherwise leave ranks waiting on peers
+            # that do not exist or never send.
+            raise PipelineError(f"the schedule {schedule.name!r} is for {schedule.num_ranks} ranks but the pipeline "
+                                f"group has {size} processes: build it with num_ranks={size}, or pass the group "
+                                f"of the pipeline's ranks")
+        if transport._rank != rank:
+            raise PipelineError(f"rank={rank} but this process is rank {transport._rank} of the pipeline group: "
+                                f"pass its rank within the group")
         # Several executors (one per micro-batch count) may share a transport: its channel capacities then stay in
         # step with the peers whatever executor ran last.
         self.transport = transport  # run() points its error messages at this executor
@@ -261,6 +275,7 @@ class PipelineExecutor:
 
         # Exact protocol: a value is received after every value sent before it on its pair (those wait in
         # ``early`` until needed); see _send_orders.
+        split_kinds = self.transport.backward_group is not None  # else both kinds share one order per peer
         in_send_order = {pair: deque(ts) for pair, ts in self._send_orders(train).items()} \
             if self.transport.exact else {}
         early: dict[tuple[bool, int, int], Any] = {}
@@ -274,7 +289,7 @@ class PipelineExecutor:
             if key not in pending and not self.transport.exact:
                 post_until(next_recv + 1)  # gloo, post_ahead=0: receives are taken in order, so this is the next
             if key not in pending:  # exact-size protocol: received now, after what its sender sent before it
-                queue = in_send_order[(sched.stage_to_rank[src_stage], is_gradient)]
+                queue = in_send_order[(sched.stage_to_rank[src_stage], is_gradient and split_kinds)]
                 while (t := queue.popleft()).key != key:
                     post(t, _transfer_text(t, receive=True))
                     early[t.key] = pending.pop(t.key).wait()
@@ -308,13 +323,23 @@ class PipelineExecutor:
                 if action.kind is _F:
                     inputs = None if s == 0 else take(False, mb, s - 1)
                     start = compute_begins()
-                    with torch.set_grad_enabled(train):
-                        if split:
-                            deferred[(mb, s)] = collector = WeightGradCollector()
-                            with deferring(collector):
+                    try:
+                        with torch.set_grad_enabled(train):
+                            if split:
+                                deferred[(mb, s)] = collector = WeightGradCollector()
+                                with deferring(collector):
+                                    output = forward_fn(s, mb, inputs)
+                            else:
                                 output = forward_fn(s, mb, inputs)
-                        else:
-                            output = forward_fn(s, mb, inputs)
+                    except RuntimeError as err:
+                        if s > 0 and "leaf Variable that requires grad" in str(err):
+                            raise PipelineError(
+                                f"stage {s} changes its input in place ({err}): the input of a stage is received "
+                                "from the stage before, as a leaf tensor that autograd may not modify in place. "
+                                "Make the stage's first operation out of place (e.g. nn.ReLU(inplace=False)), or "
+                                "move the cut between stages (balance) so that the stage does not start with it"
+                            ) from err
+                        raise
                     input_leaves = flatten(inputs)[0] if train and inputs is not None else []
                     if s == last:
                         if train:
@@ -375,14 +400,16 @@ class PipelineExecutor:
     def _send_orders(self, train: bool) -> dict[tuple[int, bool], tuple[Transfer, ...]]:
         """Per (peer, is_gradient), the values that peer sends to this rank, in the order it sends them. NCCL matches
         a pair's messages by order alone, and a schedule may need values in another order than they are sent.
+        Without a ``backward_group`` activations and gradients share one order per peer (key ``(peer, False)``).
         Derived from the schedule once per kind of run (training or forward-only), not every step."""
         orders = self._send_order_cache.get(train)
         if orders is None:
             sched, lists = self.schedule, {}
+            split_kinds = self.transport.backward_group is not None
             for src in range(sched.num_ranks):
                 for j, t in sched.sends(src):
                     if t.dst_rank == self.rank and (train or sched.actions[src][j].kind is _F):
-                        lists.setdefault((src, t.is_gradient), []).append(t)
+                        lists.setdefault((src, t.is_gradient and split_kinds), []).append(t)
             orders = self._send_order_cache[train] = {pair: tuple(ts) for pair, ts in lists.items()}
         return orders
 

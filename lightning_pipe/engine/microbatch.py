@@ -5,8 +5,9 @@ Plain torch (no Lightning), so the engine can drive any training loop.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 
@@ -48,8 +49,7 @@ def _split(node: Any, batch_size: int, bounds: list[tuple[int, int]]) -> list[An
         return [dataclasses.replace(node, **{name: parts[name][i] for name in fields}) for i in range(n)]
     if isinstance(node, dict):
         parts_d = {k: _split(v, batch_size, bounds) for k, v in node.items()}
-        return [type(node)((k, parts_d[k][i]) for k in node) if type(node) is not dict
-                else {k: parts_d[k][i] for k in node} for i in range(n)]
+        return [_like(node, ((k, parts_d[k][i]) for k in node)) for i in range(n)]
     if isinstance(node, (list, tuple)):
         # A per-sample list has one entry per sample; a container ([x, y] from default_collate) holds at least
         # one batch-sized entry. (A list of ragged tensors one of which is batch-size long stays ambiguous.)
@@ -62,6 +62,15 @@ def _split(node: Any, batch_size: int, bounds: list[tuple[int, int]]) -> list[An
             return [type(node)(*r) if hasattr(node, "_fields") else tuple(r) for r in rebuilt]
         return rebuilt
     return [node] * n
+
+
+def _like(node: dict[Any, Any], items: Iterable[tuple[Any, Any]]) -> dict[Any, Any]:
+    """A dict of ``node``'s class (a ``defaultdict`` with its factory) holding ``items``."""
+    if type(node) is dict:
+        return dict(items)
+    if isinstance(node, collections.defaultdict):
+        return type(node)(node.default_factory, items)
+    return type(node)(items)
 
 
 def split_microbatches(batch: Any, num_microbatches: int) -> list[Any]:
@@ -97,12 +106,21 @@ def microbatch_weights(microbatches: Sequence[Any]) -> list[float]:
     return [s / total for s in sizes]
 
 
+def _ragged(entries: list[Any]) -> bool:
+    """Whether a list holds only tensors, of different lengths: not a container of batched tensors (``[x, y]``,
+    all as long as the micro-batch) but one entry per sample (ragged sequences)."""
+    if not all(isinstance(v, torch.Tensor) and v.dim() > 0 for v in entries):
+        return False
+    return len({v.shape[0] for v in entries}) > 1
+
+
 def merge_microbatches(outputs: Sequence[Any]) -> Any:
     """Concatenate per-micro-batch outputs along dimension 0, recursing into tuples, lists, dicts and dataclasses.
 
     Tensors with a batch dimension are concatenated; scalar tensors are stacked; lists are joined when they hold no
-    tensor or differ in length (per-sample lists), else merged entry by entry; other leaves are returned as a list
-    with one entry per micro-batch.
+    tensor, differ in length or hold entries of different batch sizes (per-sample lists, such as ragged sequences),
+    else merged entry by entry; other leaves are returned as a list with one entry per micro-batch. Dicts keep
+    their class.
     """
     first = outputs[0]
     if len(outputs) == 1:
@@ -113,13 +131,14 @@ def merge_microbatches(outputs: Sequence[Any]) -> Any:
         names = [f.name for f in dataclasses.fields(first) if f.init]
         return dataclasses.replace(first, **{n: merge_microbatches([getattr(o, n) for o in outputs]) for n in names})
     if isinstance(first, dict):
-        return {k: merge_microbatches([o[k] for o in outputs]) for k in first}
+        return _like(first, ((k, merge_microbatches([o[k] for o in outputs])) for k in first))
     if isinstance(first, tuple):
         merged = [merge_microbatches([o[i] for o in outputs]) for i in range(len(first))]
         return type(first)(*merged) if hasattr(first, "_fields") else tuple(merged)
     if isinstance(first, list):
         lists = all(isinstance(o, list) for o in outputs)
-        if lists and (len({len(o) for o in outputs}) > 1 or not any(batch_size_of(v) >= 0 for v in first)):
+        if lists and (len({len(o) for o in outputs}) > 1 or not any(batch_size_of(v) >= 0 for v in first)
+                      or any(_ragged(o) for o in outputs)):
             return [v for o in outputs for v in o]  # per-sample lists: joined
         return [merge_microbatches([o[i] for o in outputs]) for i in range(len(first))]
     return list(outputs)

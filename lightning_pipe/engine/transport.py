@@ -83,16 +83,21 @@ def _describe_tensors(tensors: list[torch.Tensor], spec: TreeSpec) -> _Meta:
     metas, offset = [], 0
     for t in tensors:
         nbytes = t.numel() * t.element_size()
-        metas.append(_TensorMeta(t.dtype, tuple(t.shape), bool(t.requires_grad and t.is_floating_point()),
-                                 offset, nbytes))
+        differentiable = t.is_floating_point() or t.is_complex()
+        metas.append(_TensorMeta(t.dtype, tuple(t.shape), bool(t.requires_grad and differentiable), offset, nbytes))
         offset = _aligned(offset + nbytes)
     return spec, metas, offset
 
 
 def _tensors_only(spec: TreeSpec) -> bool:
     """Whether every leaf of ``spec`` is a tensor. Only such layouts are cached: other leaves travel in the
-    metadata, and equal keys may still differ there (``1 == 1.0 == True``) or not hash at all."""
+    metadata, and equal keys may still differ there (``1 == 1.0 == True``) or not hash at all; for the same
+    reason, only dicts whose keys are all strings."""
     if spec.kind == "leaf":
+        return False
+    if spec.kind == "dict" and not all(type(k) is str for k in spec.value):
+        return False
+    if spec.kind == "dictsub" and not all(type(k) is str for k in spec.value[1]):
         return False
     return all(_tensors_only(c) for c in spec.children)
 
@@ -400,7 +405,7 @@ class Transport:
             parts += [(header.to(self.device), 0), (_bytes_tensor(raw).to(self.device), 1)]
         if meta[2]:
             if len(tensors) == 1 and meta[1][0].nbytes == meta[2]:  # one aligned tensor: sent as it is, no copy
-                payload = tensors[0].detach().contiguous().view(-1).view(torch.uint8)
+                payload = tensors[0].detach().to(self.device).contiguous().view(-1).view(torch.uint8)
             else:
                 payload = torch.empty(meta[2], dtype=torch.uint8, device=self.device)
                 _pack(payload, tensors, meta[1], 0)

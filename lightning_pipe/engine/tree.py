@@ -1,10 +1,16 @@
-"""Flattening of the values that cross stages: a tensor, or nested tuples/lists/dicts of tensors and other leaves.
+"""Flattening of the values that cross stages: a tensor, or nested tuples/lists/dicts/dataclasses of tensors and
+other leaves.
 
-The structure and the non-tensor leaves travel as metadata; the tensors travel as one payload.
+The structure and the non-tensor leaves travel as metadata; the tensors travel as one payload. Containers come back
+with their own class: named tuples, dataclasses (rebuilt from their fields) and dict subclasses (an ``OrderedDict``,
+a ``ModelOutput``-like dict whose keys are also attributes; a ``defaultdict`` keeps its ``default_factory``, which
+must then pickle to cross processes).
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +24,9 @@ class TreeSpec:
     """The shape of a nested value, with tensors replaced by their position in the flat list.
 
     ``kind`` is ``"tensor"``, ``"leaf"`` (a non-tensor value kept in ``value``), ``"tuple"``, ``"namedtuple"``
-    (``value`` holds the class), ``"list"`` or ``"dict"`` (``value`` holds the keys).
+    (``value`` holds the class), ``"list"``, ``"dict"`` (``value`` holds the keys), ``"dictsub"`` (``value``:
+    the class, the keys and, for a ``defaultdict``, its factory) or ``"dataclass"`` (``value``: the class and
+    the field names, those set by ``__init__`` first).
     """
 
     kind: str
@@ -37,9 +45,19 @@ def flatten(value: Any) -> tuple[list[torch.Tensor], TreeSpec]:
         if isinstance(node, torch.Tensor):
             tensors.append(node)
             return _TENSOR
+        if dataclasses.is_dataclass(node) and not isinstance(node, type):
+            # Before dicts: a ModelOutput-like class may be both. Fields not set by __init__ are set afterwards.
+            fields = dataclasses.fields(node)
+            names = tuple(f.name for f in fields if f.init) + tuple(f.name for f in fields if not f.init)
+            inits = sum(1 for f in fields if f.init)
+            return TreeSpec("dataclass", (type(node), names, inits), tuple(walk(getattr(node, n)) for n in names))
         if isinstance(node, dict):
             keys = tuple(node.keys())
-            return TreeSpec("dict", keys, tuple(walk(node[k]) for k in keys))
+            children = tuple(walk(node[k]) for k in keys)
+            if type(node) is dict:
+                return TreeSpec("dict", keys, children)
+            factory = node.default_factory if isinstance(node, collections.defaultdict) else None
+            return TreeSpec("dictsub", (type(node), keys, factory), children)
         if isinstance(node, tuple):
             # A named tuple keeps its type so that the receiver gets the same class back.
             kind, cls = ("namedtuple", type(node)) if hasattr(node, "_fields") else ("tuple", None)
@@ -64,6 +82,17 @@ def unflatten(tensors: list[torch.Tensor] | tuple[torch.Tensor | None, ...], spe
         children = [build(c) for c in node.children]
         if node.kind == "dict":
             return dict(zip(node.value, children))
+        if node.kind == "dictsub":
+            cls, keys, factory = node.value
+            if issubclass(cls, collections.defaultdict):
+                return cls(factory, zip(keys, children))
+            return cls(zip(keys, children))
+        if node.kind == "dataclass":
+            cls, names, inits = node.value
+            obj = cls(**dict(zip(names[:inits], children[:inits])))
+            for name, child in zip(names[inits:], children[inits:]):
+                object.__setattr__(obj, name, child)  # works for frozen dataclasses too
+            return obj
         if node.kind == "tuple":
             return tuple(children)
         if node.kind == "namedtuple":

@@ -8,7 +8,9 @@ autograd function whose backward computes only the input gradient (``grad_out @ 
 ``(input, grad_out)`` with the micro-batch's :class:`WeightGradCollector`; W then computes ``grad_out^T @ input``
 and the bias sum and adds them to ``.grad``. In a transformer these matmuls hold nearly all the weight-gradient
 work. Every other parameter (norms, embeddings, convolutions, a weight that is not a leaf, such as a slice of a
-packed projection) gets its gradient during B, as in an ordinary backward. Calls through a reference to
+packed projection, a weight with a gradient hook from ``register_hook`` or
+``register_post_accumulate_grad_hook``) gets its gradient during B, as in an ordinary backward, so its hooks run
+as they would without the split. Calls through a reference to
 ``F.linear`` taken before the forward (``from torch.nn.functional import linear``) are not deferred.
 
 Custom layers can take part: a ``torch.autograd.Function`` reads :func:`active_collector` in ``forward`` and, in
@@ -138,8 +140,11 @@ def _saved_tensor_hooks_active() -> bool:
 
 
 def _deferrable(t: Any) -> bool:
-    return isinstance(t, torch.Tensor) and t.is_leaf and t.requires_grad and type(t) in (torch.Tensor,
-                                                                                         torch.nn.Parameter)
+    # A parameter with gradient hooks is left to autograd: they must see its gradient when it is made, which W
+    # (writing .grad itself) would skip.
+    return (isinstance(t, torch.Tensor) and t.is_leaf and t.requires_grad
+            and type(t) in (torch.Tensor, torch.nn.Parameter)
+            and not t._backward_hooks and not getattr(t, "_post_accumulate_grad_hooks", None))
 
 
 @contextlib.contextmanager
