@@ -11,6 +11,7 @@ from lightning.pytorch import LightningModule
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.regression import SpearmanCorrCoef
 
 VOCAB, SEQ = 16, 8
 
@@ -67,6 +68,9 @@ class TinyGPT(LightningModule):
         self.scheduler = scheduler
         self.optimizer_name = optimizer
         self.val_acc = MulticlassAccuracy(num_classes=VOCAB, average="micro")
+        self.val_rho = SpearmanCorrCoef()  # list ("cat") states: relayed entry by entry to every stage
+        # Counted after the chain, so on the last stage only: a checkpoint must hold that copy.
+        self.register_buffer("seen_tokens", torch.zeros((), dtype=torch.int64))
         self.lr, self.weight_decay = lr, weight_decay
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
@@ -87,14 +91,25 @@ class TinyGPT(LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss, _ = self._loss(batch)
+        self.seen_tokens += batch[1].numel()
         self.log("train_loss", loss, prog_bar=True, sync_dist=self.sync_dist)
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         loss, logits = self._loss(batch)
         self.val_acc(logits.argmax(-1).reshape(-1), batch[1].reshape(-1))
+        self.val_rho.update(logits.max(-1).values.reshape(-1), batch[1].reshape(-1).float())
         self.log("val_loss", loss, prog_bar=True, sync_dist=self.sync_dist)
         self.log("val_acc", self.val_acc)
+        self.log("val_rho", self.val_rho)
+        # A value that stands for batch_idx + 1 items: the epoch mean must weigh it so (not by samples).
+        self.log("val_weighted", float(batch_idx), batch_size=batch_idx + 1)
+
+    def on_validation_epoch_end(self) -> None:
+        # Computed by hand on every rank (the last stage updated it): the same value everywhere.
+        self.val_rho_by_hand = float(self.val_rho.compute())
+        # Gathered over data-parallel replicas only: one entry per replica, none per stage.
+        self.gathered = self.all_gather(torch.tensor(1.0, device=self.device)).cpu()
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         loss, _ = self._loss(batch)

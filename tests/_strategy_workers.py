@@ -84,6 +84,7 @@ def _train(config: dict[str, Any], *, devices: int, strategy: Any, log_dir: str 
                 loader(8, 16, seed=1) if config.get("val_batches") else None)
     result: dict[str, Any] = {
         "params": {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)},
+        "buffers": {n: b.detach().clone() for n, b in model.named_buffers()},
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
         "logged": {k: float(v) for k, v in trainer.logged_metrics.items()},
         "progress_bar": {k: float(v) for k, v in trainer.progress_bar_metrics.items()},
@@ -100,6 +101,7 @@ def _train(config: dict[str, Any], *, devices: int, strategy: Any, log_dir: str 
             loaded = TinyGPT.load_from_checkpoint(path, map_location="cpu")
             result["checkpoint_params"] = {n: p.detach().clone()
                                            for n, p in loaded.named_parameters(remove_duplicate=False)}
+            result["checkpoint_buffers"] = {n: b.detach().clone() for n, b in loaded.named_buffers()}
     if config.get("predict"):
         result["predictions"] = torch.cat(trainer.predict(model, loader(8, 16, seed=1)))
         # A predict_step that runs the model but returns nothing gives None per batch, as on one device.
@@ -107,6 +109,8 @@ def _train(config: dict[str, Any], *, devices: int, strategy: Any, log_dir: str 
         result["predict_none"] = trainer.predict(model, loader(8, 16, seed=1))
     if config.get("extras"):
         result["extras"] = extras.seen
+    if hasattr(model, "val_rho_by_hand"):
+        result["val_rho_by_hand"], result["gathered"] = model.val_rho_by_hand, model.gathered
     if config.get("validate"):
         result["validate"] = trainer.validate(model, loader(8, 16, seed=1), verbose=False)
         result["test"] = trainer.test(model, loader(8, 16, seed=1), verbose=False)
@@ -181,6 +185,7 @@ def bad_inputs(rank: int, world_size: int, *, cases: list[str]) -> dict[str, tup
         "manual_optimization": (_Manual, {}),
         "block_called_twice": (_BlockTwice, {}),
         "last_stage_fails_after_the_step": (_BadReduce, {}),
+        "second_trainer": (TinyGPT, {}),
     }
     out: dict[str, tuple[str, str]] = {}
     for case in cases:
@@ -190,7 +195,12 @@ def bad_inputs(rank: int, world_size: int, *, cases: list[str]) -> dict[str, tup
                           max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                           enable_model_summary=False, use_distributed_sampler=False)
         try:
-            trainer.fit(make_model(), loader())
+            model = make_model()
+            trainer.fit(model, loader())
+            if case == "second_trainer":  # the fitted (cut) model, given to another pipeline Trainer
+                again = Trainer(accelerator="cpu", devices=world_size, strategy=PipelineStrategy(timeout=60),
+                                logger=False, enable_progress_bar=False, enable_model_summary=False)
+                again.test(model, loader(), verbose=False)
             out[case] = ("no error", "")
         except Exception as err:  # noqa: BLE001 - reported to the test
             out[case] = (type(err).__name__, str(err))

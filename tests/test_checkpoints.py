@@ -162,3 +162,11 @@ def test_damaged_or_incompatible_checkpoints_fail_with_a_clear_error(
         for case, text in expected.items():
             kind, message = errors[case]
             assert kind == "PipelineError" and text in message, (outcome.rank, case, kind, message)
+
+
+def test_an_optimizer_without_state_consolidates() -> None:
+    """Plain SGD keeps no per-parameter state: its name-keyed form has no "state" at all."""
+    from lightning_pipe.strategy.checkpoint import _to_plain
+
+    saved = {"hparams": {"b": {"lr": 0.1}, "a": {"lr": 0.1}}}
+    assert _to_plain(saved, ["a", "b"]) == {"state": {}, "param_groups": [{"lr": 0.1, "params": [0, 1]}]}

@@ -122,12 +122,27 @@ def test_reduce_fx(reduce_fx: Any, expected: float) -> None:
     torch.testing.assert_close(rec.value, torch.tensor(expected))
 
 
-def test_batch_size_dropped() -> None:
+def test_batch_size_weighs_the_micro_batches_and_is_summed() -> None:
+    """Each micro-batch's value stands for its batch_size (here not the sample shares 0.5/0.5)."""
     recorder = record(Module(), [[("x", torch.tensor(1.0), {"batch_size": 3, "on_epoch": True})],
                                  [("x", torch.tensor(2.0), {"batch_size": 1, "on_epoch": True})]])
+    (rec,) = combine_records(recorder, [0.5, 0.5])
+    assert rec.kwargs == {"on_epoch": True, "batch_size": 4}
+    torch.testing.assert_close(rec.value, torch.tensor(1.25))
+
+
+def test_without_batch_size_the_batch_size_is_left_to_lightning() -> None:
+    recorder = record(Module(), [[("x", torch.tensor(1.0), {"on_epoch": True})],
+                                 [("x", torch.tensor(2.0), {"on_epoch": True})]])
     (rec,) = combine_records(recorder, [0.75, 0.25])
     assert rec.kwargs == {"on_epoch": True}
     torch.testing.assert_close(rec.value, torch.tensor(1.25))
+
+
+def test_batch_size_in_some_micro_batches_only_is_refused() -> None:
+    recorder = record(Module(), [[("x", torch.tensor(1.0), {"batch_size": 3})], [("x", torch.tensor(2.0), {})]])
+    with pytest.raises(ValueError, match="batch_size=...\\) must be given in every micro-batch's call or in none"):
+        combine_records(recorder, [0.5, 0.5])
 
 
 def test_python_floats() -> None:

@@ -43,7 +43,8 @@ def test_metrics_loggers_callbacks_and_evaluation_match_one_device(schedule: str
     outcomes = launch("tests._strategy_workers.pipeline_jobs", 2, deadline=240, configs=[config])
     results = [o.unwrap()[0] for o in outcomes]
     ref = reference(config)
-    assert {"train_loss", "val_loss", "val_acc"} <= set(ref["metrics"])
+    assert {"train_loss", "val_loss", "val_acc", "val_rho", "val_weighted"} <= set(ref["metrics"])
+    assert _close(ref["metrics"]["val_weighted"], 2 / 3)  # (0 x 1 + 1 x 2) / (1 + 2): weighted by batch_size
     for rank, result in enumerate(results):
         for what in ("metrics", "logged", "progress_bar"):
             if what != "progress_bar":  # the pipeline's own figures (strategy/metrics.py), on every rank
@@ -68,6 +69,10 @@ def test_metrics_loggers_callbacks_and_evaluation_match_one_device(schedule: str
             for key, value in ref[what][0].items():
                 assert _close(result[what][0][key], value), (rank, what, key)
         assert max_param_diff(result, ref)[0] <= TOLERANCE
+        # A list-state Metric computed by hand in on_validation_epoch_end on every rank (the last stage relayed
+        # its entries), and self.all_gather without replicas returning the value as on one device.
+        assert _close(result["val_rho_by_hand"], ref["val_rho_by_hand"]), (rank, result["val_rho_by_hand"])
+        assert result["gathered"].shape == ref["gathered"].shape == ()
     # Rank 0's CSV log holds the single-device values, step by step.
     _rows_close(results[0]["csv"], ref["csv"])
     # The best checkpoint is one file with every stage's weights, loadable on one device.
@@ -75,6 +80,8 @@ def test_metrics_loggers_callbacks_and_evaluation_match_one_device(schedule: str
     assert set(loaded) == set(ref["checkpoint_params"])
     for name, value in ref["checkpoint_params"].items():
         assert (loaded[name] - value).abs().max().item() <= TOLERANCE, name
+    # A buffer updated after the chain (on the last stage only) is saved from that stage, not a stale copy.
+    assert results[0]["checkpoint_buffers"]["seen_tokens"] == ref["checkpoint_buffers"]["seen_tokens"] > 0
 
 
 BAD_INPUTS = {
@@ -87,6 +94,7 @@ BAD_INPUTS = {
     "manual_optimization": "automatic optimization only",
     "block_called_twice": "must each be called once per step, in order",
     "last_stage_fails_after_the_step": "reduce_fx='median'",
+    "second_trainer": "was already cut into pipeline stages by another Trainer's PipelineStrategy",
 }
 
 

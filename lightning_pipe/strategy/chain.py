@@ -19,7 +19,7 @@ from torch import nn
 
 from lightning_pipe.errors import PipelineError
 
-__all__ = ["StageExit", "ChainRuntime", "find_chain", "split_chain"]
+__all__ = ["StageExit", "ChainRuntime", "find_chain", "split_chain", "is_cut"]
 
 
 class StageExit(BaseException):
@@ -166,6 +166,11 @@ def find_chain(model: nn.Module, path: str | None) -> tuple[str, nn.Sequential |
         )
     name, chain, _ = max(candidates, key=lambda c: c[2])  # max keeps the first of equals: deterministic
     return name, chain
+
+
+def is_cut(module: nn.Module) -> bool:
+    """Whether ``module`` is a chain that :func:`split_chain` already cut."""
+    return isinstance(module, _CutChainMixin)
 
 
 def split_chain(model: nn.Module, path: str, chain: nn.Module, *, counts: list[int],

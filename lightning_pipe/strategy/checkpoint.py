@@ -66,7 +66,7 @@ def load_optimizer_state_by_name(optimizer: torch.optim.Optimizer, names: dict[i
         saved_hparams = []
         for index, param in zip(group_sd["params"], group["params"]):
             name = names[id(param)]
-            if name in saved["state"]:
+            if name in saved.get("state", {}):  # absent altogether for an optimizer without state (plain SGD)
                 state[index] = saved["state"][name]
             if name in saved.get("hparams", {}):
                 saved_hparams.append(saved["hparams"][name])
@@ -251,7 +251,7 @@ def _to_plain(saved: dict[str, Any], order: list[str]) -> dict[str, Any]:
     for group in groups:
         ids = []
         for name in group["params"]:
-            if name in saved["state"]:
+            if name in saved.get("state", {}):  # absent altogether for an optimizer without state (plain SGD)
                 state[index] = saved["state"][name]
             ids.append(index)
             index += 1

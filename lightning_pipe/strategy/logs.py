@@ -95,18 +95,30 @@ def combine_records(recorder: LogRecorder, weights: list[float]) -> list[LogReco
     for name, calls in recorder.calls.items():
         _, last_value, kwargs, attribute = calls[-1]
         kwargs = dict(kwargs)
-        kwargs.pop("batch_size", None)  # the relayed value stands for the whole batch: Lightning infers its size
+        # Without batch_size the relayed value stands for the whole batch and Lightning infers its size. With it,
+        # each micro-batch's value stands for its own batch_size (tokens, say): the relayed value is their mean
+        # weighted by it, standing for their sum, so epoch means weigh every step as on one device.
+        sizes = [c[2].get("batch_size") for c in calls]
+        kwargs.pop("batch_size", None)
         if attribute is not None:
             records.append(LogRecord(name, None, kwargs, attribute))
             continue
+        if any(size is not None for size in sizes) and any(size is None for size in sizes):
+            raise ValueError(f"self.log({name!r}, batch_size=...) must be given in every micro-batch's call or in "
+                             "none under a pipeline")
         how = _reduce_name(kwargs.get("reduce_fx", "mean"), name)
         values = [torch.as_tensor(v, dtype=torch.float64 if not isinstance(v, torch.Tensor) else None)
                   for _, v, _, _ in calls]
+        share = {mb: weights[mb] for mb in range(len(weights))}
+        if sizes and sizes[0] is not None:
+            total = sum(sizes)
+            kwargs["batch_size"] = total
+            share = {mb: size / total for (mb, _, _, _), size in zip(calls, sizes)} if total else share
         if how == _MEAN:
             if sorted(mb for mb, _, _, _ in calls) != list(range(len(weights))):
                 raise ValueError(f"self.log({name!r}) must be called once per micro-batch under a pipeline (it was "
                                  f"called {len(calls)} times for {len(weights)} micro-batches)")
-            value: Any = sum(weights[mb] * v for (mb, _, _, _), v in zip(calls, values))
+            value: Any = sum(share[mb] * v for (mb, _, _, _), v in zip(calls, values))
         elif how == _SUM:
             value = sum(values)
         else:

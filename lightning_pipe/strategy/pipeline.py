@@ -40,7 +40,7 @@ from lightning_pipe.engine import (
 )
 from lightning_pipe.errors import PipelineError
 from lightning_pipe.schedules import DEFAULT_VIRTUAL_STAGES, SCHEDULES, Schedule, build_schedule, stage_to_rank
-from lightning_pipe.strategy.chain import ChainRuntime, StageExit, find_chain, split_chain
+from lightning_pipe.strategy.chain import ChainRuntime, StageExit, find_chain, is_cut, split_chain
 from lightning_pipe.strategy.checkpoint import (
     load_optimizer_state_by_name,
     load_sharded,
@@ -52,6 +52,7 @@ from lightning_pipe.strategy.grads import (
     AsyncGradAverage, GradStash, ReplicatedParams, clip_by_global_norm, make_scaler_agree,
 )
 from lightning_pipe.strategy.logs import LogRecord, LogRecorder, combine_records, replay
+from lightning_pipe.strategy.metric_states import MetricStates
 from lightning_pipe.strategy.metrics import PipelineMetrics
 from lightning_pipe.strategy.placement import block_counts, plan_placement
 from lightning_pipe.strategy.profiling import LayoutPlan, plan_layout
@@ -162,6 +163,8 @@ class PipelineStrategy(DDPStrategy):
         self.pp_rank = 0
         self.dp_rank = 0
         self._pp_ranks: list[int] = [0]
+        self._chain_path = ""
+        self._metric_states: MetricStates | None = None
         self._backward_group: dist.ProcessGroup | None = None
         self._runtime: ChainRuntime | None = None
         self._replicated: ReplicatedParams | None = None
@@ -265,6 +268,8 @@ class PipelineStrategy(DDPStrategy):
         first_time = self._runtime is None
         if first_time:
             self._split(module)
+            self._metric_states = MetricStates(module)
+            self._metric_states.use_group(self._dp_group)
         self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         if first_time:
@@ -277,7 +282,15 @@ class PipelineStrategy(DDPStrategy):
         self._install_precision_hooks()
 
     def _split(self, module: LightningModule) -> None:
+        if any(is_cut(m) for m in module.modules()):
+            raise PipelineError(
+                f"this {type(module).__name__} was already cut into pipeline stages by another Trainer's "
+                "PipelineStrategy (each process keeps only its stages' blocks). Run validate/test/predict with the "
+                "Trainer that fitted it, or build a new LightningModule and load the checkpoint into it "
+                "(ckpt_path=...)"
+            )
         path, chain = find_chain(module, self.blocks)
+        self._chain_path = path
         if len(chain) < self.num_model_stages:
             raise PipelineError(
                 f"`{path}` has {len(chain)} blocks, too few for pipeline_parallel_size={self.num_stages} x "
@@ -394,6 +407,8 @@ class PipelineStrategy(DDPStrategy):
             return loss
 
         executor = self._executor(len(micro))
+        metrics = self._metric_states
+        marks = metrics.mark() if metrics is not None and metrics.metrics and self.is_last_stage else None
         scale = self._loss_scale() if train else None
         result = executor.run(forward_fn, loss_weights=weights, train=train, scale_loss=scale)
         if after_run is not None:
@@ -402,7 +417,8 @@ class PipelineStrategy(DDPStrategy):
         if self.is_last_stage:
             try:
                 payload = [self._step_payload(result, recorder, weights, outputs if train else result.outputs,
-                                              train=train)]
+                                              train=train)
+                           + (metrics.deltas(marks) if metrics is not None and marks is not None else {},)]
             except Exception as err:  # noqa: BLE001 - every stage must learn of it, not wait in the broadcast
                 payload = [("error", f"{type(err).__name__}: {err}")]
                 if self.num_stages == 1:
@@ -412,7 +428,9 @@ class PipelineStrategy(DDPStrategy):
         if payload[0][0] == "error":
             raise PipelineError(f"the last pipeline stage ({self.num_model_stages - 1}, on pipeline rank "
                                 f"{self.loss_rank}) failed after the step: {payload[0][1]}")
-        _, loss, records, merged = payload[0]
+        _, loss, records, merged, metric_deltas = payload[0]
+        if metric_deltas and not self.is_last_stage and metrics is not None:
+            metrics.apply(metric_deltas, self.root_device)  # before replay: on_step logging reads their caches
         replay(module, records, self.root_device)
         if train:
             self.pipeline_metrics.after_step(module=module, result=result, batch=args[0], schedule=executor.schedule,
@@ -558,6 +576,17 @@ class PipelineStrategy(DDPStrategy):
         return super().reduce(tensor, group=group, reduce_op=reduce_op)
 
     @override
+    def all_gather(self, tensor: torch.Tensor, group: Any | None = None, sync_grads: bool = False) -> torch.Tensor:
+        # As reduce: the stages of a pipeline share one batch, so gathering over them would repeat each replica's
+        # values once per stage. Gathered over the data-parallel replicas; without replicas, as on one device (no
+        # new dimension). LightningModule.all_gather passes WORLD for its default.
+        if group is None or group is dist.group.WORLD:
+            if (self.data_parallel_size or 1) == 1:
+                return tensor
+            group = self._dp_group
+        return super().all_gather(tensor, group=group, sync_grads=sync_grads)
+
+    @override
     def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
         # Callbacks' decisions (ModelCheckpoint, EarlyStopping) are agreed over every process, unlike logged values.
         flag = torch.tensor(int(decision), device=self.root_device)
@@ -567,6 +596,20 @@ class PipelineStrategy(DDPStrategy):
     # -- checkpoints: sharded, keyed by full names (see checkpoint.py) ------------------------------------------------
     def _names(self) -> dict[int, str]:
         return {id(p): n for n, p in self.lightning_module.named_parameters()}
+
+    def _share_outside_buffers(self) -> bool:
+        """Copy the buffers of modules outside the chain (a norm after it) from the last stage to the pipeline's
+        other stages. The last stage runs the code before the chain and after it on real data, so its copies are
+        current; other stages never run what follows the chain. A checkpoint writes one copy of each name, from
+        any rank. Returns whether there were any."""
+        prefix = f"{self._chain_path}." if self._chain_path else None
+        buffers = [b for name, b in self.lightning_module.named_buffers()
+                   if prefix is not None and not name.startswith(prefix)]
+        if self.num_stages == 1 or not buffers:
+            return False
+        for buffer in buffers:
+            dist.broadcast(buffer, src=self._pp_ranks[self.loss_rank], group=self._pp_group)
+        return True
 
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
@@ -582,6 +625,8 @@ class PipelineStrategy(DDPStrategy):
             raise TypeError("PipelineStrategy.save_checkpoint(..., storage_options=...) is not supported: the "
                             "checkpoint is written with torch.distributed.checkpoint")
         path = Path(self.broadcast(str(filepath)))
+        if self._share_outside_buffers():  # the state dict was taken before: take this stage's again
+            checkpoint["state_dict"] = self.lightning_module_state_dict()
         state = {"state_dict": checkpoint.pop("state_dict")}
         state.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
         checkpoint["pipeline"] = {"param_order": self._param_order, "pipeline_parallel_size": self.num_stages,

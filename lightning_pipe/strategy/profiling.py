@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torchmetrics import Metric
 
 from lightning_pipe.engine import PipelineExecutor, Transport, batch_size_of, split_microbatches
 from lightning_pipe.errors import PipelineError
@@ -113,6 +114,20 @@ def _profile(module: Any, chain: nn.Module, micro: Any, device: torch.device) ->
                          params=list(module.parameters()))
 
 
+def _restore(module: nn.Module, buffers: dict[str, torch.Tensor], rng: torch.Tensor, cuda_rng: torch.Tensor | None,
+             device: torch.device) -> None:
+    with torch.no_grad():
+        for name, b in module.named_buffers():
+            if name in buffers:
+                b.copy_(buffers[name])
+    for m in module.modules():
+        if isinstance(m, Metric):
+            m.reset()
+    torch.set_rng_state(rng)
+    if cuda_rng is not None:
+        torch.cuda.set_rng_state(cuda_rng, device)
+
+
 def plan_layout(strategy: Any, module: Any, chain: nn.Module, fallback: Any) -> LayoutPlan:
     """Decide the cut (and ``num_microbatches`` for ``"auto"``) on global rank 0; every rank returns the same.
     ``fallback()`` gives the block counts for the balances that need no profile."""
@@ -148,6 +163,12 @@ def _decide(strategy: Any, module: Any, chain: nn.Module, fallback: Any, overhea
     size = batch_size_of(batch)
     device = strategy.root_device
     home = next(module.parameters()).device
+    # Profiling runs the user's training_step: what it changes (buffers such as BatchNorm's running statistics,
+    # torchmetrics states, the random number generators) is put back afterwards, so that training starts as it
+    # would have without the profile.
+    buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
+    rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     module.to(device)
     m_default = strategy._num_microbatches or 2 * strategy.num_stages
     lines = []
@@ -164,6 +185,7 @@ def _decide(strategy: Any, module: Any, chain: nn.Module, fallback: Any, overhea
     finally:
         module.to(home)
         module.zero_grad(set_to_none=True)
+        _restore(module, buffers, rng, cuda_rng, device)
     held_m = m_default
     schedule = build_schedule(strategy.schedule_name, num_ranks=strategy.num_stages, num_microbatches=held_m,
                               virtual_stages=strategy.virtual_stages)
