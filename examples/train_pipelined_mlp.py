@@ -52,7 +52,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
             batch_len = len(x[i : i + args.batch_size])
             micro_x = split_microbatches(x[i : i + args.batch_size], args.microbatches)
             micro_y = split_microbatches(y[i : i + args.batch_size], args.microbatches)
-            if len(micro_x) != schedule.num_microbatches:  # a short last batch runs with fewer micro-batches
+            if len(micro_x) != executor.schedule.num_microbatches:  # a short last batch: fewer micro-batches
                 executor = PipelineExecutor(build_schedule(args.schedule, num_ranks=world,
                                                            num_microbatches=len(micro_x)), rank=rank, timeout=60)
             optimizer.zero_grad()

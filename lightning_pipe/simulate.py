@@ -45,7 +45,15 @@ class Costs:
                 raise ValueError(f"Costs.{what} has {len(values)} entries for {num_stages} stages")
             return values
 
-        return expand(self.forward, "forward"), expand(self.backward, "backward"), expand(self.weight, "weight")
+        tf, tb, tw = expand(self.forward, "forward"), expand(self.backward, "backward"), expand(self.weight, "weight")
+        for what, values in (("forward", tf), ("backward", tb), ("weight", tw), ("transfer", [self.transfer])):
+            if any(not v >= 0 for v in values):  # also NaN
+                raise ValueError(f"Costs.{what} must be non-negative, got {values}")
+        for s, (b, w) in enumerate(zip(tb, tw)):
+            if w > b * (1 + 1e-9):
+                raise ValueError(f"Costs.weight ({w:g}) is the part of backward ({b:g}) that is weight gradient: "
+                                 f"it cannot exceed it (stage {s})")
+        return tf, tb, tw
 
 
 @dataclass(frozen=True)
@@ -293,7 +301,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     weight = args.backward / 2 if args.weight is None else args.weight
     costs = Costs(args.forward / chunks, args.backward / chunks, weight / chunks if schedule.split_backward else 0.0,
                   transfer=args.transfer)
-    result = simulate(schedule, costs)
+    try:
+        result = simulate(schedule, costs)
+    except ValueError as err:
+        parser.error(str(err).replace("Costs.", "--"))
     print(format_timeline(result, width=args.width))
     print(f"step time {result.step_time:g}; ideal (m+p-1)(tf+tb) = "
           f"{ideal_step_time(args.stages, args.microbatches, args.forward, args.backward):g}; "

@@ -3,6 +3,8 @@ be built; a bad override fails while composing, with a message naming the key, b
 
 from __future__ import annotations
 
+import re
+
 import inspect
 import subprocess
 import sys
@@ -148,3 +150,16 @@ def test_cli_rejects_a_typo_before_starting_anything(tmp_path: Path) -> None:
     assert run.returncode != 0
     assert "Could not override 'strategy.num_microbatch'" in run.stderr, run.stderr[-2000:]
     assert not any(tmp_path.iterdir()), "no output directory is created for a config that does not compose"
+
+
+@pytest.mark.parametrize("overrides,words", [
+    (["model.n_head=3"], "model.n_head=3 must divide model.n_embd="),
+    (["data.block_size=4096"], "data.block_size=4096 exceeds model.block_size="),
+    (["data.stride=0"], "data.stride=0 must be at least 1"),
+    (["model.n_layer=0"], "model.n_layer=0 must be at least 1"),
+])
+def test_values_that_would_break_the_run_are_named_before_it_starts(overrides: list[str], words: str,
+                                                                     tmp_path: Path) -> None:
+    cfg = _compose(overrides, tmp_path)
+    with pytest.raises(ValueError, match=re.escape(words)):
+        validate_config(cfg)

@@ -80,6 +80,16 @@ def test_memory_partition_uses_held_activations_and_budget() -> None:
     # Time under a memory budget: the even cut by time does not fit, the best one that fits is chosen.
     mem = lambda s, j, i: sum(params[j:i]) * 4 + sum(acts[j:i]) * [3, 2, 1][s]  # noqa: E731
     assert time_partition([1.0] * 6, [2.0] * 6, 3, memory=mem, memory_budget=500).counts == [1, 2, 3]
+    # No cut fits: the error names the knob and the least budget that would do (the memory-optimal cut's 480).
+    with pytest.raises(PipelineError, match="fits memory_budget=479 bytes: the cut with the least memory needs 480"):
+        time_partition([1.0] * 6, [2.0] * 6, 3, memory=mem, memory_budget=479)
+
+
+def test_partition_is_exact_for_tiny_costs() -> None:
+    """The tie-break tolerance is relative: costs in any unit (here 1e-12) give the optimal cut."""
+    costs = [c * 1e-12 for c in (0, 0, 4, 5, 0, 5, 3, 0)]
+    result = min_max_partition(8, 4, lambda s, j, i: sum(costs[j:i]))
+    assert abs(result.bottleneck - 5e-12) < 1e-24
 
 
 def _brute_force_stages(params: list[float], acts: list[float], held: list[int]) -> float:
@@ -194,3 +204,45 @@ def test_strategy_models_shared_cores_only_on_an_oversubscribed_cpu_host(monkeyp
     assert _shared_cores(strategy(num_processes=4, num_stages=4), cpu) == 2.0
     assert _shared_cores(strategy(num_processes=8, num_stages=4), cpu) == 1.0  # two pipelines share the 2 cores
     assert _shared_cores(strategy(num_processes=4, num_stages=4), torch.device("meta")) is None  # not a CPU
+
+
+def test_split_schedules_pay_the_overhead_for_b_and_for_w() -> None:
+    """With no compute at all, a step costs the overhead of the actions on the critical path: a split schedule
+    runs 3 actions per micro-batch on a rank where 1F1B runs 2, so it must not be predicted faster."""
+    zero = LinearCost(0.0, 0.0)
+    model = StageCostModel((zero,) * 2, (zero,) * 2)
+    result = choose_microbatches(model, 8, num_ranks=2, schedules=["1f1b", "zero_bubble"], candidates=[4],
+                                 overhead=1e-3)
+    steps = {c.schedule: c.step_time for c in result.candidates}
+    assert steps["zero_bubble"] >= 12e-3 - 1e-12  # 4 x (F + B + W) on one rank at least
+    assert steps["zero_bubble"] > steps["1f1b"] and result.chosen.schedule == "1f1b"
+
+
+def test_tuning_and_simulate_command_lines_refuse_what_they_cannot_do(capsys) -> None:
+    from lightning_pipe.simulate import main as simulate_main
+    from lightning_pipe.tune import main
+
+    for argv, words in ((["--schedules", "1f1b", "zerobubble"], "unknown schedule(s) ['zerobubble']"),
+                        (["--batch-size", "8", "--microbatches", "16", "3", "0"], "--microbatches [16, 0]"),
+                        (["--stages", "0"], "--stages (0)")):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert words in capsys.readouterr().err
+    assert main(["--batch-size", "8", "--microbatches", "4", "4"]) == 0  # duplicates: one row
+    assert capsys.readouterr().out.count("* ") == 1
+    for argv, words in ((["--schedule", "zero_bubble", "--backward", "2", "--weight", "3"], "cannot exceed"),
+                        (["--forward", "-1"], "--forward must be non-negative")):
+        with pytest.raises(SystemExit):
+            simulate_main(argv)
+        assert words in capsys.readouterr().err
+
+
+def test_measured_timeline_starts_at_the_first_wait() -> None:
+    """A rank may wait for its input before any rank computes: the trace's times stay non-negative."""
+    from lightning_pipe.observe.trace import chrome_trace
+
+    packed = [[("F", 0, 0, 1.0, 1.0, 2.0, 0.0)], [("F", 0, 1, 0.5, 2.1, 3.0, 0.0)]]  # rank 1 ready at 0.5
+    timeline = Timeline.from_packed(packed)
+    events = [e for e in chrome_trace(timeline)["traceEvents"] if e["ph"] == "X"]
+    assert min(e["ts"] for e in events) == 0.0 and all(e["dur"] >= 0 for e in events)
+    assert timeline.step_time == pytest.approx(2.0)

@@ -130,6 +130,7 @@ def test_bad_input_fails_clearly_on_every_rank(cases: list[str]) -> None:
         ({"pipeline_parallel_size": -1}, "pipeline_parallel_size=-1 must be a positive integer"),
         ({"start_method": "spawn"}, "start_method='spawn'"),
         ({"schedule": "gpipe", "virtual_stages": 2}, "virtual_stages=2; use schedule='interleaved_1f1b'"),
+        ({"memory_budget": 1e9}, "memory_budget=1000000000.0 applies to balance='time' or 'memory'"),
         ({"schedule": "zbv", "virtual_stages": 3}, "exactly two chunks on each rank; got virtual_stages=3"),
         ({"schedule": "interleaved_1f1b", "virtual_stages": 0}, "virtual_stages=0 must be a positive integer"),
     ],

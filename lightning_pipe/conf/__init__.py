@@ -128,8 +128,9 @@ class StrategyConfig:
     timeout: float = 1800.0
     """Longest wait, in seconds, for any transfer or collective before the run fails."""
     memory_budget: Optional[float] = None
-    """Bytes a stage may hold (parameters, optimizer state, activations): with ``balance: time`` or
-    ``num_microbatches: auto``, only layouts that fit are considered; ``null``: no limit."""
+    """Bytes a stage may hold (parameters, optimizer state, activations, estimated from the profile at the default
+    micro-batch count): with ``balance: time`` only cuts that fit are considered, with ``balance: memory`` the cut
+    must fit; ``null``: no limit. (``num_microbatches: auto`` chooses by time only.)"""
     timeline_steps: List[int] = field(default_factory=list)
     """Optimizer steps whose measured timeline is saved (``step<N>.trace.json`` for Chrome/Perfetto and
     ``step<N>.png``); empty: none."""
@@ -196,3 +197,27 @@ def validate_config(cfg: Any) -> None:
     from omegaconf import OmegaConf
 
     OmegaConf.merge(OmegaConf.structured(ExperimentConfig), OmegaConf.to_container(cfg, resolve=False))
+    _check_values(cfg)
+
+
+def _check_values(cfg: Any) -> None:
+    """Values of the right type that would still break the run, each named by its key, before any process
+    starts (otherwise a shape error deep in the first step)."""
+    model, data = cfg.get("model"), cfg.get("data")
+    problems = []
+    if model is not None:
+        for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
+            if model.get(key) is not None and not model[key] >= 1:
+                problems.append(f"model.{key}={model[key]} must be at least 1")
+        if not problems and model.get("n_head") and model.get("n_embd") and model.n_embd % model.n_head:
+            problems.append(f"model.n_head={model.n_head} must divide model.n_embd={model.n_embd}")
+    if data is not None:
+        for key in ("batch_size", "stride", "block_size"):
+            if data.get(key) is not None and not data[key] >= 1:
+                problems.append(f"data.{key}={data[key]} must be at least 1")
+        if model is not None and data.get("block_size") and model.get("block_size") \
+                and data.block_size > model.block_size:
+            problems.append(f"data.block_size={data.block_size} exceeds model.block_size={model.block_size} "
+                            "(the model's longest context): lower the one or raise the other")
+    if problems:
+        raise ValueError("invalid settings: " + "; ".join(problems))

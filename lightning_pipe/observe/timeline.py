@@ -82,7 +82,8 @@ def summarize_records(per_rank: Sequence[tuple[float, float, float]]) -> StepSum
 
 @dataclass(frozen=True)
 class Timeline:
-    """The spans of every rank for one step, with times relative to the step's first start (``0``)."""
+    """The spans of every rank for one step, with times relative to the step's first moment (``0``: the first
+    action's start, or a rank's earlier wait for its input)."""
 
     spans: tuple[tuple[Span, ...], ...]
     title: str = ""
@@ -90,7 +91,9 @@ class Timeline:
     @classmethod
     def from_packed(cls, per_rank: Sequence[Sequence[tuple[Any, ...]]], title: str = "") -> "Timeline":
         """From :func:`pack_records` output of every rank (on a common clock)."""
-        starts = [rec[4] for recs in per_rank for rec in recs]
+        # The earliest moment of the step: a rank may be waiting (ready) before any rank starts computing, and a
+        # trace viewer drops events with negative times.
+        starts = [min(rec[3], rec[4]) for recs in per_rank for rec in recs]
         t0 = min(starts) if starts else 0.0
         spans = tuple(
             tuple(Span(Action(ActionKind(rec[0]), rec[1], rec[2]), rec[3] - t0, rec[4] - t0, rec[5] - t0,

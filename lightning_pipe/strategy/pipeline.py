@@ -142,6 +142,9 @@ class PipelineStrategy(DDPStrategy):
                                     "block counts per stage")
         elif not (isinstance(balance, (list, tuple)) and all(isinstance(b, int) for b in balance)):
             raise PipelineError(f"balance={balance!r} must be one of {list(_BALANCES)} or a list of block counts")
+        if memory_budget is not None and balance not in ("time", "memory"):
+            raise PipelineError(f"memory_budget={memory_budget!r} applies to balance='time' or 'memory' (got "
+                                f"balance={balance!r}): set one of them, or leave memory_budget unset")
         if not isinstance(timeout, timedelta):
             timeout = timedelta(seconds=float(timeout))
         super().__init__(timeout=timeout, start_method="popen", **ddp_kwargs)

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from lightning_pipe.schedules import build_schedule
+from lightning_pipe.schedules import SCHEDULES, build_schedule
 from lightning_pipe.simulate import Costs, simulate
 from lightning_pipe.tuning.profile import LinearCost
 
@@ -51,10 +51,15 @@ class StageCostModel:
         """Times that do not depend on the micro-batch size (a sleeping-stage model, tests)."""
         return cls(tuple(LinearCost(f, 0.0) for f in forward), tuple(LinearCost(b, 0.0) for b in backward))
 
-    def costs(self, samples: float, *, overhead: float = 0.0, transfer: float = 0.0) -> Costs:
+    def costs(self, samples: float, *, overhead: float = 0.0, transfer: float = 0.0, split: bool = False) -> Costs:
+        """Action times for micro-batches of ``samples``; ``overhead`` is charged once per action, so twice to a
+        backward that a ``split`` schedule runs as two actions (B and W)."""
         fwd = [f(samples) + overhead for f in self.forward]
-        bwd = [b(samples) + overhead for b in self.backward]
-        return Costs(fwd, bwd, [self.weight_share * b for b in bwd], transfer=transfer)
+        work = [b(samples) for b in self.backward]
+        if split:
+            return Costs(fwd, [w + 2 * overhead for w in work], [self.weight_share * w + overhead for w in work],
+                         transfer=transfer)
+        return Costs(fwd, [w + overhead for w in work], [self.weight_share * w for w in work], transfer=transfer)
 
 
 @dataclass(frozen=True)
@@ -109,6 +114,7 @@ def choose_microbatches(model: StageCostModel, batch_size: int, *, num_ranks: in
     hold more micro-batches at once on a rank (a memory cap); ``cores``: the ranks share this many cores of one
     host, the costs being each rank's alone (see :func:`~lightning_pipe.simulate.simulate`)."""
     rows: list[Candidate] = []
+    failures: list[str] = []
     for name in schedules:
         for m in (candidates if candidates is not None else candidate_microbatches(batch_size)):
             if m > batch_size:
@@ -116,10 +122,12 @@ def choose_microbatches(model: StageCostModel, batch_size: int, *, num_ranks: in
             try:
                 schedule = build_schedule(name, num_ranks=num_ranks, num_microbatches=m,
                                           virtual_stages=virtual_stages)
-            except Exception:  # noqa: BLE001 - a schedule that needs another m (interleaved: a multiple of p)
+            except Exception as err:  # noqa: BLE001 - a schedule that needs another m (interleaved: a multiple of p)
+                failures.append(f"{name} m={m}: {err}")
                 continue
             size = math.ceil(batch_size / m)  # the largest micro-batch sets the pace
-            costs = model.spread(schedule.num_stages).costs(size, overhead=overhead, transfer=transfer)
+            costs = model.spread(schedule.num_stages).costs(size, overhead=overhead, transfer=transfer,
+                                                            split=schedule.split_backward)
             result = simulate(schedule, costs, cores=cores)
             rows.append(Candidate(name, m, size, result.step_time,
                                   sum(result.bubble_fraction) / len(result.bubble_fraction),
@@ -127,7 +135,8 @@ def choose_microbatches(model: StageCostModel, batch_size: int, *, num_ranks: in
     allowed = [r for r in rows if max_activations is None or r.peak_activations <= max_activations]
     if not allowed:
         raise ValueError("no candidate (schedule, num_microbatches) fits: " +
-                         ("every one holds more than max_activations" if rows else "none could be built"))
+                         ("every one holds more than max_activations" if rows else
+                          "none could be built" + (f" (first: {failures[0]})" if failures else "")))
     best = min(r.step_time for r in allowed)
     chosen = min((r for r in allowed if r.step_time <= best * (1 + 1e-9)), key=lambda r: (r.microbatches,
                                                                                           r.schedule))
@@ -152,6 +161,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cores", type=float, default=None,
                         help="the ranks share this many cores of one CPU host (costs are each rank's alone)")
     args = parser.parse_args(argv)
+    if args.stages < 1 or args.batch_size < 1:
+        parser.error(f"--stages ({args.stages}) and --batch-size ({args.batch_size}) must be positive")
+    unknown = [name for name in args.schedules if name not in SCHEDULES]
+    if unknown:
+        parser.error(f"unknown schedule(s) {unknown}; choose from {sorted(SCHEDULES)}")
+    if args.microbatches is not None:
+        wrong = [m for m in args.microbatches if not 1 <= m <= args.batch_size]
+        if wrong:
+            parser.error(f"--microbatches {wrong}: each must be between 1 and --batch-size ({args.batch_size})")
+        args.microbatches = sorted(set(args.microbatches))
     f = LinearCost(args.forward_fixed_ms / 1e3, args.forward_per_sample_ms / 1e3)
     b = LinearCost(f.fixed * args.backward_factor, f.per_sample * args.backward_factor)
     model = StageCostModel((f,) * args.stages, (b,) * args.stages)  # per rank; spread over virtual stages

@@ -71,7 +71,7 @@ def min_max_partition(num_blocks: int, num_stages: int, cost: StageCost) -> Part
     if optimum == math.inf:
         raise PipelineError(f"no cut of {n} blocks into {p} stages fits (every partition has a stage over the "
                             "budget)")
-    limit = optimum + 1e-9 * max(1.0, abs(optimum))  # sums may round differently for equal stage costs
+    limit = optimum + 1e-9 * abs(optimum)  # sums may round differently for equal stage costs (relative: any unit)
     _, even = solve(lambda k, j, i: float(i - j) if c(k, j, i) <= limit else math.inf)
     counts = even or counts
     bounds = [sum(counts[:s]) for s in range(p + 1)]
@@ -106,6 +106,13 @@ def time_partition(forward: Sequence[float], backward: Sequence[float], num_stag
             return math.inf
         return pre[i] - pre[j] + every_extra + (first_extra if s == 0 else 0.0) + (last_extra if s == last else 0.0)
 
+    if memory is not None and memory_budget is not None:
+        least = min_max_partition(len(forward), num_stages, memory).bottleneck
+        if least > memory_budget:
+            raise PipelineError(f"balance='time': no cut of {len(forward)} blocks into {num_stages} stages fits "
+                                f"memory_budget={memory_budget:.4g} bytes: the cut with the least memory needs "
+                                f"{least:.4g} bytes on its largest stage. Raise memory_budget, use more stages or "
+                                "fewer micro-batches in flight (1f1b)")
     return min_max_partition(len(forward), num_stages, cost)
 
 
