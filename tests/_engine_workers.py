@@ -66,9 +66,11 @@ class DataBlock(nn.Module):
     def forward(self, value: Hidden) -> Hidden:
         assert isinstance(value, Hidden) and value.label == "hidden", type(value)
         h = torch.tanh(self.linear(value.h)) + 0.1 * value.z.real * value.z.imag
-        out = Hidden(h, torch.complex(h, 0.5 * h) * value.z.abs().clamp(max=2.0))
-        out.hops = value.hops + 1
-        return out
+        # Updated in place, as model code often does: the received tensors are replaced in their container.
+        value.z = torch.complex(h, 0.5 * h) * value.z.abs().clamp(max=2.0)
+        value.h = h
+        value.hops += 1
+        return value
 
 
 class Unwrap(nn.Module):

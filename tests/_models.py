@@ -68,6 +68,7 @@ class TinyGPT(LightningModule):
         self.scheduler = scheduler
         self.optimizer_name = optimizer
         self.val_acc = MulticlassAccuracy(num_classes=VOCAB, average="micro")
+        self.train_acc = MulticlassAccuracy(num_classes=VOCAB, average="micro")
         self.val_rho = SpearmanCorrCoef()  # list ("cat") states: relayed entry by entry to every stage
         # Counted after the chain, so on the last stage only: a checkpoint must hold that copy.
         self.register_buffer("seen_tokens", torch.zeros((), dtype=torch.int64))
@@ -90,9 +91,12 @@ class TinyGPT(LightningModule):
         return F.cross_entropy(logits.reshape(-1, VOCAB), target.reshape(-1)), logits
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        loss, _ = self._loss(batch)
+        loss, logits = self._loss(batch)
         self.seen_tokens += batch[1].numel()
         self.log("train_loss", loss, prog_bar=True, sync_dist=self.sync_dist)
+        # A Metric object logged on step (Lightning's default in training_step): the batch's value, every rank.
+        self.train_acc(logits.argmax(-1).reshape(-1), batch[1].reshape(-1))
+        self.log("train_acc", self.train_acc)
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:

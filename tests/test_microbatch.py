@@ -443,13 +443,21 @@ def test_split_and_merge_keep_a_defaultdict_and_its_factory() -> None:
     assert torch.equal(merged["x"], batch["x"])
 
 
-def test_merge_joins_ragged_per_sample_lists_of_equal_sized_micro_batches() -> None:
-    """Two micro-batches of two ragged sequences each: lists of equal length holding tensors, but of different
-    lengths within a list, so per-sample (joined), not a container of batched tensors (merged entry by entry)."""
+def test_merge_with_sizes_tells_per_sample_lists_from_containers() -> None:
+    """Given each micro-batch's sample count, a list with one entry per sample (ragged sequences) is joined, even
+    where the micro-batches are equal or hold one sample; a container of tensors is merged entry by entry."""
     seqs = [torch.ones(5), torch.ones(2), torch.ones(7), torch.ones(3)]
     batch = {"x": torch.zeros(4, 2), "seqs": seqs}
-    merged = merge_microbatches(split_microbatches(batch, 2))
+    parts = split_microbatches(batch, 2)
+    merged = merge_microbatches(parts, [batch_size_of(p) for p in parts])
     assert [s.shape[0] for s in merged["seqs"]] == [5, 2, 7, 3]
-    # A container of batched tensors is still merged entry by entry.
-    pairs = merge_microbatches([[torch.zeros(2, 3), torch.ones(2)], [torch.zeros(2, 3), torch.ones(2)]])
+    # One sample per micro-batch, and a micro-batch whose sequences happen to be equally long.
+    ones = merge_microbatches([[s] for s in seqs], [1, 1, 1, 1])
+    assert [s.shape[0] for s in ones] == [5, 2, 7, 3]
+    even = merge_microbatches([[torch.zeros(3), torch.zeros(3)], [torch.zeros(5), torch.zeros(2)]], [2, 2])
+    assert [s.shape[0] for s in even] == [3, 3, 5, 2]
+    # Containers are merged entry by entry: batched tensors, and a batched tensor beside a per-class count.
+    pairs = merge_microbatches([[torch.zeros(2, 3), torch.ones(2)], [torch.zeros(2, 3), torch.ones(2)]], [2, 2])
     assert [p.shape for p in pairs] == [(4, 3), (4,)]
+    preds, counts = merge_microbatches([[torch.zeros(4), torch.ones(3)], [torch.zeros(4), torch.ones(3)]], [4, 4])
+    assert preds.shape == (8,) and counts.shape == (6,)

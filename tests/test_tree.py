@@ -261,3 +261,16 @@ def test_dict_subclasses_keep_their_class_and_a_defaultdict_its_factory() -> Non
     assert type(dd) is collections.defaultdict and dd.default_factory is list and dd["missing"] == []
     spec = flatten(AttrDict(a=torch.ones(1)))[1]
     assert pickle.loads(pickle.dumps(spec)) == spec  # travels in a message's metadata
+
+
+class KeywordDict(dict):
+    """EasyDict-style: keywords only, keys as attributes."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.__dict__ = self
+
+
+def test_dict_subclass_with_a_keyword_only_constructor_round_trips() -> None:
+    out = round_trip(KeywordDict(h=torch.ones(2)))
+    assert type(out) is KeywordDict and out.h.shape == (2,)

@@ -322,6 +322,9 @@ class PipelineExecutor:
                 mb, s = action.microbatch, action.stage
                 if action.kind is _F:
                     inputs = None if s == 0 else take(False, mb, s - 1)
+                    # Taken before the forward: a stage may replace tensors inside its input container in place
+                    # (``state.h = f(state.h)``), and the gradients to send back are those of the received leaves.
+                    input_leaves = flatten(inputs)[0] if train and inputs is not None else []
                     start = compute_begins()
                     try:
                         with torch.set_grad_enabled(train):
@@ -340,7 +343,6 @@ class PipelineExecutor:
                                 "move the cut between stages (balance) so that the stage does not start with it"
                             ) from err
                         raise
-                    input_leaves = flatten(inputs)[0] if train and inputs is not None else []
                     if s == last:
                         if train:
                             if not isinstance(output, torch.Tensor) or output.numel() != 1:

@@ -106,21 +106,23 @@ def microbatch_weights(microbatches: Sequence[Any]) -> list[float]:
     return [s / total for s in sizes]
 
 
-def _ragged(entries: list[Any]) -> bool:
-    """Whether a list holds only tensors, of different lengths: not a container of batched tensors (``[x, y]``,
-    all as long as the micro-batch) but one entry per sample (ragged sequences)."""
-    if not all(isinstance(v, torch.Tensor) and v.dim() > 0 for v in entries):
+def _per_sample(outputs: Sequence[list[Any]], sizes: Sequence[int]) -> bool:
+    """Whether per-micro-batch lists hold one entry per sample (joined), knowing each micro-batch's sample count:
+    as long as it everywhere, and not a container of tensors that are all that long (``[x, y]``)."""
+    if any(len(o) != n for o, n in zip(outputs, sizes)):
         return False
-    return len({v.shape[0] for v in entries}) > 1
+    return not all(all(isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n for v in o)
+                   for o, n in zip(outputs, sizes))
 
 
-def merge_microbatches(outputs: Sequence[Any]) -> Any:
+def merge_microbatches(outputs: Sequence[Any], sizes: Sequence[int] | None = None) -> Any:
     """Concatenate per-micro-batch outputs along dimension 0, recursing into tuples, lists, dicts and dataclasses.
 
-    Tensors with a batch dimension are concatenated; scalar tensors are stacked; lists are joined when they hold no
-    tensor, differ in length or hold entries of different batch sizes (per-sample lists, such as ragged sequences),
-    else merged entry by entry; other leaves are returned as a list with one entry per micro-batch. Dicts keep
-    their class.
+    Tensors with a batch dimension are concatenated; scalar tensors are stacked; lists are joined when they are
+    per-sample lists (ragged sequences, strings), else merged entry by entry; other leaves are returned as a list
+    with one entry per micro-batch. Dicts keep their class. ``sizes``, each micro-batch's sample count, tells
+    per-sample lists apart exactly (one entry per sample, not all batch-long tensors); without it a list is taken
+    as per-sample when it holds no tensor or the lengths differ between micro-batches.
     """
     first = outputs[0]
     if len(outputs) == 1:
@@ -129,16 +131,21 @@ def merge_microbatches(outputs: Sequence[Any]) -> Any:
         return torch.cat(list(outputs)) if first.dim() > 0 else torch.stack(list(outputs))
     if dataclasses.is_dataclass(first) and not isinstance(first, type):
         names = [f.name for f in dataclasses.fields(first) if f.init]
-        return dataclasses.replace(first, **{n: merge_microbatches([getattr(o, n) for o in outputs]) for n in names})
+        return dataclasses.replace(first, **{n: merge_microbatches([getattr(o, n) for o in outputs], sizes)
+                                             for n in names})
     if isinstance(first, dict):
-        return _like(first, ((k, merge_microbatches([o[k] for o in outputs])) for k in first))
+        return _like(first, ((k, merge_microbatches([o[k] for o in outputs], sizes)) for k in first))
     if isinstance(first, tuple):
-        merged = [merge_microbatches([o[i] for o in outputs]) for i in range(len(first))]
+        merged = [merge_microbatches([o[i] for o in outputs], sizes) for i in range(len(first))]
         return type(first)(*merged) if hasattr(first, "_fields") else tuple(merged)
     if isinstance(first, list):
         lists = all(isinstance(o, list) for o in outputs)
-        if lists and (len({len(o) for o in outputs}) > 1 or not any(batch_size_of(v) >= 0 for v in first)
-                      or any(_ragged(o) for o in outputs)):
+        if lists and sizes is not None and len(sizes) == len(outputs):
+            per_sample = _per_sample(outputs, sizes)
+        else:
+            per_sample = lists and (len({len(o) for o in outputs}) > 1
+                                    or not any(batch_size_of(v) >= 0 for v in first))
+        if per_sample:
             return [v for o in outputs for v in o]  # per-sample lists: joined
-        return [merge_microbatches([o[i] for o in outputs]) for i in range(len(first))]
+        return [merge_microbatches([o[i] for o in outputs], sizes) for i in range(len(first))]
     return list(outputs)

@@ -86,7 +86,12 @@ def unflatten(tensors: list[torch.Tensor] | tuple[torch.Tensor | None, ...], spe
             cls, keys, factory = node.value
             if issubclass(cls, collections.defaultdict):
                 return cls(factory, zip(keys, children))
-            return cls(zip(keys, children))
+            try:
+                return cls(zip(keys, children))
+            except TypeError:  # a constructor taking keywords only (EasyDict-style)
+                if all(isinstance(k, str) for k in keys):
+                    return cls(**dict(zip(keys, children)))
+                raise
         if node.kind == "dataclass":
             cls, names, inits = node.value
             obj = cls(**dict(zip(names[:inits], children[:inits])))

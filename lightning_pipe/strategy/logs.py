@@ -4,8 +4,9 @@ While a micro-batch runs, ``LightningModule.log`` is replaced by a recorder. Aft
 combines each name's per-micro-batch values as the full batch would give them (weighted mean by default, else the
 ``reduce_fx`` given), the combined values are broadcast to every rank of the pipeline, and every rank makes the
 same real ``self.log`` calls, so progress bar, ``callback_metrics``, loggers and callbacks agree everywhere and
-``sync_dist`` collectives are entered by all ranks. A torchmetrics ``Metric`` is relayed by its attribute name and
-logged on every rank from its own copy (copies on other stages hold empty states, which sum-reductions ignore).
+``sync_dist`` collectives are entered by all ranks. A torchmetrics ``Metric`` is relayed by its attribute name, with
+the value its forward gave for the batch (the micro-batches' values weighted by their share), and logged on every
+rank from its own copy, whose states the last stage relays after each step (:mod:`.metric_states`).
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ class LogRecorder:
             attribute = kwargs.pop("metric_attribute", None)
             if isinstance(value, Metric):
                 attribute = attribute or self._metric_name(value, name)
+                # What its forward gave for this micro-batch (what Lightning logs on step), not the object.
+                cache = value._forward_cache
+                value = cache.detach() if isinstance(cache, torch.Tensor) else None
             elif isinstance(value, torch.Tensor):
                 value = value.detach()
             self.calls.setdefault(name, []).append((microbatch, value, kwargs, attribute))
@@ -100,8 +104,14 @@ def combine_records(recorder: LogRecorder, weights: list[float]) -> list[LogReco
         # weighted by it, standing for their sum, so epoch means weigh every step as on one device.
         sizes = [c[2].get("batch_size") for c in calls]
         kwargs.pop("batch_size", None)
+        share = {mb: weights[mb] for mb in range(len(weights))}
         if attribute is not None:
-            records.append(LogRecord(name, None, kwargs, attribute))
+            # A Metric: the value it shows on step is the micro-batches' forward values, weighted by their share
+            # of the batch (exact for accuracies and means); its epoch value comes from its relayed states.
+            caches = [(mb, v) for mb, v, _, _ in calls if isinstance(v, torch.Tensor)]
+            step_value = sum(share[mb] * v.double() for mb, v in caches).to(caches[0][1].dtype).cpu() \
+                if len(caches) == len(weights) and len({mb for mb, _ in caches}) == len(weights) else None
+            records.append(LogRecord(name, step_value, kwargs, attribute))
             continue
         if any(size is not None for size in sizes) and any(size is None for size in sizes):
             raise ValueError(f"self.log({name!r}, batch_size=...) must be given in every micro-batch's call or in "
@@ -109,11 +119,15 @@ def combine_records(recorder: LogRecorder, weights: list[float]) -> list[LogReco
         how = _reduce_name(kwargs.get("reduce_fx", "mean"), name)
         values = [torch.as_tensor(v, dtype=torch.float64 if not isinstance(v, torch.Tensor) else None)
                   for _, v, _, _ in calls]
-        share = {mb: weights[mb] for mb in range(len(weights))}
         if sizes and sizes[0] is not None:
-            total = sum(sizes)
-            kwargs["batch_size"] = total
-            share = {mb: size / total for (mb, _, _, _), size in zip(calls, sizes)} if total else share
+            if len(set(sizes)) == 1:
+                # The same number in every micro-batch: a batch size written as a constant (as on one device),
+                # not a count of this micro-batch's items; the samples weigh the values, and it is passed on.
+                kwargs["batch_size"] = sizes[0]
+            else:  # counted per micro-batch (tokens, say): each value stands for its count, the step for the sum
+                total = sum(sizes)
+                kwargs["batch_size"] = total
+                share = {mb: size / total for (mb, _, _, _), size in zip(calls, sizes)} if total else share
         if how == _MEAN:
             if sorted(mb for mb, _, _, _ in calls) != list(range(len(weights))):
                 raise ValueError(f"self.log({name!r}) must be called once per micro-batch under a pipeline (it was "
@@ -137,6 +151,8 @@ def replay(module: Any, records: list[LogRecord], device: torch.device,
     for record in records:
         if record.metric_attribute is not None:
             metric = module.get_submodule(record.metric_attribute)
+            if record.value is not None:  # what Lightning reads for the on-step value, the same on every rank
+                metric._forward_cache = record.value.to(device)
             log(record.name, metric, metric_attribute=record.metric_attribute, **record.kwargs)
         else:
             value = record.value.to(device) if isinstance(record.value, torch.Tensor) else record.value

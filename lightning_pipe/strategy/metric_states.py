@@ -1,81 +1,125 @@
-"""torchmetrics ``Metric`` states, kept alike on every stage of a pipeline.
+"""torchmetrics ``Metric`` objects under a pipeline: one value on every rank, at no cost per step.
 
-The user's step updates a metric where its inputs are: usually after the chain, so on the last stage only. After
-each step the last stage relays what the step added to each metric it updated (the new entries of list states such
-as AUROC's predictions, the whole of tensor states such as counts, which are small), and the other stages apply it
-to their own copies. Every copy then holds the same state, so ``compute()`` (in ``self.log`` at epoch end, or called
-in an epoch-end hook) gives the same value on every rank, and each metric syncs over the data-parallel replicas only
-(its ``process_group``), not once per stage.
+The user's step updates a metric where its inputs are: usually after the chain, so on the last stage only; the
+copies on the other stages stay empty. A metric is synced when it is computed (``sync_on_compute``, on by default):
+Lightning computes the logged ones at epoch end on every rank, and epoch-end hooks run on every rank too. There,
+:func:`gather_over_replicas` (each metric's ``dist_sync_fn``) first gives every stage the last stage's state (one
+broadcast per state tensor within the pipeline), then gathers over the data-parallel replicas only, so each value is
+counted once, whatever the state (sums, or lists such as AUROC's predictions). Inside a step (a ``compute()`` after
+the chain, which runs on the last stage only) it gathers over the replicas alone, which are all in that step.
+
+After each step the last stage relays the update count of each metric it updated (a few integers, with the logged
+values), so that the other copies know they were updated. ``compute()`` does not cache its result: the caches of
+the copies would differ (each is cleared by its own updates), and a rank returning a cached value would leave the
+others waiting in the sync.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from lightning.fabric.utilities.apply_func import apply_to_collection
 from torch import nn
 from torchmetrics import Metric
+from torchmetrics.utilities.distributed import gather_all_tensors
 
-__all__ = ["MetricStates"]
+__all__ = ["MetricStates", "gather_over_replicas"]
 
-_Delta = tuple[int, dict[str, Any], Any]  # update count, new or whole states, forward cache
+
+@dataclass
+class _Pipeline:
+    replicas: dist.ProcessGroup | None
+    """This rank's data-parallel group (the same stage on every replica)."""
+    stages: dist.ProcessGroup | None
+    """This rank's pipeline group."""
+    last: int
+    """Global rank of the pipeline's last stage."""
+    num_stages: int
+    in_step: bool = False
+
+
+_PIPELINE: _Pipeline | None = None  # one strategy per process
+_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+           torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128]
+_MAX_DIMS = 8
+
+
+def gather_over_replicas(result: torch.Tensor, group: Any | None = None) -> list[torch.Tensor]:
+    """A metric's ``dist_sync_fn`` under a pipeline (see the module docstring). The default group (``None`` or the
+    whole world) is replaced by the data-parallel replicas; another group given to the metric is kept. A module-level
+    function, so that metrics still copy and pickle (a process group does neither)."""
+    pipeline = _PIPELINE
+    if pipeline is not None and (group is None or group is dist.group.WORLD):
+        if pipeline.num_stages > 1 and not pipeline.in_step:
+            result = _from_last_stage(result, pipeline)
+        group = pipeline.replicas
+    return gather_all_tensors(result, group=group)
+
+
+def _from_last_stage(t: torch.Tensor, pipeline: _Pipeline) -> torch.Tensor:
+    """The last stage's version of this state tensor, on every stage (shapes and dtypes may differ: an empty list
+    state is a 1-d placeholder of the metric's dtype)."""
+    mine = dist.get_rank() == pipeline.last
+    head = torch.zeros(2 + _MAX_DIMS, dtype=torch.int64, device=t.device)
+    if mine:
+        if t.dim() > _MAX_DIMS or t.dtype not in _DTYPES:
+            raise ValueError(f"a metric state of {t.dim()} dimensions and dtype {t.dtype} cannot be relayed between "
+                             "pipeline stages")
+        head[0], head[1] = _DTYPES.index(t.dtype), t.dim()
+        head[2:2 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
+    dist.broadcast(head, src=pipeline.last, group=pipeline.stages)
+    dtype, ndim = _DTYPES[int(head[0])], int(head[1])
+    shape = tuple(int(d) for d in head[2:2 + ndim])
+    out = t.contiguous() if mine else torch.empty(shape, dtype=dtype, device=t.device)
+    dist.broadcast(out, src=pipeline.last, group=pipeline.stages)
+    return out
 
 
 class MetricStates:
-    """The ``Metric`` submodules of one (already cut) LightningModule, found once by name."""
+    """The ``Metric`` submodules of one (already cut) LightningModule."""
 
-    def __init__(self, module: nn.Module) -> None:
-        self.metrics = {name: m for name, m in module.named_modules() if isinstance(m, Metric)}
+    def __init__(self, module: nn.Module, *, replicas: dist.ProcessGroup | None, stages: dist.ProcessGroup | None,
+                 last: int, num_stages: int) -> None:
+        global _PIPELINE
+        _PIPELINE = _Pipeline(replicas, stages, last, num_stages)
+        self.module = module
+        self.metrics: dict[str, Metric] = {}
+        self.scan()
 
-    def use_group(self, group: dist.ProcessGroup) -> None:
-        """Sync each metric over ``group`` (the data-parallel replicas), unless the user gave it a group."""
+    def scan(self) -> None:
+        """Find the metrics, also those made since the last scan (``MetricTracker.increment`` makes some)."""
+        self.metrics = {name: m for name, m in self.module.named_modules() if isinstance(m, Metric)}
         for metric in self.metrics.values():
-            if metric.process_group is None:
-                metric.process_group = group
+            if metric.dist_sync_fn is None:
+                metric.dist_sync_fn = gather_over_replicas
+            # A cached result would let one rank skip the sync that the others enter (a stage's copy is cleared by
+            # its own updates only): every compute() syncs, on every rank alike.
+            metric.compute_with_cache = False
 
-    def mark(self) -> dict[str, tuple[int, dict[str, int]]]:
-        """Before a step: each metric's update count and the lengths of its list states."""
-        return {name: (m._update_count, {k: len(v) for k, v in _states(m).items() if isinstance(v, list)})
-                for name, m in self.metrics.items()}
+    @staticmethod
+    def stepping(active: bool) -> None:
+        """Mark a step running (syncs inside it stay among the replicas) or over."""
+        if _PIPELINE is not None:
+            _PIPELINE.in_step = active
 
-    def deltas(self, marks: dict[str, tuple[int, dict[str, int]]]) -> dict[str, _Delta]:
-        """After a step, on the stage that ran it: what each metric updated since ``marks`` gained, on the CPU."""
-        out: dict[str, _Delta] = {}
-        for name, metric in self.metrics.items():
-            count, lengths = marks[name]
-            if metric._update_count == count:
-                continue
-            states = {}
-            for key, value in _states(metric).items():
-                if isinstance(value, list):
-                    # A reset within the step (rare) leaves the list shorter: then all of it is new.
-                    start = lengths.get(key, 0) if len(value) >= lengths.get(key, 0) else 0
-                    states[key] = ("extend", start, [v.detach().cpu() for v in value[start:]])
-                else:
-                    states[key] = ("set", 0, value.detach().cpu())
-            cache = apply_to_collection(metric._forward_cache, torch.Tensor, lambda t: t.detach().cpu())
-            out[name] = (metric._update_count, states, cache)
-        return out
+    def counts(self) -> dict[str, int]:
+        """On the last stage, before or after a step: each metric's update count."""
+        self.scan()
+        return {name: m._update_count for name, m in self.metrics.items()}
 
-    def apply(self, deltas: dict[str, _Delta], device: torch.device) -> None:
-        """On the other stages: bring each metric's copy to the relayed state."""
-        for name, (count, states, cache) in deltas.items():
+    def changed(self, before: dict[str, int]) -> dict[str, int]:
+        """The update counts that changed since ``before``."""
+        return {name: count for name, count in self.counts().items() if before.get(name) != count}
+
+    def apply(self, counts: dict[str, int]) -> None:
+        """On the other stages: the relayed update counts."""
+        for name, count in counts.items():
             metric = self.metrics.get(name)
-            if metric is None:  # inside a block this rank does not hold
-                continue
-            for key, (how, start, value) in states.items():
-                if how == "extend":
-                    current = getattr(metric, key)
-                    del current[start:]
-                    current.extend(v.to(device) for v in value)
-                else:
-                    setattr(metric, key, value.to(device))
+            if metric is None:
+                self.scan()
+                metric = self.metrics.get(name)
+                if metric is None:  # inside a block this rank does not hold
+                    continue
             metric._update_count = count
-            metric._computed = None
-            metric._forward_cache = apply_to_collection(cache, torch.Tensor, lambda t: t.to(device))
-
-
-def _states(metric: Metric) -> dict[str, Any]:
-    return {key: getattr(metric, key) for key in metric._defaults}

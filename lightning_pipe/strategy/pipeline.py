@@ -166,7 +166,7 @@ class PipelineStrategy(DDPStrategy):
         self.pp_rank = 0
         self.dp_rank = 0
         self._pp_ranks: list[int] = [0]
-        self._chain_path = ""
+        self._outside_buffers: list[str] = []
         self._metric_states: MetricStates | None = None
         self._backward_group: dist.ProcessGroup | None = None
         self._runtime: ChainRuntime | None = None
@@ -271,8 +271,8 @@ class PipelineStrategy(DDPStrategy):
         first_time = self._runtime is None
         if first_time:
             self._split(module)
-            self._metric_states = MetricStates(module)
-            self._metric_states.use_group(self._dp_group)
+            self._metric_states = MetricStates(module, replicas=self._dp_group, stages=self._pp_group,
+                                               last=self._pp_ranks[self.loss_rank], num_stages=self.num_stages)
         self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         if first_time:
@@ -293,7 +293,11 @@ class PipelineStrategy(DDPStrategy):
                 "(ckpt_path=...)"
             )
         path, chain = find_chain(module, self.blocks)
-        self._chain_path = path
+        # Decided on the whole model, so the same on every rank: the buffers none of whose names is in the chain
+        # (a block that is also an attribute outside it counts as in it).
+        inside = {id(b) for name, b in module.named_buffers(remove_duplicate=False)
+                  if not path or name.startswith(f"{path}.")}
+        self._outside_buffers = [name for name, b in module.named_buffers() if id(b) not in inside]
         if len(chain) < self.num_model_stages:
             raise PipelineError(
                 f"`{path}` has {len(chain)} blocks, too few for pipeline_parallel_size={self.num_stages} x "
@@ -411,17 +415,21 @@ class PipelineStrategy(DDPStrategy):
 
         executor = self._executor(len(micro))
         metrics = self._metric_states
-        marks = metrics.mark() if metrics is not None and metrics.metrics and self.is_last_stage else None
+        counts = metrics.counts() if (metrics is not None and self.is_last_stage and self.num_stages > 1) else None
         scale = self._loss_scale() if train else None
-        result = executor.run(forward_fn, loss_weights=weights, train=train, scale_loss=scale)
+        MetricStates.stepping(True)  # a metric synced inside the step syncs among the replicas only
+        try:
+            result = executor.run(forward_fn, loss_weights=weights, train=train, scale_loss=scale)
+        finally:
+            MetricStates.stepping(False)
         if after_run is not None:
             after_run()
         payload: list[Any] = [None]
         if self.is_last_stage:
             try:
                 payload = [self._step_payload(result, recorder, weights, outputs if train else result.outputs,
-                                              train=train)
-                           + (metrics.deltas(marks) if metrics is not None and marks is not None else {},)]
+                                              train=train, sizes=[batch_size_of(mb) for mb in micro])
+                           + (metrics.changed(counts) if metrics is not None and counts is not None else {},)]
             except Exception as err:  # noqa: BLE001 - every stage must learn of it, not wait in the broadcast
                 payload = [("error", f"{type(err).__name__}: {err}")]
                 if self.num_stages == 1:
@@ -431,9 +439,9 @@ class PipelineStrategy(DDPStrategy):
         if payload[0][0] == "error":
             raise PipelineError(f"the last pipeline stage ({self.num_model_stages - 1}, on pipeline rank "
                                 f"{self.loss_rank}) failed after the step: {payload[0][1]}")
-        _, loss, records, merged, metric_deltas = payload[0]
-        if metric_deltas and not self.is_last_stage and metrics is not None:
-            metrics.apply(metric_deltas, self.root_device)  # before replay: on_step logging reads their caches
+        _, loss, records, merged, metric_counts = payload[0]
+        if metric_counts and not self.is_last_stage and metrics is not None:
+            metrics.apply(metric_counts)
         replay(module, records, self.root_device)
         if train:
             self.pipeline_metrics.after_step(module=module, result=result, batch=args[0], schedule=executor.schedule,
@@ -447,7 +455,7 @@ class PipelineStrategy(DDPStrategy):
 
     @staticmethod
     def _step_payload(result: Any, recorder: LogRecorder, weights: list[float], outputs: dict[int, Any], *,
-                      train: bool) -> tuple[str, Any, list[LogRecord], Any]:
+                      train: bool, sizes: list[int]) -> tuple[str, Any, list[LogRecord], Any]:
         """What the last stage relays to every stage: the batch loss, the logged values and the merged outputs
         (for training, what training_step returned besides the loss), on the CPU."""
         loss = sum(w * result.losses[i].double() for i, w in enumerate(weights)).cpu() if train else None
@@ -456,7 +464,8 @@ class PipelineStrategy(DDPStrategy):
         if train:
             values = [{k: v for k, v in out.items() if k != "loss"} for out in values if isinstance(out, dict)]
         if values and not all(v is None or (isinstance(v, dict) and not v) for v in values):
-            merged = _to_device(merge_microbatches(values), torch.device("cpu"))
+            merged = _to_device(merge_microbatches(values, sizes if len(values) == len(sizes) else None),
+                                torch.device("cpu"))
         return ("ok", loss, combine_records(recorder, weights), merged)
 
     def _loss_scale(self) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -605,11 +614,9 @@ class PipelineStrategy(DDPStrategy):
         other stages. The last stage runs the code before the chain and after it on real data, so its copies are
         current; other stages never run what follows the chain. A checkpoint writes one copy of each name, from
         any rank. Returns whether there were any."""
-        prefix = f"{self._chain_path}." if self._chain_path else None
-        buffers = [b for name, b in self.lightning_module.named_buffers()
-                   if prefix is not None and not name.startswith(prefix)]
-        if self.num_stages == 1 or not buffers:
+        if self.num_stages == 1 or not self._outside_buffers:
             return False
+        buffers = [self.lightning_module.get_buffer(name) for name in self._outside_buffers]
         for buffer in buffers:
             dist.broadcast(buffer, src=self._pp_ranks[self.loss_rank], group=self._pp_group)
         return True
