@@ -99,6 +99,12 @@ class MetricStates:
             metric.compute_with_cache = False
 
     @staticmethod
+    def release() -> None:
+        """After the run: syncs go back to the groups the metrics were given (the world by default)."""
+        global _PIPELINE
+        _PIPELINE = None
+
+    @staticmethod
     def stepping(active: bool) -> None:
         """Mark a step running (syncs inside it stay among the replicas) or over."""
         if _PIPELINE is not None:

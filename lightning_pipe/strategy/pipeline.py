@@ -271,8 +271,9 @@ class PipelineStrategy(DDPStrategy):
         first_time = self._runtime is None
         if first_time:
             self._split(module)
-            self._metric_states = MetricStates(module, replicas=self._dp_group, stages=self._pp_group,
-                                               last=self._pp_ranks[self.loss_rank], num_stages=self.num_stages)
+        # Every setup (fit, then validate...): teardown releases the metrics' pipeline groups.
+        self._metric_states = MetricStates(module, replicas=self._dp_group, stages=self._pp_group,
+                                           last=self._pp_ranks[self.loss_rank], num_stages=self.num_stages)
         self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         if first_time:
@@ -694,6 +695,7 @@ class PipelineStrategy(DDPStrategy):
 
     @override
     def teardown(self) -> None:
+        MetricStates.release()
         self._executors.clear()
         self._transport = None
         super().teardown()
