@@ -171,3 +171,25 @@ def test_gradient_scaler_inf_check_is_agreed_across_stages(agree: bool) -> None:
         assert params0 == [1.0, 1.0, 1.0] and scale0 == 8.0
     else:
         assert params0 != [1.0, 1.0, 1.0] and scale0 == 16.0
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(240)
+def test_metrics_of_every_kind_match_one_device_and_never_hang() -> None:
+    """A retrieval metric (list states synced entry by entry), a metric made with sync_on_compute=False, a metric
+    inside a block (computed on its stage alone), a metric syncing on step under balance='time' (whose profile runs
+    on rank 0 alone), and a checkpoint of a model whose block is also an attribute outside the chain."""
+    from tests._metric_workers import CASES, fit
+
+    outcomes = launch("tests._metric_workers.pipeline_cases", 2, deadline=200, cases=list(CASES))
+    results = [o.unwrap() for o in outcomes]
+    for case in CASES:
+        ref = fit(case, devices=1, strategy="auto")
+        for rank, result in enumerate(results):
+            got = result[case]
+            if ref["m"] is not None:
+                assert _close(got["m"], ref["m"]), (case, rank, got["m"], ref["m"])
+            if case == "in_block":  # rank 0 holds blocks[0] and its metric; rank 1 holds none
+                assert got["seen"] == (pytest.approx(ref["seen"], rel=1e-5) if rank == 0 else []), (rank, got)
+            if case == "aliased_buffer":
+                assert got["saved"]

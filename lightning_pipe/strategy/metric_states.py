@@ -6,7 +6,10 @@ Lightning computes the logged ones at epoch end on every rank, and epoch-end hoo
 :func:`gather_over_replicas` (each metric's ``dist_sync_fn``) first gives every stage the last stage's state (one
 broadcast per state tensor within the pipeline), then gathers over the data-parallel replicas only, so each value is
 counted once, whatever the state (sums, or lists such as AUROC's predictions). Inside a step (a ``compute()`` after
-the chain, which runs on the last stage only) it gathers over the replicas alone, which are all in that step.
+the chain, which runs on the last stage only) it gathers over the replicas alone, which are all in that step. A
+metric inside a block of the chain lives on one stage: it syncs among that stage's replicas
+(:func:`gather_among_replicas`); one made with ``sync_on_compute=False`` only fetches the last stage's state
+(:func:`fetch_from_last_stage`).
 
 After each step the last stage relays the update count of each metric it updated (a few integers, with the logged
 values), so that the other copies know they were updated. ``compute()`` does not cache its result: the caches of
@@ -25,7 +28,7 @@ from torch import nn
 from torchmetrics import Metric
 from torchmetrics.utilities.distributed import gather_all_tensors
 
-__all__ = ["MetricStates", "gather_over_replicas"]
+__all__ = ["MetricStates", "gather_over_replicas", "gather_among_replicas", "fetch_from_last_stage"]
 
 
 @dataclass
@@ -77,23 +80,58 @@ def _from_last_stage(t: torch.Tensor, pipeline: _Pipeline) -> torch.Tensor:
     return out
 
 
-class MetricStates:
-    """The ``Metric`` submodules of one (already cut) LightningModule."""
+def gather_among_replicas(result: torch.Tensor, group: Any | None = None) -> list[torch.Tensor]:
+    """The ``dist_sync_fn`` of a metric inside a block of the chain: it lives on one stage, whose replicas alone
+    hold it."""
+    pipeline = _PIPELINE
+    if pipeline is not None and (group is None or group is dist.group.WORLD):
+        group = pipeline.replicas
+    return gather_all_tensors(result, group=group)
 
-    def __init__(self, module: nn.Module, *, replicas: dist.ProcessGroup | None, stages: dist.ProcessGroup | None,
-                 last: int, num_stages: int) -> None:
+
+def fetch_from_last_stage(result: torch.Tensor, group: Any | None = None) -> list[torch.Tensor]:
+    """The ``dist_sync_fn`` of a metric its user made with ``sync_on_compute=False``: no gathering over replicas,
+    but every stage still gets the last stage's state."""
+    pipeline = _PIPELINE
+    if pipeline is not None and pipeline.num_stages > 1 and not pipeline.in_step:
+        result = _from_last_stage(result, pipeline)
+    return [result]
+
+
+_Mark = tuple[int, tuple[int, ...]]  # update count, lengths of the list states
+
+
+class MetricStates:
+    """The ``Metric`` submodules of one (already cut) LightningModule, outside its chain of blocks (a metric inside
+    a block lives on one stage only and keeps its own sync)."""
+
+    def __init__(self, module: nn.Module, *, chain: str, replicas: dist.ProcessGroup | None,
+                 stages: dist.ProcessGroup | None, last: int, num_stages: int) -> None:
         global _PIPELINE
         _PIPELINE = _Pipeline(replicas, stages, last, num_stages)
         self.module = module
+        self.prefix = f"{chain}." if chain else None
         self.metrics: dict[str, Metric] = {}
         self.scan()
 
     def scan(self) -> None:
         """Find the metrics, also those made since the last scan (``MetricTracker.increment`` makes some)."""
-        self.metrics = {name: m for name, m in self.module.named_modules() if isinstance(m, Metric)}
+        self.metrics = {}
+        for name, m in self.module.named_modules():
+            if not isinstance(m, Metric):
+                continue
+            if self.prefix is not None and name.startswith(self.prefix):
+                if m.dist_sync_fn is None:
+                    m.dist_sync_fn = gather_among_replicas
+                continue
+            self.metrics[name] = m
         for metric in self.metrics.values():
             if metric.dist_sync_fn is None:
-                metric.dist_sync_fn = gather_over_replicas
+                if metric.sync_on_compute:
+                    metric.dist_sync_fn = gather_over_replicas
+                else:  # no sync was asked for: still fetch the last stage's state, and compute from it
+                    metric.dist_sync_fn = fetch_from_last_stage
+                    metric.sync_on_compute = metric._to_sync = True
             # A cached result would let one rank skip the sync that the others enter (a stage's copy is cleared by
             # its own updates only): every compute() syncs, on every rank alike.
             metric.compute_with_cache = False
@@ -110,22 +148,31 @@ class MetricStates:
         if _PIPELINE is not None:
             _PIPELINE.in_step = active
 
-    def counts(self) -> dict[str, int]:
-        """On the last stage, before or after a step: each metric's update count."""
+    def counts(self) -> dict[str, _Mark]:
+        """On the last stage, before or after a step: each metric's update count and list-state lengths."""
         self.scan()
-        return {name: m._update_count for name, m in self.metrics.items()}
+        return {name: (m._update_count, tuple(len(v) for v in _list_states(m).values()))
+                for name, m in self.metrics.items()}
 
-    def changed(self, before: dict[str, int]) -> dict[str, int]:
-        """The update counts that changed since ``before``."""
-        return {name: count for name, count in self.counts().items() if before.get(name) != count}
+    def changed(self, before: dict[str, _Mark]) -> dict[str, _Mark]:
+        """The marks that changed since ``before``."""
+        return {name: mark for name, mark in self.counts().items() if before.get(name) != mark}
 
-    def apply(self, counts: dict[str, int]) -> None:
-        """On the other stages: the relayed update counts."""
-        for name, count in counts.items():
+    def apply(self, marks: dict[str, _Mark]) -> None:
+        """On the other stages: the relayed update counts, and list states as long as the last stage's (of empty
+        placeholders: a list reduced entry by entry is synced entry by entry, and every stage must sync as many)."""
+        for name, (count, lengths) in marks.items():
             metric = self.metrics.get(name)
             if metric is None:
                 self.scan()
                 metric = self.metrics.get(name)
-                if metric is None:  # inside a block this rank does not hold
+                if metric is None:
                     continue
             metric._update_count = count
+            for (key, value), length in zip(_list_states(metric).items(), lengths):
+                del value[length:]
+                value.extend(torch.empty(0, device=metric.device) for _ in range(length - len(value)))
+
+
+def _list_states(metric: Metric) -> dict[str, list[Any]]:
+    return {key: getattr(metric, key) for key, default in metric._defaults.items() if isinstance(default, list)}

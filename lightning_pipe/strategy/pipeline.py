@@ -167,6 +167,7 @@ class PipelineStrategy(DDPStrategy):
         self.dp_rank = 0
         self._pp_ranks: list[int] = [0]
         self._outside_buffers: list[str] = []
+        self._chain_path = ""
         self._metric_states: MetricStates | None = None
         self._backward_group: dist.ProcessGroup | None = None
         self._runtime: ChainRuntime | None = None
@@ -272,8 +273,9 @@ class PipelineStrategy(DDPStrategy):
         if first_time:
             self._split(module)
         # Every setup (fit, then validate...): teardown releases the metrics' pipeline groups.
-        self._metric_states = MetricStates(module, replicas=self._dp_group, stages=self._pp_group,
-                                           last=self._pp_ranks[self.loss_rank], num_stages=self.num_stages)
+        self._metric_states = MetricStates(module, chain=self._chain_path, replicas=self._dp_group,
+                                           stages=self._pp_group, last=self._pp_ranks[self.loss_rank],
+                                           num_stages=self.num_stages)
         self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         if first_time:
@@ -299,6 +301,7 @@ class PipelineStrategy(DDPStrategy):
         inside = {id(b) for name, b in module.named_buffers(remove_duplicate=False)
                   if not path or name.startswith(f"{path}.")}
         self._outside_buffers = [name for name, b in module.named_buffers() if id(b) not in inside]
+        self._chain_path = path
         if len(chain) < self.num_model_stages:
             raise PipelineError(
                 f"`{path}` has {len(chain)} blocks, too few for pipeline_parallel_size={self.num_stages} x "

@@ -114,6 +114,10 @@ def _profile(module: Any, chain: nn.Module, micro: Any, device: torch.device) ->
                          params=list(module.parameters()))
 
 
+def _alone() -> bool:
+    return False
+
+
 def _restore(module: nn.Module, buffers: dict[str, torch.Tensor], rng: torch.Tensor, cuda_rng: torch.Tensor | None,
              device: torch.device) -> None:
     with torch.no_grad():
@@ -167,6 +171,11 @@ def _decide(strategy: Any, module: Any, chain: nn.Module, fallback: Any, overhea
     # torchmetrics states, the random number generators) is put back afterwards, so that training starts as it
     # would have without the profile.
     buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
+    # This rank profiles alone: a metric that syncs on step would wait for the others.
+    metrics = [m for m in module.modules() if isinstance(m, Metric)]
+    availability = [m.distributed_available_fn for m in metrics]
+    for m in metrics:
+        m.distributed_available_fn = _alone
     rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     module.to(device)
@@ -186,6 +195,8 @@ def _decide(strategy: Any, module: Any, chain: nn.Module, fallback: Any, overhea
         module.to(home)
         module.zero_grad(set_to_none=True)
         _restore(module, buffers, rng, cuda_rng, device)
+        for m, fn in zip(metrics, availability):
+            m.distributed_available_fn = fn
     held_m = m_default
     schedule = build_schedule(strategy.schedule_name, num_ranks=strategy.num_stages, num_microbatches=held_m,
                               virtual_stages=strategy.virtual_stages)
