@@ -337,8 +337,9 @@ class PipelineExecutor:
                     except RuntimeError as err:
                         if s > 0 and "leaf Variable that requires grad" in str(err):
                             raise PipelineError(
-                                f"stage {s} changes its input in place ({err}): the input of a stage is received "
-                                "from the stage before, as a leaf tensor that autograd may not modify in place. "
+                                f"stage {s} changes its input in place, or another leaf tensor ({err}): the input "
+                                "of a stage is received from the stage before, as a leaf tensor that autograd may "
+                                "not modify in place. "
                                 "Make the stage's first operation out of place (e.g. nn.ReLU(inplace=False)), or "
                                 "move the cut between stages (balance) so that the stage does not start with it"
                             ) from err

@@ -5,8 +5,8 @@ combines each name's per-micro-batch values as the full batch would give them (w
 ``reduce_fx`` given), the combined values are broadcast to every rank of the pipeline, and every rank makes the
 same real ``self.log`` calls, so progress bar, ``callback_metrics``, loggers and callbacks agree everywhere and
 ``sync_dist`` collectives are entered by all ranks. A torchmetrics ``Metric`` is relayed by its attribute name, with
-the value its forward gave for the batch (the micro-batches' values weighted by their share), and logged on every
-rank from its own copy, whose states the last stage relays after each step (:mod:`.metric_states`).
+its on-step value (the micro-batches' forward values weighted by their share), and logged on every rank from its
+own copy, which fetches the last stage's state when it is computed (:mod:`.metric_states`).
 """
 
 from __future__ import annotations
@@ -100,14 +100,14 @@ def combine_records(recorder: LogRecorder, weights: list[float]) -> list[LogReco
         _, last_value, kwargs, attribute = calls[-1]
         kwargs = dict(kwargs)
         # Without batch_size the relayed value stands for the whole batch and Lightning infers its size. With it,
-        # each micro-batch's value stands for its own batch_size (tokens, say): the relayed value is their mean
-        # weighted by it, standing for their sum, so epoch means weigh every step as on one device.
+        # see below: a constant is the batch's size; counts that differ per micro-batch weigh their values.
         sizes = [c[2].get("batch_size") for c in calls]
         kwargs.pop("batch_size", None)
         share = {mb: weights[mb] for mb in range(len(weights))}
         if attribute is not None:
             # A Metric: the value it shows on step is the micro-batches' forward values, weighted by their share
-            # of the batch (exact for accuracies and means); its epoch value comes from its relayed states.
+            # of the batch (exact for accuracies and means, not for sums or maxima); its epoch value is computed
+            # from the last stage's state.
             caches = [(mb, v) for mb, v, _, _ in calls if isinstance(v, torch.Tensor)]
             step_value = sum(share[mb] * v.double() for mb, v in caches).to(caches[0][1].dtype).cpu() \
                 if len(caches) == len(weights) and len({mb for mb, _ in caches}) == len(weights) else None
