@@ -68,11 +68,14 @@ def _from_last_stage(t: torch.Tensor, pipeline: _Pipeline) -> torch.Tensor:
     head = torch.zeros(2 + _MAX_DIMS, dtype=torch.int64, device=t.device)
     if mine:
         if t.dim() > _MAX_DIMS or t.dtype not in _DTYPES:
-            raise ValueError(f"a metric state of {t.dim()} dimensions and dtype {t.dtype} cannot be relayed between "
-                             "pipeline stages")
-        head[0], head[1] = _DTYPES.index(t.dtype), t.dim()
-        head[2:2 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
+            head[0], head[1] = -1, t.dim()  # every stage raises, none waits for the data
+        else:
+            head[0], head[1] = _DTYPES.index(t.dtype), t.dim()
+            head[2:2 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
     dist.broadcast(head, src=pipeline.last, group=pipeline.stages)
+    if int(head[0]) < 0:
+        raise ValueError(f"a metric state of {int(head[1])} dimensions or of a dtype other than {_DTYPES} cannot be "
+                         f"relayed between pipeline stages (at most {_MAX_DIMS} dimensions)")
     dtype, ndim = _DTYPES[int(head[0])], int(head[1])
     shape = tuple(int(d) for d in head[2:2 + ndim])
     out = t.contiguous() if mine else torch.empty(shape, dtype=dtype, device=t.device)
