@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from lightning_pipe.engine.transport import PendingRecv, Transport
+from lightning_pipe.engine.transport import PendingRecv, Transport, differentiable
 from lightning_pipe.engine.tree import flatten, unflatten
 from lightning_pipe.engine.weightgrad import WeightGradCollector, deferring
 from lightning_pipe.errors import PipelineError
@@ -142,14 +142,10 @@ def _run_backward(outputs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]
                              accumulate_grad=True)
 
 
-def _differentiable(t: torch.Tensor) -> bool:
-    return t.is_floating_point() or t.is_complex()
-
-
 def _as_leaves(value: Any) -> Any:
     """A copy of ``value`` whose floating tensors are fresh leaves, as if it had crossed to another rank."""
     tensors, spec = flatten(value)
-    leaves = [t.detach().requires_grad_(t.requires_grad and _differentiable(t)) for t in tensors]
+    leaves = [t.detach().requires_grad_(t.requires_grad and differentiable(t)) for t in tensors]
     return unflatten(leaves, spec)
 
 
@@ -275,7 +271,6 @@ class PipelineExecutor:
 
         # Exact protocol: a value is received after every value sent before it on its pair (those wait in
         # ``early`` until needed); see _send_orders.
-        split_kinds = self.transport.backward_group is not None  # else both kinds share one order per peer
         in_send_order = {pair: deque(ts) for pair, ts in self._send_orders(train).items()} \
             if self.transport.exact else {}
         early: dict[tuple[bool, int, int], Any] = {}
@@ -289,7 +284,7 @@ class PipelineExecutor:
             if key not in pending and not self.transport.exact:
                 post_until(next_recv + 1)  # gloo, post_ahead=0: receives are taken in order, so this is the next
             if key not in pending:  # exact-size protocol: received now, after what its sender sent before it
-                queue = in_send_order[(sched.stage_to_rank[src_stage], is_gradient and split_kinds)]
+                queue = in_send_order[self._order_key(sched.stage_to_rank[src_stage], is_gradient)]
                 while (t := queue.popleft()).key != key:
                     post(t, _transfer_text(t, receive=True))
                     early[t.key] = pending.pop(t.key).wait()
@@ -408,13 +403,17 @@ class PipelineExecutor:
         orders = self._send_order_cache.get(train)
         if orders is None:
             sched, lists = self.schedule, {}
-            split_kinds = self.transport.backward_group is not None
             for src in range(sched.num_ranks):
                 for j, t in sched.sends(src):
                     if t.dst_rank == self.rank and (train or sched.actions[src][j].kind is _F):
-                        lists.setdefault((src, t.is_gradient and split_kinds), []).append(t)
+                        lists.setdefault(self._order_key(src, t.is_gradient), []).append(t)
             orders = self._send_order_cache[train] = {pair: tuple(ts) for pair, ts in lists.items()}
         return orders
+
+    def _order_key(self, peer: int, is_gradient: bool) -> tuple[int, bool]:
+        """The key of the order in which ``peer``'s messages of this kind are matched: one per kind when gradients
+        have a group of their own, else one for both (``(peer, False)``)."""
+        return peer, is_gradient and self.transport.backward_group is not None
 
     def _notify_peers(self, actions: Sequence[Action], sent: set[tuple[bool, int, int]],
                       error: BaseException) -> None:

@@ -5,12 +5,12 @@ Plain torch (no Lightning), so the engine can drive any training loop.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 from typing import Any, Iterable, Sequence
 
 import torch
 
+from lightning_pipe.engine.tree import make_dict
 from lightning_pipe.errors import PipelineError
 
 __all__ = ["batch_size_of", "split_microbatches", "microbatch_weights", "merge_microbatches"]
@@ -66,11 +66,7 @@ def _split(node: Any, batch_size: int, bounds: list[tuple[int, int]]) -> list[An
 
 def _like(node: dict[Any, Any], items: Iterable[tuple[Any, Any]]) -> dict[Any, Any]:
     """A dict of ``node``'s class (a ``defaultdict`` with its factory) holding ``items``."""
-    if type(node) is dict:
-        return dict(items)
-    if isinstance(node, collections.defaultdict):
-        return type(node)(node.default_factory, items)
-    return type(node)(items)
+    return make_dict(type(node), list(items), getattr(node, "default_factory", None))
 
 
 def split_microbatches(batch: Any, num_microbatches: int) -> list[Any]:

@@ -52,6 +52,11 @@ class _Expected:
     total: int  # message bytes
 
 
+def differentiable(t: torch.Tensor) -> bool:
+    """Whether a tensor crossing stages may carry a gradient back (floating or complex)."""
+    return t.is_floating_point() or t.is_complex()
+
+
 def _aligned(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
@@ -83,8 +88,7 @@ def _describe_tensors(tensors: list[torch.Tensor], spec: TreeSpec) -> _Meta:
     metas, offset = [], 0
     for t in tensors:
         nbytes = t.numel() * t.element_size()
-        differentiable = t.is_floating_point() or t.is_complex()
-        metas.append(_TensorMeta(t.dtype, tuple(t.shape), bool(t.requires_grad and differentiable), offset, nbytes))
+        metas.append(_TensorMeta(t.dtype, tuple(t.shape), bool(t.requires_grad and differentiable(t)), offset, nbytes))
         offset = _aligned(offset + nbytes)
     return spec, metas, offset
 

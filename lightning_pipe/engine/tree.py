@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["TreeSpec", "flatten", "unflatten"]
+__all__ = ["TreeSpec", "flatten", "unflatten", "make_dict"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,20 @@ class TreeSpec:
 
 
 _TENSOR = TreeSpec("tensor")
+
+
+def make_dict(cls: type, items: list[tuple[Any, Any]], factory: Any = None) -> dict[Any, Any]:
+    """A dict of class ``cls`` (a subclass of ``dict``) holding ``items``; a ``defaultdict`` gets ``factory``."""
+    if cls is dict:
+        return dict(items)
+    if issubclass(cls, collections.defaultdict):
+        return cls(factory, items)
+    try:
+        return cls(items)
+    except TypeError:  # a constructor taking keywords only (EasyDict-style)
+        if all(isinstance(k, str) for k, _ in items):
+            return cls(**dict(items))
+        raise
 
 
 def flatten(value: Any) -> tuple[list[torch.Tensor], TreeSpec]:
@@ -84,14 +98,7 @@ def unflatten(tensors: list[torch.Tensor] | tuple[torch.Tensor | None, ...], spe
             return dict(zip(node.value, children))
         if node.kind == "dictsub":
             cls, keys, factory = node.value
-            if issubclass(cls, collections.defaultdict):
-                return cls(factory, zip(keys, children))
-            try:
-                return cls(zip(keys, children))
-            except TypeError:  # a constructor taking keywords only (EasyDict-style)
-                if all(isinstance(k, str) for k in keys):
-                    return cls(**dict(zip(keys, children)))
-                raise
+            return make_dict(cls, list(zip(keys, children)), factory)
         if node.kind == "dataclass":
             cls, names, inits = node.value
             obj = cls(**dict(zip(names[:inits], children[:inits])))

@@ -53,12 +53,9 @@ def gather_over_replicas(result: torch.Tensor, group: Any | None = None) -> list
     """A metric's ``dist_sync_fn`` under a pipeline (see the module docstring). The default group (``None`` or the
     whole world) is replaced by the data-parallel replicas; another group given to the metric is kept. A module-level
     function, so that metrics still copy and pickle (a process group does neither)."""
-    pipeline = _PIPELINE
-    if pipeline is not None and (group is None or group is dist.group.WORLD):
-        if pipeline.num_stages > 1 and not pipeline.in_step:
-            result = _from_last_stage(result, pipeline)
-        group = pipeline.replicas
-    return gather_all_tensors(result, group=group)
+    if group is None or group is dist.group.WORLD:
+        result = fetch_from_last_stage(result)[0]
+    return gather_among_replicas(result, group)
 
 
 def _from_last_stage(t: torch.Tensor, pipeline: _Pipeline) -> torch.Tensor:

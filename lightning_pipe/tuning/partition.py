@@ -106,14 +106,17 @@ def time_partition(forward: Sequence[float], backward: Sequence[float], num_stag
             return math.inf
         return pre[i] - pre[j] + every_extra + (first_extra if s == 0 else 0.0) + (last_extra if s == last else 0.0)
 
-    if memory is not None and memory_budget is not None:
+    try:
+        return min_max_partition(len(forward), num_stages, cost)
+    except PipelineError:
+        if memory is None or memory_budget is None:
+            raise
+        # Only the budget makes stages infeasible: say how much the least-memory cut would need.
         least = min_max_partition(len(forward), num_stages, memory).bottleneck
-        if least > memory_budget:
-            raise PipelineError(f"balance='time': no cut of {len(forward)} blocks into {num_stages} stages fits "
-                                f"memory_budget={memory_budget:.4g} bytes: the cut with the least memory needs "
-                                f"{least:.4g} bytes on its largest stage. Raise memory_budget, use more stages or "
-                                "fewer micro-batches in flight (1f1b)")
-    return min_max_partition(len(forward), num_stages, cost)
+        raise PipelineError(f"balance='time': no cut of {len(forward)} blocks into {num_stages} stages fits "
+                            f"memory_budget={memory_budget:.4g} bytes: the cut with the least memory needs "
+                            f"{least:.4g} bytes on its largest stage. Raise memory_budget, use more stages or "
+                            "fewer micro-batches in flight (1f1b)") from None
 
 
 def memory_cost(param_bytes: Sequence[float], activation_bytes: Sequence[float], held: Sequence[int], *,
