@@ -3,7 +3,9 @@
 For every schedule with a counterpart in PyTorch (GPipe, 1F1B, Interleaved1F1B, InterleavedZeroBubble,
 ZBVZeroBubble), p in {2, 4} and several m, both run the same stages one after the other in the same processes,
 step by step in turn (so the machine's noise hits both alike), and the table gives the step time of each (the
-slowest rank's, median over steps) and the ratio ours/torch.
+slowest rank's, median over steps), the ratio of the medians ours/torch, and the paired ratio: the median over steps
+of ours/torch for the two steps timed one after the other (the first runner alternates), which the machine's
+slower drifts do not move.
 
 Workloads:
 
@@ -13,7 +15,9 @@ Workloads:
   are shortened by ``time.sleep``'s measured mean overshoot (as in ``schedule_efficiency.py``).
 * ``transformer``: each chunk is transformer blocks (attention + MLP of ``nn.Linear``; 1 thread per process).
 
-A second table compares our schedules with our 1F1B on the sleeping workload at p = 4, m = 16.
+A second table compares our schedules with our 1F1B (medians of the first table). Last, the zero-bubble targets:
+our 1F1B, ZB-H1 and ZBV on the sleeping workload at p = 4, m = 16 timed in turn in one loop (``--target-steps``
+rounds), as ratios to our 1F1B, both of medians and paired.
 Run: ``python benchmarks/vs_torch.py [--tf-ms 10] [--steps 5] [--workloads sleep transformer]``.
 """
 
@@ -51,6 +55,7 @@ PAIRS = [
     ("zbv", 2, "ScheduleZBVZeroBubble"),
 ]
 OURS_ONLY = [("zero_bubble", 1)]  # ZB-H1: no one-chunk counterpart in torch
+TARGETS = [("1f1b", 1), ("zero_bubble", 1), ("zbv", 2)]  # issue 5's targets: sleeping, p=4, m=16, against 1F1B
 
 
 # -- the sleeping workload ----------------------------------------------------------------------------------------
@@ -183,6 +188,26 @@ def timed(step: Callable[[], None], n: int) -> list[float]:
     return times
 
 
+def in_turn(runners: dict[str, Callable[[], None] | None], steps: int) -> dict[str, list[float]]:
+    """Step times of each runner over ``steps`` rounds, one step of each per round, so that the machine's noise hits
+    all alike; the runner that goes first rotates from round to round. One warm-up step each first (torch infers
+    shapes in its first)."""
+    times: dict[str, list[float]] = {k: [] for k, run in runners.items() if run is not None}
+    turn = [(k, run) for k, run in runners.items() if run is not None]
+    for _, run in turn:
+        timed(run, 1)
+    for step in range(steps):
+        shift = step % len(turn)
+        for key, run in turn[shift:] + turn[:shift]:
+            times[key] += timed(run, 1)
+    return times
+
+
+def _paired(mine: list[float], other: list[float]) -> float:
+    """Median over rounds of the ratio of two runners' steps taken in the same round (nan without the other)."""
+    return statistics.median(a / b for a, b in zip(mine, other)) if other else float("nan")
+
+
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: Any) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -208,19 +233,25 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: A
                         runners["torch"] = None  # type: ignore[assignment]
                         if rank == 0:
                             print(f"torch {cls_name} p={world} m={m}: {type(err).__name__}: {err}", flush=True)
-                times: dict[str, list[float]] = {k: [] for k in runners}
-                for key, run in runners.items():  # one warm-up step each (torch infers shapes in its first)
-                    if run is not None:
-                        timed(run, 1)
-                for step in range(args.steps):  # in turn, so that the machine's noise hits both alike,
-                    turn = list(runners.items())  # and each goes first every other step
-                    for key, run in turn[::-1] if step % 2 else turn:
-                        if run is not None:
-                            times[key] += timed(run, 1)
+                times = in_turn(runners, args.steps)
+                paired = _paired(times["ours"], times.get("torch", []))
                 rows.append((workload, world, m, name, v, {k: statistics.median(t) if t else float("nan")
-                                                           for k, t in times.items()}))
+                                                           for k, t in times.items()}, paired))
+    targets: dict[str, tuple[float, float]] = {}
+    if "sleep" in args.workloads and world == 4 and args.target_steps > 0 and not args.schedules:
+        # The zero-bubble targets (p=4, m=16, against our 1F1B), timed in turn in one loop: the ratio is then paired
+        # step by step, rather than between medians taken minutes apart.
+        m = 16
+        batch = make_batch("sleep", m, args)
+        runners = {}
+        for name, v in TARGETS:
+            held = [s for s, r in enumerate(stage_to_rank(name, num_ranks=world, virtual_stages=v)) if r == rank]
+            runners[name] = ours(rank, world, name, v, m, make_chunks("sleep", held, v, args), batch)
+        times = in_turn(runners, args.target_steps)
+        targets = {name: (statistics.median(times[name]) / statistics.median(times["1f1b"]),
+                          _paired(times[name], times["1f1b"])) for name in runners}
     if rank == 0:
-        queue.put(rows)
+        queue.put((rows, targets))
     destroy_process_group()  # and frees what refers to the groups: see its docstring
 
 
@@ -243,42 +274,54 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--mbs", type=int, default=2, help="transformer samples per micro-batch")
     parser.add_argument("--blocks", type=int, default=2, help="transformer blocks per rank")
+    parser.add_argument("--target-steps", type=int, default=15,
+                        help="rounds of the in-turn timing of our 1f1b, zero_bubble and zbv (sleeping, p=4, m=16)")
     args = parser.parse_args()
     ctx = mp.get_context("spawn")
-    rows = []
+    rows, targets = [], {}
     for p in args.ps:
         queue = ctx.Queue()
         port = se._free_port()
         procs = [ctx.Process(target=_worker, args=(r, p, port, args, queue)) for r in range(p)]
         for proc in procs:
             proc.start()
-        rows += queue.get(timeout=3600)
+        got_rows, got_targets = queue.get(timeout=3600)
+        rows += got_rows
+        targets.update(got_targets)
         for proc in procs:
             proc.join()
     print(f"\nstep time in ms (slowest rank, median of {args.steps} steps); sleeping stages tf={args.tf_ms:g} ms, "
           f"tb=2tf split evenly into B and W; transformer d={args.d}, seq={args.seq}, "
-          f"{args.mbs} samples per micro-batch, {args.blocks} blocks per rank")
+          f"{args.mbs} samples per micro-batch, {args.blocks} blocks per rank; 'paired': median over the steps of "
+          "ours/torch, each pair timed one after the other")
     print(f"{'workload':11s} {'p':>2s} {'m':>3s} {'schedule':20s} {'ideal':>7s} {'ours':>8s} {'torch':>8s} "
-          f"{'ours/torch':>10s}")
+          f"{'ours/torch':>10s} {'paired':>7s}")
     ours_1f1b: dict[tuple[str, int, int], float] = {}
-    for workload, p, m, name, v, t in rows:
+    for workload, p, m, name, v, t, paired in rows:
         label = f"{name}" + (f" (v={v})" if v > 1 or name == "zero_bubble" else "")
         ideal = f"{ideal_ms(name, v, p, m, args.tf_ms):7.1f}" if workload == "sleep" else f"{'':7s}"
         mine, other = 1e3 * t["ours"], 1e3 * t.get("torch", float("nan"))
         ratio = mine / other if other == other else float("nan")
-        print(f"{workload:11s} {p:2d} {m:3d} {label:20s} {ideal} {mine:8.1f} {other:8.1f} {ratio:10.3f}")
+        print(f"{workload:11s} {p:2d} {m:3d} {label:20s} {ideal} {mine:8.1f} {other:8.1f} {ratio:10.3f} {paired:7.3f}")
         if name == "1f1b":
             ours_1f1b[(workload, p, m)] = mine
-    print("\nours against our 1F1B (same workload, p, m)")
+    print("\nours against our 1F1B (same workload, p, m; medians from the table above, timed minutes apart)")
     print(f"{'workload':11s} {'p':>2s} {'m':>3s} {'schedule':20s} {'ours':>8s} {'/ 1f1b':>8s} {'ideal ratio':>11s}")
-    for workload, p, m, name, v, t in rows:
+    for workload, p, m, name, v, t, _ in rows:
         base = ours_1f1b.get((workload, p, m), float("nan"))
         ideal = ""
         if workload == "sleep":
             ideal = f"{ideal_ms(name, v, p, m, args.tf_ms) / ideal_ms('1f1b', 1, p, m, args.tf_ms):11.3f}"
         print(f"{workload:11s} {p:2d} {m:3d} {name + f' (v={v})':20s} {1e3 * t['ours']:8.1f} "
               f"{1e3 * t['ours'] / base:8.3f} {ideal}")
-
+    if targets:
+        print(f"\nzero-bubble targets: sleeping, p=4, m=16, our schedules timed in turn over {args.target_steps} "
+              "rounds, against our 1f1b")
+        print(f"{'schedule':20s} {'median ratio':>12s} {'paired':>7s} {'ideal':>7s} {'target':>7s}")
+        for (name, v), goal in zip(TARGETS, ("", "0.92", "0.90")):
+            median_ratio, paired = targets[name]
+            ideal_ratio = ideal_ms(name, v, 4, 16, args.tf_ms) / ideal_ms("1f1b", 1, 4, 16, args.tf_ms)
+            print(f"{name + f' (v={v})':20s} {median_ratio:12.3f} {paired:7.3f} {ideal_ratio:7.3f} {goal:>7s}")
 
 if __name__ == "__main__":
     main()
