@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics.aggregation import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.regression import SpearmanCorrCoef
 
@@ -72,6 +73,10 @@ class TinyGPT(LightningModule):
         self.val_rho = SpearmanCorrCoef()  # list ("cat") states: relayed entry by entry to every stage
         # Counted after the chain, so on the last stage only: a checkpoint must hold that copy.
         self.register_buffer("seen_tokens", torch.zeros((), dtype=torch.int64))
+        # Counted before the chain, so on every stage; under virtual stages a rank runs that code once per stage it
+        # holds, and must still count each micro-batch once.
+        self.register_buffer("seen_inputs", torch.zeros((), dtype=torch.int64))
+        self.input_sum = SumMetric()
         self.lr, self.weight_decay = lr, weight_decay
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
@@ -91,6 +96,9 @@ class TinyGPT(LightningModule):
         return F.cross_entropy(logits.reshape(-1, VOCAB), target.reshape(-1)), logits
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.seen_inputs += batch[0].numel()
+        self.input_sum.update(batch[0].sum())
+        self.log("input_sum", self.input_sum, on_step=False, on_epoch=True)
         loss, logits = self._loss(batch)
         self.seen_tokens += batch[1].numel()
         self.log("train_loss", loss, prog_bar=True, sync_dist=self.sync_dist)

@@ -108,6 +108,11 @@ def test_pipeline_matches_one_device(world_size: int) -> None:
         # runs training_step on rank 0, the last stage's rank under zbv, and must leave no trace).
         last = 0 if config["schedule"] == "zbv" else world_size - 1
         assert torch.equal(results[last][i]["buffers"]["seen_tokens"], ref["buffers"]["seen_tokens"]), config
+        # Counted before the chain: once per micro-batch on every rank, also on a rank holding several stages (that
+        # runs the code before the chain once per stage), and a metric updated there is counted once as well.
+        for rank in range(world_size):
+            assert results[rank][i]["metrics"]["input_sum"] == ref["metrics"]["input_sum"] > 0, config
+            assert torch.equal(results[rank][i]["buffers"]["seen_inputs"], ref["buffers"]["seen_inputs"]), config
         # Each rank holds only its own blocks (one contiguous run per stage); together they hold each block once.
         chain = "blocks." if config["body"] == "sequential" else "layers."
         owned = [sorted({int(n[len(chain):].split(".")[0]) for n in results[r][i]["params"] if n.startswith(chain)})

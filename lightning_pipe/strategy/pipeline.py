@@ -53,6 +53,7 @@ from lightning_pipe.strategy.grads import (
 )
 from lightning_pipe.strategy.logs import LogRecord, LogRecorder, combine_records, replay
 from lightning_pipe.strategy.metric_states import MetricStates
+from lightning_pipe.strategy.side_effects import OutsideState
 from lightning_pipe.strategy.metrics import PipelineMetrics
 from lightning_pipe.strategy.placement import block_counts, plan_placement
 from lightning_pipe.strategy.profiling import LayoutPlan, plan_layout
@@ -169,6 +170,7 @@ class PipelineStrategy(DDPStrategy):
         self._outside_buffers: list[str] = []
         self._chain_path = ""
         self._metric_states: MetricStates | None = None
+        self._outside_state: OutsideState | None = None  # a rank holding several stages: see side_effects.py
         self._backward_group: dist.ProcessGroup | None = None
         self._runtime: ChainRuntime | None = None
         self._replicated: ReplicatedParams | None = None
@@ -322,6 +324,10 @@ class PipelineStrategy(DDPStrategy):
         placement = plan_placement(module, path, counts, self._layout)
         held = [s for s, r in enumerate(self._layout) if r == self.pp_rank]
         self._runtime = split_chain(module, path, chain, counts=counts, stages=held)
+        if len(held) > 1:
+            self._outside_state = OutsideState(
+                module, self._outside_buffers,
+                lambda: self._metric_states.metrics.values() if self._metric_states is not None else ())
         self._replicated = ReplicatedParams(placement.replicated_names, placement.replicated_shapes,
                                             placement.replicated_owners, self.pp_rank, module)
         replicated_ids = {id(p) for p in self._replicated.params if p is not None}
@@ -392,11 +398,15 @@ class PipelineStrategy(DDPStrategy):
         recorder = LogRecorder(module)
         outputs: dict[int, Any] = {}
 
+        keeper = max(runtime.ranges)  # of the stages held here, the one whose effects outside the chain are kept
+
         def forward_fn(stage: int, microbatch: int, inputs: Any) -> Any:
             runtime.begin(inputs, stage)
             # Only the last stage's logs are relayed; what the hook logs before the chain on the other stages (a
-            # rank may hold several) is recorded and dropped, so nothing is logged twice.
+            # rank may hold several) is recorded and dropped, so nothing is logged twice. Likewise their updates
+            # of buffers and metrics outside the chain are undone (side_effects.py).
             logs = recorder if stage == runtime.last_stage else LogRecorder(module)
+            restore = self._outside_state.snapshot() if self._outside_state is not None and stage != keeper else None
             try:
                 with logs.capture(microbatch):
                     out = hook(micro[microbatch], *args[1:], **kwargs)
@@ -404,6 +414,8 @@ class PipelineStrategy(DDPStrategy):
                 return done.output
             finally:
                 runtime.end()
+                if restore is not None:
+                    restore()
             if not runtime.is_last_stage:
                 raise PipelineError(f"the step hook returned before block {runtime.stop - 1} of `{runtime.path}` "
                                     f"ran on pipeline stage {stage}; the chain must run in full in every step")
