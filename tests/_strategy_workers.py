@@ -56,7 +56,7 @@ def _train(config: dict[str, Any], *, devices: int, strategy: Any, log_dir: str 
     seed_everything(0, workers=True)
     model = TinyGPT(body=config["body"], n_layer=config.get("n_layer", 4), sync_dist=config.get("sync_dist", False),
                     tie_blocks=config.get("tie_blocks", False), scheduler=config.get("scheduler", False),
-                    optimizer=config.get("optimizer", "adamw"))
+                    optimizer=config.get("optimizer", "adamw"), reads_counter=config.get("reads_counter", False))
     callbacks: list[Any] = []
     extras = _SeeOutputs()
     if config.get("extras"):

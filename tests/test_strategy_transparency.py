@@ -127,6 +127,27 @@ def test_pipeline_matches_one_device(world_size: int) -> None:
     print("\n".join(f"pp={w} {c} rank {r}: max |diff| {d:.2e}" for w, c, r, d in report))
 
 
+@pytest.mark.timeout(240)
+def test_code_before_the_chain_reads_as_under_1f1b_with_virtual_stages() -> None:
+    """The model reads a counter that its step bumps before the chain (per micro-batch, so not comparable with one
+    device). A rank holding several stages runs that code once per stage; each stage must read and bump its own
+    copy, as a rank holding one stage does under 1F1B, and the counter must end once per micro-batch."""
+    base = {"body": "modulelist", "n_layer": 8, "optimizer": "sgd", "reads_counter": True, "microbatches": 4}
+    configs = [dict(base, schedule=s) for s in ("1f1b", "interleaved_1f1b", "zbv")]
+    configs.append(dict(base, schedule="zero_bubble", virtual_stages=2))
+    outcomes = launch("tests._strategy_workers.pipeline_jobs", 2, deadline=200, configs=configs)
+    results = [o.unwrap() for o in outcomes]
+    held = [{n: p for rank in range(2) for n, p in results[rank][i]["params"].items()} for i in range(len(configs))]
+    for i, config in enumerate(configs[1:], start=1):
+        worst = max((held[i][n] - p).abs().max().item() for n, p in held[0].items())
+        assert worst <= TOLERANCE, f"{config['schedule']}: differs from 1f1b by {worst:.3g}"
+        for rank in range(2):
+            assert torch.equal(results[rank][i]["buffers"]["seen_inputs"], results[0][0]["buffers"]["seen_inputs"])
+    # The counter acts: the same run without reading it ends elsewhere.
+    unread = reference({k: v for k, v in base.items() if k != "reads_counter"})
+    assert max((unread["params"][n] - p).abs().max().item() for n, p in held[0].items()) > 1e-4
+
+
 @pytest.mark.timeout(200)
 def test_clipping_acts_in_the_configs_above() -> None:
     """The clip values used above change training on one device (so the equality above tests clipping)."""

@@ -13,6 +13,7 @@ import functools
 import logging
 import shutil
 import warnings
+from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
@@ -325,9 +326,11 @@ class PipelineStrategy(DDPStrategy):
         held = [s for s, r in enumerate(self._layout) if r == self.pp_rank]
         self._runtime = split_chain(module, path, chain, counts=counts, stages=held)
         if len(held) > 1:
+            every_name = [name for name, b in module.named_buffers(remove_duplicate=False) if id(b) not in inside]
             self._outside_state = OutsideState(
-                module, self._outside_buffers,
-                lambda: self._metric_states.metrics.values() if self._metric_states is not None else ())
+                module, every_name,
+                lambda: self._metric_states.metrics.values() if self._metric_states is not None else (),
+                keeper=max(held))
         self._replicated = ReplicatedParams(placement.replicated_names, placement.replicated_shapes,
                                             placement.replicated_owners, self.pp_rank, module)
         replicated_ids = {id(p) for p in self._replicated.params if p is not None}
@@ -398,24 +401,20 @@ class PipelineStrategy(DDPStrategy):
         recorder = LogRecorder(module)
         outputs: dict[int, Any] = {}
 
-        keeper = max(runtime.ranges)  # of the stages held here, the one whose effects outside the chain are kept
-
         def forward_fn(stage: int, microbatch: int, inputs: Any) -> Any:
             runtime.begin(inputs, stage)
             # Only the last stage's logs are relayed; what the hook logs before the chain on the other stages (a
             # rank may hold several) is recorded and dropped, so nothing is logged twice. Likewise their updates
-            # of buffers and metrics outside the chain are undone (side_effects.py).
+            # of metrics outside the chain are undone, and each stage runs on its own copy of the buffers there
+            # (side_effects.py).
             logs = recorder if stage == runtime.last_stage else LogRecorder(module)
-            restore = self._outside_state.snapshot() if self._outside_state is not None and stage != keeper else None
             try:
-                with logs.capture(microbatch):
+                with logs.capture(microbatch), outside.running(stage) if outside is not None else nullcontext():
                     out = hook(micro[microbatch], *args[1:], **kwargs)
             except StageExit as done:
                 return done.output
             finally:
                 runtime.end()
-                if restore is not None:
-                    restore()
             if not runtime.is_last_stage:
                 raise PipelineError(f"the step hook returned before block {runtime.stop - 1} of `{runtime.path}` "
                                     f"ran on pipeline stage {stage}; the chain must run in full in every step")
@@ -430,6 +429,9 @@ class PipelineStrategy(DDPStrategy):
             return loss
 
         executor = self._executor(len(micro))
+        outside = self._outside_state
+        if outside is not None:
+            outside.begin_step()
         metrics = self._metric_states
         counts = metrics.counts() if (metrics is not None and self.is_last_stage and self.num_stages > 1) else None
         scale = self._loss_scale() if train else None

@@ -2,15 +2,24 @@
 
 Under virtual stages (interleaved, zero-bubble with ``virtual_stages > 1``, zbv) a rank runs the user's step hook once
 per stage it holds for each micro-batch, and the code before the chain runs in every one. On one device that code
-runs once, so its lasting effects outside the chain (buffers such as a BatchNorm's statistics or a token counter,
-torchmetrics states) must happen once too. They are kept from the rank's highest stage (on the rank of the last stage,
-the last stage, whose code after the chain updates them as well) and undone after each of the others.
-Plain Python attributes the hook changes (``self.outputs.append(...)``) cannot be undone; they stay per execution.
+runs once, so its lasting effects outside the chain must happen once too, and what it reads must be what one device
+would read:
+
+* persistent buffers outside the chain (a counter, a BatchNorm's statistics): each held stage runs on its own copy
+  of them, which starts the step from the step's starting values; the copy left visible is the one of the rank's
+  highest stage (on the rank of the last stage, the last stage, whose code after the chain updates them as well).
+  So every stage reads and updates them as on one device, and they are those of one device at the end of the step.
+* torchmetrics states outside the chain: what the other stages' runs did to them is undone (only the last stage's
+  metrics are relayed and synced).
+
+Non-persistent buffers (masks, rotary caches: usually constant) are left alone, and so are plain Python attributes
+the hook changes (``self.outputs.append(...)``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -21,44 +30,90 @@ __all__ = ["OutsideState"]
 # Bookkeeping of a Metric besides its states that an update or forward changes.
 _METRIC_FIELDS = ("_update_count", "_computed", "_forward_cache")
 
+_Buffers = list[tuple[torch.Tensor, torch.Tensor]]  # (the buffer, a copy of its values)
+
 
 class OutsideState:
-    """The buffers and metrics of ``module`` outside the chain, which :meth:`snapshot` saves and its result restores."""
+    """The persistent buffers and the metrics of ``module`` outside its chain (see the module docstring).
 
-    def __init__(self, module: nn.Module, buffer_names: Iterable[str],
-                 metrics: Callable[[], Iterable[Metric]]) -> None:
-        self._buffers: list[tuple[nn.Module, str]] = []
+    Args:
+        module: The (cut) LightningModule.
+        buffer_names: Names of the buffers outside the chain, every name of a buffer registered under several.
+        metrics: The metrics outside the chain (called when needed: metrics may be made during the run).
+        keeper: The stage whose buffers stay visible: the highest stage this rank holds.
+    """
+
+    def __init__(self, module: nn.Module, buffer_names: Iterable[str], metrics: Callable[[], Iterable[Metric]], *,
+                 keeper: int) -> None:
+        # Per buffer object, every (owning module, attribute) that registers it: one may rebind either name.
+        self._places: dict[int, list[tuple[nn.Module, str]]] = {}
+        self._objects: dict[int, torch.Tensor] = {}
         for name in buffer_names:
-            owner, _, leaf = name.rpartition(".")
-            self._buffers.append((module.get_submodule(owner), leaf))
+            owner_name, _, leaf = name.rpartition(".")
+            owner = module.get_submodule(owner_name)
+            tensor = owner._buffers.get(leaf)
+            if tensor is None or leaf in owner._non_persistent_buffers_set:
+                continue
+            self._places.setdefault(id(tensor), []).append((owner, leaf))
+            self._objects[id(tensor)] = tensor
         self._metrics = metrics
+        self.keeper = keeper
+        self._copies: dict[int, _Buffers] = {}  # per stage other than the keeper: its buffers in this step
 
-    def snapshot(self) -> Callable[[], None]:
-        """Save the current values; the function returned puts them back."""
-        buffers = [(owner, leaf, owner._buffers[leaf]) for owner, leaf in self._buffers]
-        saved_buffers = [(owner, leaf, tensor, tensor.detach().clone() if tensor is not None else None)
-                         for owner, leaf, tensor in buffers]
-        saved_metrics = [(metric, {key: _copy(getattr(metric, key)) for key in metric._defaults},
-                          {key: getattr(metric, key) for key in _METRIC_FIELDS if hasattr(metric, key)})
-                         for metric in self._metrics()]
+    def begin_step(self) -> None:
+        """Every stage starts the step from the visible values (those every stage ended the last step with)."""
+        self._copies.clear()
 
-        def restore() -> None:
-            for owner, leaf, tensor, value in saved_buffers:
-                owner._buffers[leaf] = tensor  # the same object (hooks or the user may hold it)
-                if tensor is not None and value is not None:
-                    # Through .data: autograd may have saved this tensor in the graph of the stage's forward, and
-                    # a write counted by its version would fail that backward.
-                    tensor.data.copy_(value)
-            for metric, states, fields in saved_metrics:
-                for key, value in {**states, **fields}.items():
-                    setattr(metric, key, value)
+    @contextmanager
+    def running(self, stage: int) -> Iterator[None]:
+        """Around the run of ``stage``'s step: on its own buffers, and its metric updates undone afterwards (nothing
+        to do for the keeper)."""
+        if stage == self.keeper:
+            yield
+            return
+        with torch.inference_mode(False):  # copies of normal tensors stay normal under validate's inference mode
+            visible = self._save_buffers()
+            metrics = self._save_metrics()
+            mine = self._copies.get(stage)
+            if mine is not None:
+                self._load_buffers(mine)
+        try:
+            yield
+        finally:
+            with torch.inference_mode(False):
+                self._copies[stage] = self._save_buffers()
+                self._load_buffers(visible)
+                self._load_metrics(metrics)
 
-        return restore
+    def _save_buffers(self) -> _Buffers:
+        return [(tensor, tensor.detach().clone()) for tensor in self._objects.values()]
+
+    def _load_buffers(self, saved: _Buffers) -> None:
+        for tensor, values in saved:
+            for owner, leaf in self._places[id(tensor)]:
+                owner._buffers[leaf] = tensor  # the same object again, under every name (hooks may hold it)
+            # Through .data: autograd may have saved this tensor in the graph of a stage's forward, and a write
+            # counted by its version would fail that backward.
+            tensor.data.copy_(values)
+
+    def _save_metrics(self) -> list[tuple[Metric, int, dict[str, Any]]]:
+        return [(metric, metric._update_count,
+                 {**{key: _copy(getattr(metric, key)) for key in metric._defaults},
+                  **{key: getattr(metric, key) for key in _METRIC_FIELDS if hasattr(metric, key)}})
+                for metric in self._metrics()]
+
+    @staticmethod
+    def _load_metrics(saved: list[tuple[Metric, int, dict[str, Any]]]) -> None:
+        for metric, count, values in saved:
+            if metric._update_count == count:  # not updated in this run (every update counts)
+                continue
+            for key, value in values.items():
+                setattr(metric, key, value)
 
 
 def _copy(value: Any) -> Any:
-    """A state's copy: tensors are updated in place by many metrics; list states only grow (their entries are new
-    tensors), so a shallow copy of the list suffices."""
+    """A metric state's copy: tensors are updated in place by many metrics; list states only grow (their entries are
+    new tensors), so a shallow copy of the list suffices."""
     if isinstance(value, torch.Tensor):
         return value.detach().clone()
     if isinstance(value, list):
