@@ -54,10 +54,10 @@ from lightning_pipe.strategy.grads import (
 )
 from lightning_pipe.strategy.logs import LogRecord, LogRecorder, combine_records, replay
 from lightning_pipe.strategy.metric_states import MetricStates
-from lightning_pipe.strategy.side_effects import OutsideState
 from lightning_pipe.strategy.metrics import PipelineMetrics
 from lightning_pipe.strategy.placement import block_counts, plan_placement
 from lightning_pipe.strategy.profiling import LayoutPlan, plan_layout
+from lightning_pipe.strategy.side_effects import OutsideState
 
 __all__ = ["PipelineStrategy"]
 
@@ -396,6 +396,7 @@ class PipelineStrategy(DDPStrategy):
         module = self.lightning_module
         runtime = self._runtime
         assert module is not None and runtime is not None
+        outside = self._outside_state  # None unless this rank holds several stages
         micro = self._split_batch(args[0])
         weights = microbatch_weights(micro)
         recorder = LogRecorder(module)
@@ -429,7 +430,6 @@ class PipelineStrategy(DDPStrategy):
             return loss
 
         executor = self._executor(len(micro))
-        outside = self._outside_state
         if outside is not None:
             outside.begin_step()
         metrics = self._metric_states
