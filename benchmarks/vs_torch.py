@@ -188,6 +188,11 @@ def timed(step: Callable[[], None], n: int) -> list[float]:
     return times
 
 
+def _held(name: str, v: int, world: int, rank: int) -> list[int]:
+    """The stages ``rank`` holds under schedule ``name`` with ``v`` chunks per rank."""
+    return [s for s, r in enumerate(stage_to_rank(name, num_ranks=world, virtual_stages=v)) if r == rank]
+
+
 def in_turn(runners: dict[str, Callable[[], None] | None], steps: int) -> dict[str, list[float]]:
     """Step times of each runner over ``steps`` rounds, one step of each per round, so that the machine's noise hits
     all alike; the runner that goes first rotates from round to round. One warm-up step each first (torch infers
@@ -222,7 +227,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: A
                     continue
                 if args.no_torch:
                     cls_name = None
-                held = [s for s, r in enumerate(stage_to_rank(name, num_ranks=world, virtual_stages=v)) if r == rank]
+                held = _held(name, v, world, rank)
                 runners: dict[str, Callable[[], None]] = {
                     "ours": ours(rank, world, name, v, m, make_chunks(workload, held, v, args), batch)}
                 if cls_name is not None:
@@ -245,7 +250,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: A
         batch = make_batch("sleep", m, args)
         runners = {}
         for name, v in TARGETS:
-            held = [s for s, r in enumerate(stage_to_rank(name, num_ranks=world, virtual_stages=v)) if r == rank]
+            held = _held(name, v, world, rank)
             runners[name] = ours(rank, world, name, v, m, make_chunks("sleep", held, v, args), batch)
         times = in_turn(runners, args.target_steps)
         targets = {name: (statistics.median(times[name]) / statistics.median(times["1f1b"]),

@@ -45,17 +45,16 @@ class OutsideState:
 
     def __init__(self, module: nn.Module, buffer_names: Iterable[str], metrics: Callable[[], Iterable[Metric]], *,
                  keeper: int) -> None:
-        # Per buffer object, every (owning module, attribute) that registers it: one may rebind either name.
-        self._places: dict[int, list[tuple[nn.Module, str]]] = {}
-        self._objects: dict[int, torch.Tensor] = {}
+        # Per buffer object (by id): the object, and every (owning module, attribute) that registers it, since the
+        # step may rebind either name.
+        self._buffers: dict[int, tuple[torch.Tensor, list[tuple[nn.Module, str]]]] = {}
         for name in buffer_names:
             owner_name, _, leaf = name.rpartition(".")
             owner = module.get_submodule(owner_name)
             tensor = owner._buffers.get(leaf)
             if tensor is None or leaf in owner._non_persistent_buffers_set:
                 continue
-            self._places.setdefault(id(tensor), []).append((owner, leaf))
-            self._objects[id(tensor)] = tensor
+            self._buffers.setdefault(id(tensor), (tensor, []))[1].append((owner, leaf))
         self._metrics = metrics
         self.keeper = keeper
         self._copies: dict[int, _Buffers] = {}  # per stage other than the keeper: its buffers in this step
@@ -86,11 +85,11 @@ class OutsideState:
                 self._load_metrics(metrics)
 
     def _save_buffers(self) -> _Buffers:
-        return [(tensor, tensor.detach().clone()) for tensor in self._objects.values()]
+        return [(tensor, tensor.detach().clone()) for tensor, _ in self._buffers.values()]
 
     def _load_buffers(self, saved: _Buffers) -> None:
         for tensor, values in saved:
-            for owner, leaf in self._places[id(tensor)]:
+            for owner, leaf in self._buffers[id(tensor)][1]:
                 owner._buffers[leaf] = tensor  # the same object again, under every name (hooks may hold it)
             # Through .data: autograd may have saved this tensor in the graph of a stage's forward, and a write
             # counted by its version would fail that backward.
