@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import schedule_efficiency as se  # noqa: E402
-from lightning_pipe.engine import PipelineExecutor, Transport, destroy_process_group  # noqa: E402
+from lightning_pipe.engine import HeapFreeze, PipelineExecutor, Transport, destroy_process_group  # noqa: E402
 from lightning_pipe.observe import Timeline, pack_records, plot_timelines, summarize_records  # noqa: E402
 from lightning_pipe.observe import write_chrome_trace  # noqa: E402
 from lightning_pipe.simulate import Costs, simulate  # noqa: E402
@@ -270,6 +270,8 @@ def _worker(rank: int, p: int, port: int, args: argparse.Namespace, queue: Any) 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=p)
     se._OVERSHOOT = se._calibrate_overshoot()
+    # As PipelineStrategy(freeze_gc=True) does: a full garbage collection (200 ms) would stall one rank mid-step.
+    HeapFreeze().freeze()
     sleeping = nn.Sequential(_SleepStage())
     for workload in args.workloads:
         stage, shape = (sleeping, (64,)) if workload == "sleep" else (_transformer_stage(rank, p), (64, 128))

@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lightning_pipe.engine import PipelineExecutor, destroy_process_group  # noqa: E402
+from lightning_pipe.engine import HeapFreeze, PipelineExecutor, destroy_process_group  # noqa: E402
 from lightning_pipe.schedules import build_schedule  # noqa: E402
 from lightning_pipe.simulate import Costs, ideal_step_time, simulate  # noqa: E402
 
@@ -89,6 +89,8 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: A
     dist.init_process_group("gloo", rank=rank, world_size=world)
     global _OVERSHOOT
     _OVERSHOOT = _calibrate_overshoot()
+    # As PipelineStrategy(freeze_gc=True) does: a full garbage collection (200 ms) would stall one rank mid-step.
+    HeapFreeze().freeze()
     tf, tb = args.tf_ms / 1000, 2 * args.tf_ms / 1000
     x0 = torch.randn(4, 64, requires_grad=True)  # 1 KiB activations: per-message cost dominates, as in practice
 

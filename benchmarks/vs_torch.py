@@ -40,7 +40,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lightning_pipe.engine import (  # noqa: E402
-    PipelineExecutor, active_collector, destroy_process_group, split_microbatches,
+    HeapFreeze, PipelineExecutor, active_collector, destroy_process_group, split_microbatches,
 )
 from lightning_pipe.schedules import build_schedule, stage_to_rank  # noqa: E402
 from lightning_pipe.simulate import Costs, simulate  # noqa: E402
@@ -218,6 +218,9 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: A
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     se._OVERSHOOT = se._calibrate_overshoot()  # sleeps as long as asked on average, for both runners
+    # As PipelineStrategy(freeze_gc=True) does (for both runners: one process): a full garbage collection (200 ms)
+    # would stall one rank mid-step.
+    HeapFreeze().freeze()
     rows = []
     for workload in args.workloads:
         for m in args.ms:

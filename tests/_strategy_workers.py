@@ -4,6 +4,7 @@ style) and on one device (in the test process) for the reference."""
 from __future__ import annotations
 
 import csv
+import gc
 import glob
 import os
 import tempfile
@@ -17,6 +18,16 @@ from lightning.pytorch.loggers import CSVLogger
 import lightning_pipe
 from lightning_pipe import PipelineStrategy
 from tests._models import TinyGPT, loader
+
+
+class _SeeFrozen(Callback):
+    """Records, per training batch, how many objects are frozen out of Python's garbage collections."""
+
+    def __init__(self) -> None:
+        self.counts: list[int] = []
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self.counts.append(gc.get_freeze_count())
 
 
 class _SeeOutputs(Callback):
@@ -57,7 +68,8 @@ def _train(config: dict[str, Any], *, devices: int, strategy: Any, log_dir: str 
     model = TinyGPT(body=config["body"], n_layer=config.get("n_layer", 4), sync_dist=config.get("sync_dist", False),
                     tie_blocks=config.get("tie_blocks", False), scheduler=config.get("scheduler", False),
                     optimizer=config.get("optimizer", "adamw"), reads_counter=config.get("reads_counter", False))
-    callbacks: list[Any] = []
+    frozen = _SeeFrozen()
+    callbacks: list[Any] = [frozen]
     extras = _SeeOutputs()
     if config.get("extras"):
         model.training_step = _with_extras(model.training_step)  # type: ignore[method-assign]
@@ -114,6 +126,8 @@ def _train(config: dict[str, Any], *, devices: int, strategy: Any, log_dir: str 
     if config.get("validate"):
         result["validate"] = trainer.validate(model, loader(8, 16, seed=1), verbose=False)
         result["test"] = trainer.test(model, loader(8, 16, seed=1), verbose=False)
+    # PipelineStrategy(freeze_gc=...): frozen during training, thawed once the Trainer is done.
+    result["frozen_during"], result["frozen_after"] = frozen.counts, gc.get_freeze_count()
     if log_dir and trainer.global_rank == 0:
         trainer.logger.finalize("success")
         result["csv"] = _read_csv(log_dir)
@@ -127,7 +141,8 @@ def pipeline_jobs(rank: int, world_size: int, *, configs: list[dict[str, Any]]) 
                                     schedule=config.get("schedule", "1f1b"),
                                     num_microbatches=config.get("microbatches"),
                                     balance=config.get("balance", "parameters"),
-                                    virtual_stages=config.get("virtual_stages"))
+                                    virtual_stages=config.get("virtual_stages"),
+                                    freeze_gc=config.get("freeze_gc", True))
         results.append(train(config, devices=world_size, strategy=strategy))
     return results
 

@@ -133,6 +133,7 @@ def test_bad_input_fails_clearly_on_every_rank(cases: list[str]) -> None:
         ({"memory_budget": 1e9}, "memory_budget=1000000000.0 applies to balance='time' or 'memory'"),
         ({"schedule": "zbv", "virtual_stages": 3}, "exactly two chunks on each rank; got virtual_stages=3"),
         ({"schedule": "interleaved_1f1b", "virtual_stages": 0}, "virtual_stages=0 must be a positive integer"),
+        ({"freeze_gc": "yes"}, "freeze_gc='yes' must be True or False"),
     ],
 )
 def test_bad_arguments_are_rejected_at_construction(kwargs: dict[str, Any], expected: str) -> None:

@@ -33,7 +33,7 @@ def _reference(config_json: str) -> dict[str, Any]:
 
 def reference(config: dict[str, Any]) -> dict[str, Any]:
     """The single-device run of ``config`` (pipeline-only settings dropped), cached for the session."""
-    pipeline_only = ("schedule", "pp", "microbatches", "balance", "virtual_stages")
+    pipeline_only = ("schedule", "pp", "microbatches", "balance", "virtual_stages", "freeze_gc")
     return _reference(json.dumps({k: v for k, v in config.items() if k not in pipeline_only}, sort_keys=True))
 
 
@@ -70,6 +70,7 @@ def _configs(world_size: int) -> list[dict[str, Any]]:
          "accumulate": 2, "steps": 3, "optimizer": "sgd"},
         {"body": "sequential", "schedule": "zbv", "n_layer": 8, "tie_blocks": True, "clip": 0.05, "optimizer": "sgd"},
         {"body": "modulelist", "schedule": "zbv", "n_layer": 8, "n": 42, "steps": 6, "microbatches": 3},
+        {"body": "sequential", "schedule": "1f1b", "freeze_gc": False},  # the garbage collector left alone
     ]
     if world_size == 2:
         configs.append({"body": "modulelist", "schedule": "1f1b", "precision": "bf16-mixed"})
@@ -113,6 +114,12 @@ def test_pipeline_matches_one_device(world_size: int) -> None:
         for rank in range(world_size):
             assert results[rank][i]["metrics"]["input_sum"] == ref["metrics"]["input_sum"] > 0, config
             assert torch.equal(results[rank][i]["buffers"]["seen_inputs"], ref["buffers"]["seen_inputs"]), config
+        # freeze_gc (default True): the objects of the run are frozen out of garbage collections while it trains,
+        # and thawed when the Trainer is done; with freeze_gc=False nothing is frozen.
+        for rank in range(world_size):
+            during, after = results[rank][i]["frozen_during"], results[rank][i]["frozen_after"]
+            assert len(during) == config.get("steps", 4) * config.get("accumulate", 1) and after == 0, (config, after)
+            assert all(c > 0 for c in during) if config.get("freeze_gc", True) else not any(during), (config, during)
         # Each rank holds only its own blocks (one contiguous run per stage); together they hold each block once.
         chain = "blocks." if config["body"] == "sequential" else "layers."
         owned = [sorted({int(n[len(chain):].split(".")[0]) for n in results[r][i]["params"] if n.startswith(chain)})

@@ -136,6 +136,9 @@ class StrategyConfig:
     ``step<N>.png``); empty: none."""
     timeline_dir: Optional[str] = None
     """Where the timelines go; ``null``: ``<output_dir>/timelines``."""
+    freeze_gc: bool = True
+    """Freeze the objects alive when the run starts out of Python's garbage collections until it ends, so that a
+    full collection (about 200 ms) does not stall one rank while the others wait on it mid-step."""
     process_group_backend: Optional[str] = None
     """``"gloo"`` or ``"nccl"``; ``null``: Lightning's choice for the accelerator (NCCL on GPUs)."""
 
