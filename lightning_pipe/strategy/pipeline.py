@@ -724,25 +724,29 @@ class PipelineStrategy(DDPStrategy):
                 super().remove_checkpoint(filepath)
 
     # -- Python's garbage collector (engine/heap.py) ---------------------------------------------------------------
-    # Frozen once every object of the run exists (the data loaders are made just before these hooks).
+    # Frozen when the first loop of a Trainer call starts: model, optimizers and data module exist by then.
     def _freeze_heap(self) -> None:
         if self.freeze_gc:
             self._heap.freeze()
 
     @override
     def on_train_start(self) -> None:
+        super().on_train_start()
         self._freeze_heap()
 
     @override
     def on_validation_start(self) -> None:
+        super().on_validation_start()
         self._freeze_heap()
 
     @override
     def on_test_start(self) -> None:
+        super().on_test_start()
         self._freeze_heap()
 
     @override
     def on_predict_start(self) -> None:
+        super().on_predict_start()
         self._freeze_heap()
 
     @override
