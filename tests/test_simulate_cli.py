@@ -37,3 +37,16 @@ def test_command_line_zero_bubble_schedules(capsys: pytest.CaptureFixture[str]) 
         assert f"step time {step};" in out, out
     assert main(["--schedule", "zbv", "--stages", "2", "--microbatches", "4"]) == 0
     assert "W" in capsys.readouterr().out.splitlines()[0]
+
+
+def test_python_dash_m_runs_without_runpy_warning() -> None:
+    """``python -m lightning_pipe.simulate``: the package imports the simulator first (the strategy uses it), so the
+    command lives in a ``__main__`` of its own; runpy warns when ``-m`` runs a module already imported."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", "lightning_pipe.simulate",
+                           "--schedule", "1f1b", "--stages", "2", "--microbatches", "2"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "step time 9;" in done.stdout and "RuntimeWarning" not in done.stderr

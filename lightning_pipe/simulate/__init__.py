@@ -310,7 +310,3 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{ideal_step_time(args.stages, args.microbatches, args.forward, args.backward):g}; "
           f"peak held activations per rank {list(result.peak_activations)}")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
