@@ -18,9 +18,15 @@ class _Node:
 
 @pytest.fixture(autouse=True)
 def _nothing_frozen() -> Iterator[None]:
+    """No freeze before or after; no automatic collection during (it could free a test's cycle before the test
+    looks: only the explicit collections count)."""
     assert gc.get_freeze_count() == 0, "another test left objects frozen"
-    yield
-    gc.unfreeze()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+        gc.unfreeze()
 
 
 def _full_collections(run: Any) -> int:

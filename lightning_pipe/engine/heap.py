@@ -3,7 +3,8 @@
 A full collection walks every object the collector tracks. With torch and Lightning imported that is about 400 000
 objects, 200 ms here. CPython starts one whenever enough objects have outlived younger collections: at a moment that
 each rank reaches on its own, so in the middle of a step one rank stops for 200 ms while the others wait on its
-messages (measured here on 4 sleeping ranks: one such stall every 5-10 steps of each rank, against steps of 550 ms).
+messages (measured here on 4 sleeping ranks: a 200-230 ms stall in about one step of five on some rank, against
+steps of 530-590 ms).
 ``gc.freeze()`` moves the objects alive now (modules, optimizer state, imported libraries) to a permanent generation
 that collections skip: later collections, full ones included, then walk only the objects made since, and took
 microseconds in the same process. Objects made afterwards are collected as usual.
