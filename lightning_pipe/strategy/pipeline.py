@@ -302,6 +302,10 @@ class PipelineStrategy(DDPStrategy):
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
         self._install_precision_hooks()
+        if self.freeze_gc:
+            # After the cut, so that the blocks of other stages are freed (the collection before the freeze takes
+            # those in reference cycles); thawed in teardown. engine/heap.py says why.
+            self._heap.freeze()
 
     def _split(self, module: LightningModule) -> None:
         if any(is_cut(m) for m in module.modules()):
@@ -722,32 +726,6 @@ class PipelineStrategy(DDPStrategy):
                 shutil.rmtree(filepath)
             else:
                 super().remove_checkpoint(filepath)
-
-    # -- Python's garbage collector (engine/heap.py) ---------------------------------------------------------------
-    # Frozen when the first loop of a Trainer call starts: model, optimizers and data module exist by then.
-    def _freeze_heap(self) -> None:
-        if self.freeze_gc:
-            self._heap.freeze()
-
-    @override
-    def on_train_start(self) -> None:
-        super().on_train_start()
-        self._freeze_heap()
-
-    @override
-    def on_validation_start(self) -> None:
-        super().on_validation_start()
-        self._freeze_heap()
-
-    @override
-    def on_test_start(self) -> None:
-        super().on_test_start()
-        self._freeze_heap()
-
-    @override
-    def on_predict_start(self) -> None:
-        super().on_predict_start()
-        self._freeze_heap()
 
     @override
     def teardown(self) -> None:
