@@ -18,7 +18,8 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lightning_pipe.engine import (  # noqa: E402
-    ModuleStages, PipelineExecutor, destroy_process_group, microbatch_weights, split_microbatches, split_sequential,
+    HeapFreeze, ModuleStages, PipelineExecutor, destroy_process_group, microbatch_weights, split_microbatches,
+    split_sequential,
 )
 from lightning_pipe.schedules import build_schedule  # noqa: E402
 
@@ -46,6 +47,8 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
     schedule = build_schedule(args.schedule, num_ranks=world, num_microbatches=args.microbatches)
     executor = PipelineExecutor(schedule, rank=rank, timeout=60)
     x, y = make_data()
+    heap = HeapFreeze()
+    heap.freeze()  # a full garbage collection (200 ms with torch imported) would stall one rank mid-step
     for epoch in range(args.epochs):
         total = 0.0
         for i in range(0, len(x), args.batch_size):
@@ -65,6 +68,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
                 total += batch_loss * batch_len
         if rank == world - 1:
             print(f"epoch {epoch + 1:3d}  loss {total / len(x):.4f}", flush=True)
+    heap.thaw()
     destroy_process_group()  # and frees what refers to the groups: see its docstring
 
 
