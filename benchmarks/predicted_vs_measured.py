@@ -36,11 +36,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-try:
-    import resource  # POSIX only: page faults, for the warm-up
-except ImportError:  # pragma: no cover - Windows
-    resource = None  # type: ignore[assignment]
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -163,34 +158,9 @@ def _predict(schedule: Any, fwd: list[float], bwd: list[float], overhead: float,
     return simulate(schedule, Costs([f + overhead for f in fwd], [b + overhead for b in bwd]), cores=cores)
 
 
-WARM_FAULTS = 1024
-"""Warm-up ends with a step in which no rank took more than this many minor page faults (4 MiB of memory touched
-for the first time). A new micro-batch size grows each process's heap over several steps, and every fault costs
-kernel time: measured here (transformer, GPipe, p=4, m=4), a fresh process's first steps took 890, 640, 480, 440,
-490 ms with 21 000, 10 000, 7 000, 5 000, 5 000 faults per rank, against 380-430 ms and none once warm."""
-MAX_WARMUP = 16
-
-
-def _minor_faults() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
-
-
-def _warm_up(executor: PipelineExecutor, forward_fn: Any, minimum: int) -> int:
-    """Run at least ``minimum`` steps, then until one in which no rank's memory grew (``WARM_FAULTS``), at most
-    ``MAX_WARMUP``; returns the steps run. Every rank must call it; all run the same number."""
-    for step in range(1, MAX_WARMUP + 1):
-        before = _minor_faults()
-        executor.run(forward_fn)
-        faults = torch.tensor([_minor_faults() - before], dtype=torch.int64)
-        dist.all_reduce(faults, op=dist.ReduceOp.MAX)
-        if step >= minimum and faults.item() <= WARM_FAULTS:
-            return step
-    return MAX_WARMUP
-
-
 def _slowest_step(executor: PipelineExecutor, forward_fn: Any, steps: int, warmup: int) -> float:
-    """Median over ``steps`` (after the warm-up, see :func:`_warm_up`) of the slowest rank's step time."""
-    _warm_up(executor, forward_fn, warmup)
+    """Median over ``steps`` (after ``schedule_efficiency.warm_up``) of the slowest rank's step time."""
+    se.warm_up(lambda: executor.run(forward_fn), minimum=warmup)
     times = []
     for _ in range(steps):
         dist.barrier()
@@ -260,7 +230,7 @@ def _run_config(rank: int, p: int, name: str, m: int, stage: nn.Module, shape: t
     executor = PipelineExecutor(schedule, rank=rank)
     forward_fn = _stage_forward(stage, x_in, p)
 
-    warm = _warm_up(executor, forward_fn, warmup)
+    warm = se.warm_up(lambda: executor.run(forward_fn), minimum=warmup)
     times, bubbles, metric_cost, packed = [], [], [], None
     for _ in range(steps):
         dist.barrier()
@@ -345,7 +315,8 @@ def main() -> int:
     parser.add_argument("--sweep", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32, 64])
     parser.add_argument("--steps", type=int, default=9)
     parser.add_argument("--warmup", type=int, default=2,
-                        help=f"at least this many warm-up steps; more until the memory is warm (at most {MAX_WARMUP})")
+                        help="at least this many warm-up steps; more until the memory is warm "
+                             f"(at most {se.MAX_WARMUP})")
     parser.add_argument("--out", default="bench_out")
     parser.add_argument("--idle-overhead", action="store_true",
                         help="where ranks share cores, take the overhead from a no-op step on idle cores too, instead "

@@ -16,11 +16,16 @@ import socket
 import statistics
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+try:
+    import resource  # POSIX only: page faults, for the warm-up
+except ImportError:  # pragma: no cover - Windows
+    resource = None  # type: ignore[assignment]
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -81,6 +86,31 @@ class _Sleep(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         sleep_exactly(ctx.tb)
         return grad, None, None
+
+
+WARM_FAULTS = 1024
+""":func:`warm_up` ends with a step in which no rank took more than this many minor page faults (4 MiB of memory
+touched for the first time). A new micro-batch size grows each process's heap over several steps, and every fault
+costs kernel time: measured here (transformer, GPipe, p=4, m=4), a fresh process's first steps took 890, 640, 480,
+440, 490 ms with 21 000, 10 000, 7 000, 5 000, 5 000 faults per rank, against 380-440 ms once warm."""
+MAX_WARMUP = 16
+
+
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
+
+
+def warm_up(step: Callable[[], Any], *, minimum: int) -> int:
+    """Run ``step`` at least ``minimum`` times, then until a run in which no rank's memory grew (``WARM_FAULTS``), at
+    most ``MAX_WARMUP`` times; returns the runs made. Every rank must call it; all make the same number."""
+    for run in range(1, MAX_WARMUP + 1):
+        before = _minor_faults()
+        step()
+        faults = torch.tensor([_minor_faults() - before], dtype=torch.int64)
+        dist.all_reduce(faults, op=dist.ReduceOp.MAX)
+        if run >= minimum and faults.item() <= WARM_FAULTS:
+            return run
+    return MAX_WARMUP
 
 
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: Any) -> None:

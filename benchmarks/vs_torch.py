@@ -195,12 +195,11 @@ def _held(name: str, v: int, world: int, rank: int) -> list[int]:
 
 def in_turn(runners: dict[str, Callable[[], None] | None], steps: int) -> dict[str, list[float]]:
     """Step times of each runner over ``steps`` rounds, one step of each per round, so that the machine's noise hits
-    all alike; the runner that goes first rotates from round to round. One warm-up step each first (torch infers
-    shapes in its first)."""
+    all alike; the runner that goes first rotates from round to round. Warm-up rounds first (torch infers shapes in
+    its first step), until the processes' memory stops growing (``schedule_efficiency.warm_up``)."""
     times: dict[str, list[float]] = {k: [] for k, run in runners.items() if run is not None}
     turn = [(k, run) for k, run in runners.items() if run is not None]
-    for _, run in turn:
-        timed(run, 1)
+    se.warm_up(lambda: [timed(run, 1) for _, run in turn], minimum=1)
     for step in range(steps):
         shift = step % len(turn)
         for key, run in turn[shift:] + turn[:shift]:
