@@ -38,6 +38,24 @@ def test_layouts_of_tensor_values_are_reused_for_equal_shapes() -> None:
     assert len(cache) == 4
 
 
+def test_one_tensor_lists_have_their_own_layouts() -> None:
+    """A list of one tensor (an input gradient) takes a short path: it must read back as a list, apart from the
+    bare tensor of the same shape and from longer lists."""
+    cache: dict[Hashable, _Layout] = {}
+    g = torch.randn(4, 8)
+    out = _round_trip([g], cache)
+    assert type(out) is list and len(out) == 1 and torch.equal(out[0], g)
+    assert _message_layout([torch.randn(4, 8)], cache)[1] is _message_layout([g], cache)[1]
+    assert torch.equal(_round_trip(g, cache), g)  # the bare tensor: another layout
+    assert _message_layout(g, cache)[1] is not _message_layout([g], cache)[1]
+    two = _round_trip([g, g + 1], cache)
+    assert len(two) == 2 and torch.equal(two[1], g + 1)
+    assert _round_trip([None], cache) == [None]  # no gradient: the general path
+    grad = _round_trip([torch.randn(3, requires_grad=True)], cache)[0]
+    assert grad.requires_grad and grad.shape == (3,)
+    assert len(cache) == 4  # [4x8], 4x8, [4x8, 4x8], [3 requiring grad]
+
+
 def test_nested_tensor_values_round_trip_through_the_cache() -> None:
     cache: dict[Hashable, _Layout] = {}
     for step in range(3):
