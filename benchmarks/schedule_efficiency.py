@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 try:
-    import resource  # POSIX only: page faults, for the warm-up
+    import resource  # POSIX only: peak memory, for the warm-up
 except ImportError:  # pragma: no cover - Windows
     resource = None  # type: ignore[assignment]
 
@@ -88,27 +88,33 @@ class _Sleep(torch.autograd.Function):
         return grad, None, None
 
 
-WARM_FAULTS = 1024
-""":func:`warm_up` ends with a step in which no rank took more than this many minor page faults (4 MiB of memory
-touched for the first time). A new micro-batch size grows each process's heap over several steps, and every fault
-costs kernel time: measured here (transformer, GPipe, p=4, m=4), a fresh process's first steps took 890, 640, 480,
-440, 490 ms with 21 000, 10 000, 7 000, 5 000, 5 000 faults per rank, against 380-440 ms once warm."""
-MAX_WARMUP = 16
+WARM_GROWTH_KB = 4096
+CALM_STEPS = 3
+MAX_WARMUP = 24
+""":func:`warm_up` ends after ``CALM_STEPS`` steps in a row in which no rank's peak resident memory grew by more than
+``WARM_GROWTH_KB``, or after ``MAX_WARMUP`` steps. A new micro-batch size grows each process's heap over many steps
+(glibc's heap fragments as it grows), and every page touched for the first time costs kernel time: measured here
+(transformer, GPipe, p=4, m=4), a fresh process's first steps took 890, 640, 480, 440, 490 ms with 21 000, 10 000,
+7 000, 5 000, 5 000 page faults per rank, and the peak memory still grew now and then up to step 19; 380-440 ms once
+warm. Ending at the first step without growth was too early: in three runs the warm-up ended after 5-10 steps and
+that row measured 1.16-1.23x its prediction, in three that ran 16 steps 0.96-1.10x."""
 
 
-def _minor_faults() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
+def _peak_memory_kb() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss if resource is not None else 0
 
 
 def warm_up(step: Callable[[], Any], *, minimum: int) -> int:
-    """Run ``step`` at least ``minimum`` times, then until a run in which no rank's memory grew (``WARM_FAULTS``), at
-    most ``MAX_WARMUP`` times; returns the runs made. Every rank must call it; all make the same number."""
+    """Run ``step`` at least ``minimum`` times, then until the memory is warm (see ``MAX_WARMUP``); returns the runs
+    made. Every rank must call it; all make the same number."""
+    calm = 0
     for run in range(1, MAX_WARMUP + 1):
-        before = _minor_faults()
+        before = _peak_memory_kb()
         step()
-        faults = torch.tensor([_minor_faults() - before], dtype=torch.int64)
-        dist.all_reduce(faults, op=dist.ReduceOp.MAX)
-        if run >= minimum and faults.item() <= WARM_FAULTS:
+        growth = torch.tensor([_peak_memory_kb() - before], dtype=torch.int64)
+        dist.all_reduce(growth, op=dist.ReduceOp.MAX)
+        calm = calm + 1 if growth.item() <= WARM_GROWTH_KB else 0
+        if run >= minimum and calm >= CALM_STEPS:
             return run
     return MAX_WARMUP
 
