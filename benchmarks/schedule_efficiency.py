@@ -110,7 +110,7 @@ MAX_WARMUP = 24
 (transformer, GPipe, p=4, m=4), a fresh process's first steps took 890, 640, 480, 440, 490 ms with 21 000, 10 000,
 7 000, 5 000, 5 000 page faults per rank, and the peak memory still grew now and then up to step 19; 380-440 ms once
 warm. Ending at the first step without growth was too early: in three runs the warm-up ended after 5-10 steps and
-that row measured 1.16-1.23x its prediction, in three that ran 16 steps 0.96-1.10x."""
+that row measured 1.16-1.23x its prediction, in five that ran 16 steps 0.95-1.10x."""
 
 
 def _peak_memory_kb() -> int:
