@@ -101,16 +101,9 @@ class _Sleep(torch.autograd.Function):
         return grad, None, None
 
 
-WARM_GROWTH_KB = 4096
-CALM_STEPS = 3
+WARM_GROWTH_KB = 4096  # peak-memory growth of a step (any rank) that still counts as calm
+CALM_STEPS = 3  # calm steps in a row that end the warm-up
 MAX_WARMUP = 24
-""":func:`warm_up` ends after ``CALM_STEPS`` steps in a row in which no rank's peak resident memory grew by more than
-``WARM_GROWTH_KB``, or after ``MAX_WARMUP`` steps. A new micro-batch size grows each process's heap over many steps
-(glibc's heap fragments as it grows), and every page touched for the first time costs kernel time: measured here
-(transformer, GPipe, p=4, m=4), a fresh process's first steps took 890, 640, 480, 440, 490 ms with 21 000, 10 000,
-7 000, 5 000, 5 000 page faults per rank, and the peak memory still grew now and then up to step 19; 380-440 ms once
-warm. Ending at the first step without growth was too early: in three runs the warm-up ended after 5-10 steps and
-that row measured 1.16-1.23x its prediction, in five that ran 16 steps 0.95-1.10x."""
 
 
 def _peak_memory_kb() -> int:
@@ -118,8 +111,16 @@ def _peak_memory_kb() -> int:
 
 
 def warm_up(step: Callable[[], Any], *, minimum: int) -> int:
-    """Run ``step`` at least ``minimum`` times, then until the memory is warm (see ``MAX_WARMUP``); returns the runs
-    made. Every rank must call it; all make the same number."""
+    """Run ``step`` at least ``minimum`` times, then until ``CALM_STEPS`` runs in a row in which no rank's peak
+    resident memory grew by more than ``WARM_GROWTH_KB``, at most ``MAX_WARMUP`` times; returns the runs made. Every
+    rank must call it; all make the same number.
+
+    A new micro-batch size grows each process's heap over many steps (glibc's heap fragments as it grows), and every
+    page touched for the first time costs kernel time: measured here (transformer, GPipe, p=4, m=4), a fresh
+    process's first steps took 890, 640, 480, 440, 490 ms with 21 000, 10 000, 7 000, 5 000, 5 000 page faults per
+    rank, and the peak memory still grew now and then up to step 19; 380-440 ms once warm. Ending at the first step
+    without growth was too early: in three runs the warm-up ended after 5-10 steps and that row measured 1.16-1.23x
+    its prediction, in five that ran 16 steps 0.95-1.10x."""
     calm = 0
     for run in range(1, MAX_WARMUP + 1):
         before = _peak_memory_kb()
