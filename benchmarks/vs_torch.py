@@ -91,6 +91,11 @@ class SleepChunk(nn.Module):
         self.w = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.requires_grad:
+            # The first stage: its micro-batch needs no gradient, so autograd would skip the input path's backward
+            # and B would cost nothing there (the ideal step of 1F1B at p=4, m=16 would be 560 ms, not 570). A real
+            # first stage still backpropagates through its layers: B sleeps tb there too.
+            x = x.detach().requires_grad_()
         # The input path (B): identity whose forward sleeps tf and backward tb; the weight path (W) apart.
         return se._Sleep.apply(x, self.tf, self.tb) + _SleepWeight.apply(self.w, self.tw)
 
