@@ -205,10 +205,11 @@ def failing_step(rank: int, world_size: int, *, fail_rank: int, mode: str, timeo
     return "finished"
 
 
-def out_of_order(rank: int, world_size: int, *, exact: bool) -> float:
+def out_of_order(rank: int, world_size: int, *, exact: bool) -> tuple[float, int]:
     """A hand-made 2-rank schedule whose second rank needs micro-batch 1's activation before micro-batch 0's, while
     the first rank sends them in order: over the exact protocol (messages matched by order, as NCCL does) the
-    executor must receive micro-batch 0 first and keep it. Returns the largest |gradient - reference|."""
+    executor must receive micro-batch 0 first and keep it. Returns the largest |gradient - reference| and the
+    receives posted before the first action's compute."""
     from lightning_pipe.schedules import B, F, Schedule
 
     schedule = Schedule("out-of-order", 2, 2, (0, 1),
@@ -223,9 +224,20 @@ def out_of_order(rank: int, world_size: int, *, exact: bool) -> float:
     transport = Transport(exact=True, backward_group=dist.new_group([0, 1]), timeout=60) if exact else None
     executor = PipelineExecutor(schedule, rank=rank, timeout=60, transport=transport)
     micro_x, micro_y = split_microbatches(x, 2), split_microbatches(y, 2)
-    executor.run(ModuleStages({rank: mine}, num_stages=2, microbatches=micro_x, targets=micro_y, loss_fn=loss_fn))
+    stages = ModuleStages({rank: mine}, num_stages=2, microbatches=micro_x, targets=micro_y, loss_fn=loss_fn)
+    posted: list[int] = []  # receives posted, then (once) -1 when the first compute began
+    recv = executor.transport.recv
+    executor.transport.recv = lambda *a, **k: posted.append(1) or recv(*a, **k)  # type: ignore[method-assign]
+
+    def forward_fn(stage: int, microbatch: int, inputs: Any) -> Any:
+        if -1 not in posted:
+            posted.append(-1)
+        return stages(stage, microbatch, inputs)
+
+    executor.run(forward_fn)
     ref = dict(reference.named_parameters())
-    return max((p.grad - ref[names[id(p)]].grad).abs().max().item() for p in mine.parameters())
+    return (max((p.grad - ref[names[id(p)]].grad).abs().max().item() for p in mine.parameters()),
+            posted.index(-1))
 
 
 def _sequence_value(i: int) -> Any:
