@@ -225,19 +225,25 @@ def out_of_order(rank: int, world_size: int, *, exact: bool) -> tuple[float, int
     executor = PipelineExecutor(schedule, rank=rank, timeout=60, transport=transport)
     micro_x, micro_y = split_microbatches(x, 2), split_microbatches(y, 2)
     stages = ModuleStages({rank: mine}, num_stages=2, microbatches=micro_x, targets=micro_y, loss_fn=loss_fn)
-    posted: list[int] = []  # receives posted, then (once) -1 when the first compute began
+    posted = [0]  # receives posted so far
+    before_first: list[int] = []  # receives posted when the first compute began
     recv = executor.transport.recv
-    executor.transport.recv = lambda *a, **k: posted.append(1) or recv(*a, **k)  # type: ignore[method-assign]
+
+    def counted_recv(*args: Any, **kwargs: Any) -> Any:
+        posted[0] += 1
+        return recv(*args, **kwargs)
+
+    executor.transport.recv = counted_recv  # type: ignore[method-assign]
 
     def forward_fn(stage: int, microbatch: int, inputs: Any) -> Any:
-        if -1 not in posted:
-            posted.append(-1)
+        if not before_first:
+            before_first.append(posted[0])
         return stages(stage, microbatch, inputs)
 
     executor.run(forward_fn)
     ref = dict(reference.named_parameters())
     return (max((p.grad - ref[names[id(p)]].grad).abs().max().item() for p in mine.parameters()),
-            posted.index(-1))
+            before_first[0])
 
 
 def _sequence_value(i: int) -> Any:
