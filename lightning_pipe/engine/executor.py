@@ -282,7 +282,7 @@ class PipelineExecutor:
             if key in early:
                 return early.pop(key)
             if key not in pending and not self.transport.exact:
-                post_until(next_recv + 1)  # gloo, post_ahead=0: receives are taken in order, so this is the next
+                post_until(next_recv + 1)  # gloo, first action or post_ahead=0: taken in order, so this is the next
             if key not in pending:  # exact-size protocol: received now, after what its sender sent before it
                 queue = in_send_order[self._order_key(sched.stage_to_rank[src_stage], is_gradient)]
                 while (t := queue.popleft()).key != key:
@@ -307,11 +307,10 @@ class PipelineExecutor:
                 send_time[0] = time.perf_counter() - posted
                 sent.add(transfer.key)
 
-        # Before the first action, only what it needs (an action receives at most one value): the rest of the window
-        # is posted after it. Each post costs tens of microseconds with the caches cold between steps, and the first
-        # action of the first stage starts the whole pipeline (measured at p=2: it began 0.22 ms into the step with
-        # the window posted first, 0.03 ms now).
-        post_until(min(window, 1 if receives and receives[0][0] == 0 else 0))
+        # Nothing is posted before the first action: if it needs a value, take() posts that receive, and the rest of
+        # the window follows the action. Each post costs tens of microseconds with the caches cold between steps, and
+        # the first action of the first stage starts the whole pipeline (measured at p=2: it began 0.22 ms into the
+        # step with the window posted first, 0.03 ms without).
         recv_index = 0
         try:
             for i, action in enumerate(actions):
