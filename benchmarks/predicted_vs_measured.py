@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import schedule_efficiency as se  # noqa: E402
-from lightning_pipe.engine import HeapFreeze, PipelineExecutor, Transport, destroy_process_group  # noqa: E402
+from lightning_pipe.engine import PipelineExecutor, Transport, destroy_process_group  # noqa: E402
 from lightning_pipe.observe import Timeline, pack_records, plot_timelines, summarize_records  # noqa: E402
 from lightning_pipe.observe import write_chrome_trace  # noqa: E402
 from lightning_pipe.simulate import Costs, simulate  # noqa: E402
@@ -267,12 +267,7 @@ def _run_config(rank: int, p: int, name: str, m: int, stage: nn.Module, shape: t
 
 
 def _worker(rank: int, p: int, port: int, args: argparse.Namespace, queue: Any) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=p)
-    se._OVERSHOOT = se._calibrate_overshoot()
-    # As PipelineStrategy(freeze_gc=True) does: a full garbage collection (200 ms) would stall one rank mid-step.
-    HeapFreeze().freeze()
+    se.start_worker(rank, p, port)
     sleeping = nn.Sequential(_SleepStage())
     for workload in args.workloads:
         stage, shape = (sleeping, (64,)) if workload == "sleep" else (_transformer_stage(rank, p), (64, 128))

@@ -133,14 +133,35 @@ def warm_up(step: Callable[[], Any], *, minimum: int) -> int:
     return MAX_WARMUP
 
 
-def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: Any) -> None:
+def start_worker(rank: int, world: int, port: int) -> None:
+    """What every benchmark process does first: one thread, the gloo group, ``time.sleep``'s overshoot measured
+    (sleeps as long as asked on average), and the heap frozen, as ``PipelineStrategy(freeze_gc=True)`` does (a full
+    garbage collection, 200 ms, would stall one rank mid-step)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     global _OVERSHOOT
     _OVERSHOOT = _calibrate_overshoot()
-    # As PipelineStrategy(freeze_gc=True) does: a full garbage collection (200 ms) would stall one rank mid-step.
     HeapFreeze().freeze()
+
+
+def run_workers(worker: Callable[..., None], world: int, args: argparse.Namespace) -> Any:
+    """Run ``worker(rank, world, port, args, queue)`` in ``world`` new processes; return what rank 0 puts in the
+    queue (once), after every process has ended."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=worker, args=(r, world, port, args, queue)) for r in range(world)]
+    for proc in procs:
+        proc.start()
+    got = queue.get(timeout=3600)
+    for proc in procs:
+        proc.join()
+    return got
+
+
+def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: Any) -> None:
+    start_worker(rank, world, port)
     tf, tb = args.tf_ms / 1000, 2 * args.tf_ms / 1000
     x0 = torch.randn(4, 64, requires_grad=True)  # 1 KiB activations: per-message cost dominates, as in practice
 

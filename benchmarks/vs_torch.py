@@ -33,14 +33,13 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lightning_pipe.engine import (  # noqa: E402
-    HeapFreeze, PipelineExecutor, active_collector, destroy_process_group, split_microbatches,
+    PipelineExecutor, StepResult, Transport, active_collector, destroy_process_group, split_microbatches,
 )
 from lightning_pipe.schedules import build_schedule, stage_to_rank  # noqa: E402
 from lightning_pipe.simulate import Costs, simulate  # noqa: E402
@@ -149,9 +148,11 @@ def loss_fn(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 # -- the two runners ------------------------------------------------------------------------------------------------
 def ours(rank: int, world: int, name: str, v: int, m: int, chunks: dict[int, nn.Module],
-         batch: tuple[torch.Tensor, torch.Tensor]) -> Callable[[], None]:
+         batch: tuple[torch.Tensor, torch.Tensor], *, transport: Transport | None = None,
+         results: list[StepResult] | None = None) -> Callable[[], None]:
+    """A step of our executor (``transport``: one of the caller's; ``results``: where each step's result goes)."""
     schedule = build_schedule(name, num_ranks=world, num_microbatches=m, virtual_stages=v)
-    executor = PipelineExecutor(schedule, rank=rank, timeout=120)
+    executor = PipelineExecutor(schedule, rank=rank, timeout=120, transport=transport)
     last = schedule.num_stages - 1
     micro_x, micro_y = split_microbatches(batch[0], m), split_microbatches(batch[1], m)
 
@@ -159,6 +160,8 @@ def ours(rank: int, world: int, name: str, v: int, m: int, chunks: dict[int, nn.
         out = chunks[stage](micro_x[microbatch] if stage == 0 else inputs)
         return loss_fn(out, micro_y[microbatch]) if stage == last else out
 
+    if results is not None:
+        return lambda: results.append(executor.run(forward_fn))
     return lambda: executor.run(forward_fn) and None
 
 
@@ -218,13 +221,7 @@ def _paired(mine: list[float], other: list[float]) -> float:
 
 
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: Any) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    se._OVERSHOOT = se._calibrate_overshoot()  # sleeps as long as asked on average, for both runners
-    # As PipelineStrategy(freeze_gc=True) does (for both runners: one process): a full garbage collection (200 ms)
-    # would stall one rank mid-step.
-    HeapFreeze().freeze()
+    se.start_worker(rank, world, port)  # also for torch's runner: the same processes
     rows = []
     for workload in args.workloads:
         for m in args.ms:
@@ -289,19 +286,11 @@ def main() -> None:
     parser.add_argument("--target-steps", type=int, default=15,
                         help="rounds of the in-turn timing of our 1f1b, zero_bubble and zbv (sleeping, p=4, m=16)")
     args = parser.parse_args()
-    ctx = mp.get_context("spawn")
     rows, targets = [], {}
     for p in args.ps:
-        queue = ctx.Queue()
-        port = se._free_port()
-        procs = [ctx.Process(target=_worker, args=(r, p, port, args, queue)) for r in range(p)]
-        for proc in procs:
-            proc.start()
-        got_rows, got_targets = queue.get(timeout=3600)
+        got_rows, got_targets = se.run_workers(_worker, p, args)
         rows += got_rows
         targets.update(got_targets)
-        for proc in procs:
-            proc.join()
     print(f"\nstep time in ms (slowest rank, median of {args.steps} steps); sleeping stages tf={args.tf_ms:g} ms, "
           f"tb=2tf split evenly into B and W; transformer d={args.d}, seq={args.seq}, "
           f"{args.mbs} samples per micro-batch, {args.blocks} blocks per rank; 'paired': median over the steps of "

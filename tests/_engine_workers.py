@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 from typing import Any
 
@@ -266,20 +267,51 @@ def _sequence_value(i: int) -> Any:
 SEQUENCE_LENGTH = 12
 
 
-def message_sequence(rank: int, world_size: int) -> dict[str, int]:
+class _PolicySpy:
+    """Stands for a process group: records the scheduling policies of the guarded gloo I/O threads during each send
+    and receive call, then makes the call."""
+
+    def __init__(self, group: Any, threads: list[int]) -> None:
+        self.group, self.threads, self.seen = group, threads, set()
+
+    def _record(self) -> None:
+        self.seen.update(os.sched_getscheduler(t) for t in self.threads)
+
+    def send(self, *args: Any) -> Any:
+        self._record()
+        return self.group.send(*args)
+
+    def recv(self, *args: Any) -> Any:
+        self._record()
+        return self.group.recv(*args)
+
+
+def _io_guard_report(transport: Transport, spy: _PolicySpy | None) -> dict[str, Any]:
+    threads = transport.io_guard.threads
+    return {"guarded": len(threads), "disabled": transport.io_guard.disabled,
+            "during_calls": sorted(spy.seen) if spy is not None else [],
+            "after": sorted({os.sched_getscheduler(t) for t in threads})}
+
+
+def message_sequence(rank: int, world_size: int) -> dict[str, Any]:
     """Rank 0 sends :func:`_sequence_value` 0, 1, ... on one channel, then a failure notice; rank 1 keeps two
     receives posted ahead, as the executor does, and checks every value. Returns how many receives found the
-    layout they had prepared for (the prepared views of the buffer) and how many parsed the message."""
+    layout they had prepared for (the prepared views of the buffer) and how many parsed the message, and on each
+    rank what the guard of gloo's I/O threads did (their policies during the group's calls and after)."""
     from lightning_pipe.errors import PipelineCommError
 
     transport = Transport(timeout=60)
+    spy = None
+    if sys.platform.startswith("linux"):
+        spy = _PolicySpy(transport._pg[False], transport.io_guard.threads)
+        transport._pg = {False: spy, True: spy}
     if rank == 0:
         for i in range(SEQUENCE_LENGTH):
             transport.send(_sequence_value(i), 1, i, f"value {i}", channel="c")
         transport.send_failure(RuntimeError("boom on purpose"), 1, SEQUENCE_LENGTH)
         transport.flush()
-        return {}
-    counts = {"prepared": 0, "parsed": 0}
+        return _io_guard_report(transport, spy)
+    counts: dict[str, Any] = {"prepared": 0, "parsed": 0}
     posted = [transport.recv(0, i, f"value {i}", channel="c") for i in range(2)]
     for i in range(SEQUENCE_LENGTH):
         pending = posted[i]
@@ -298,7 +330,7 @@ def message_sequence(rank: int, world_size: int) -> dict[str, int]:
         assert "boom on purpose" in str(error)
     else:
         raise AssertionError("the failure notice was not raised")
-    return counts
+    return {**counts, **_io_guard_report(transport, spy)}
 
 
 def bad_setups(rank: int, world_size: int) -> dict[str, str]:

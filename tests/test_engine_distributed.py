@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 
 from tests._launch import launch
@@ -168,8 +171,15 @@ def test_a_rank_that_stalls_turns_into_a_timeout_error() -> None:
 def test_receives_prepared_for_the_last_layout_read_every_message_right() -> None:
     """A receive prepares the value of the channel's last layout before the message comes; runs of one layout use
     it, and every change (shape, requires_grad, tree, leaf, overflow, failure notice) is parsed instead."""
-    counts = launch("tests._engine_workers.message_sequence", 2, deadline=100)[1].unwrap()
+    outcomes = launch("tests._engine_workers.message_sequence", 2, deadline=100)
+    counts = outcomes[1].unwrap()
     # With two receives posted ahead, a receive expects the layout of the message two before it. Prepared: the 3rd
     # "a", and the two "a" after "big" (an overflow leaves the expected layout as it was). "tree4" expects "tree3"
     # (same shapes, another leaf) and is parsed; so is the failure notice, which expects "a".
-    assert counts == {"prepared": 3, "parsed": 9}, counts
+    assert (counts["prepared"], counts["parsed"]) == (3, 9), counts
+    # And gloo's I/O thread was held in SCHED_BATCH during every send and receive call, on both ranks, and is back
+    # in SCHED_OTHER after (engine/io_threads.py).
+    if sys.platform.startswith("linux"):
+        for report in (outcomes[0].unwrap(), counts):
+            assert report["guarded"] >= 1 and report["disabled"] is None, report
+            assert report["during_calls"] == [os.SCHED_BATCH] and report["after"] == [os.SCHED_OTHER], report

@@ -26,6 +26,7 @@ from typing import Any, Callable, Hashable
 import torch
 import torch.distributed as dist
 
+from lightning_pipe.engine.io_threads import IoThreadGuard
 from lightning_pipe.engine.tree import TreeSpec, flatten, unflatten
 from lightning_pipe.errors import PipelineCommError
 
@@ -284,6 +285,8 @@ class Transport:
         backward_group: A second group over the same ranks for gradients. NCCL runs the sends and receives between
             two ranks in order on one stream: with activations going one way and gradients the other on separate
             communicators, a send waiting for its receive never holds up the transfer going the other way.
+        guard_io_threads: Keep gloo's I/O threads from preempting this thread during each send and receive call
+            (see ``io_threads.py``; default: on with gloo, where the platform allows it).
     """
 
     def __init__(
@@ -295,6 +298,7 @@ class Transport:
         describe: Callable[[], str] = lambda: "",
         exact: bool | None = None,
         backward_group: dist.ProcessGroup | None = None,
+        guard_io_threads: bool | None = None,
     ) -> None:
         self.group = group
         self.backward_group = backward_group
@@ -305,7 +309,11 @@ class Transport:
         self.device = torch.device(device)
         self.timeout = datetime.timedelta(seconds=timeout)
         self.describe = describe
-        self.exact = dist.get_backend(group) != "gloo" if exact is None else exact
+        gloo = dist.get_backend(group) == "gloo"
+        self.exact = not gloo if exact is None else exact
+        # The groups exist by now, so their I/O threads do: found once, not on every call.
+        self.io_guard = IoThreadGuard() if (gloo if guard_io_threads is None else guard_io_threads) \
+            else IoThreadGuard([])
         self._rank = dist.get_rank(group)
         self._capacity: dict[Hashable, int] = {}
         self._seen: dict[Hashable, int] = {}
@@ -347,12 +355,14 @@ class Transport:
 
     # -- raw operations --------------------------------------------------------------------------------------
     def _irecv(self, tensor: torch.Tensor, peer: int, tag: int, backward: bool) -> dist.Work:
-        return self._pg[backward].recv([tensor], peer, 0 if self.exact else tag)
+        with self.io_guard:
+            return self._pg[backward].recv([tensor], peer, 0 if self.exact else tag)
 
     def _isend(self, tensor: torch.Tensor, peer: int, tag: int, backward: bool) -> dist.Work:
         # The exact protocol matches messages by order alone, as NCCL does (it ignores tags): over gloo too, so that
         # the tests run the same matching as NCCL would.
-        return self._pg[backward].send([tensor], peer, 0 if self.exact else tag)
+        with self.io_guard:
+            return self._pg[backward].send([tensor], peer, 0 if self.exact else tag)
 
     def _wait(self, work: dist.Work, peer: int, what: str) -> None:
         try:
