@@ -11,7 +11,8 @@ shapes and dtypes may change from one message to the next. Two wire protocols:
   metadata if it did not fit, then the payload, each posted when needed and in the same order on both ends.
   Messages are matched by their order between two ranks alone, as NCCL does (tags are not used, on gloo either).
 
-Every wait is bounded by the timeout and fails with :class:`PipelineCommError` naming rank, action and peer.
+Every wait is bounded by the timeout and fails with :class:`PipelineCommError` naming rank, action and peer. On
+gloo, gloo's I/O threads may not preempt the caller during a send or receive call (see ``io_threads.py``).
 """
 
 from __future__ import annotations
