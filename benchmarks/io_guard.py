@@ -27,7 +27,7 @@ from lightning_pipe.engine import StepResult, Transport, destroy_process_group  
 import schedule_efficiency as se  # noqa: E402  (benchmarks/ is on the path: this script's folder)
 import vs_torch as vt  # noqa: E402
 
-TORCH_NAMES = {name: cls_name for name, _, cls_name in vt.PAIRS}
+TORCH_CLASSES = {(name, v): cls_name for name, v, cls_name in vt.PAIRS}  # torch's counterpart of (ours, v)
 
 
 def _send_figures(results: list[StepResult]) -> tuple[float, float]:
@@ -53,8 +53,8 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: A
                     key: vt.ours(rank, world, name, v, m, vt.make_chunks(workload, held, v, args), batch,
                                  transport=transport, results=kept[key])
                     for key, transport in (("guarded", guarded), ("unguarded", unguarded))}
-                if not args.no_torch and name in TORCH_NAMES:
-                    runners["torch"] = vt.theirs(rank, world, TORCH_NAMES[name], name, v, m,
+                if not args.no_torch and (name, v) in TORCH_CLASSES:
+                    runners["torch"] = vt.theirs(rank, world, TORCH_CLASSES[(name, v)], name, v, m,
                                                  vt.make_chunks(workload, held, v, args), batch)
                 times = vt.in_turn(runners, args.steps)
                 sends = torch.tensor([x for key in ("guarded", "unguarded")
