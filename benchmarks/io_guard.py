@@ -76,11 +76,7 @@ def main() -> None:
     parser.add_argument("--schedules", nargs="+", default=["gpipe", "1f1b", "interleaved_1f1b"])
     parser.add_argument("--zb-v2", action="store_true", help="zero_bubble with 2 chunks per rank (as in torch)")
     parser.add_argument("--no-torch", action="store_true", help="without PyTorch's schedule for reference")
-    parser.add_argument("--tf-ms", type=float, default=10.0, help="sleeping workload: forward of a whole stage")
-    parser.add_argument("--d", type=int, default=128, help="transformer width")
-    parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--mbs", type=int, default=2, help="transformer samples per micro-batch")
-    parser.add_argument("--blocks", type=int, default=2, help="transformer blocks per rank")
+    vt.add_workload_arguments(parser)
     args = parser.parse_args()
     rows = []
     for p in args.ps:

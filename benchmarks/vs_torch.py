@@ -270,19 +270,24 @@ def ideal_ms(name: str, v: int, p: int, m: int, tf_ms: float) -> float:
     return simulate(schedule, Costs(c, 2 * c, c if schedule.split_backward else 0.0)).step_time
 
 
+def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the two workloads (sleeping stages, transformer blocks), for every script that runs them."""
+    parser.add_argument("--tf-ms", type=float, default=10.0, help="sleeping workload: forward of a whole stage")
+    parser.add_argument("--d", type=int, default=128, help="transformer width")
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--mbs", type=int, default=2, help="transformer samples per micro-batch")
+    parser.add_argument("--blocks", type=int, default=2, help="transformer blocks per rank")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tf-ms", type=float, default=10.0, help="sleeping workload: forward of a whole stage")
+    add_workload_arguments(parser)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--ps", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--ms", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--workloads", nargs="+", default=["sleep", "transformer"])
     parser.add_argument("--schedules", nargs="*", default=[], help="only these of ours (default: all)")
     parser.add_argument("--no-torch", action="store_true", help="time ours only")
-    parser.add_argument("--d", type=int, default=128, help="transformer width")
-    parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--mbs", type=int, default=2, help="transformer samples per micro-batch")
-    parser.add_argument("--blocks", type=int, default=2, help="transformer blocks per rank")
     parser.add_argument("--target-steps", type=int, default=15,
                         help="rounds of the in-turn timing of our 1f1b, zero_bubble and zbv (sleeping, p=4, m=16)")
     args = parser.parse_args()
