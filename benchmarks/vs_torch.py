@@ -18,7 +18,7 @@ Workloads:
 A second table compares our schedules with our 1F1B (medians of the first table). Last, the zero-bubble targets:
 our 1F1B, ZB-H1 and ZBV on the sleeping workload at p = 4, m = 16 timed in turn in one loop (``--target-steps``
 rounds), as ratios to our 1F1B, both of medians and paired.
-Run: ``python benchmarks/vs_torch.py [--tf-ms 10] [--steps 5] [--workloads sleep transformer]``.
+Run: ``python benchmarks/vs_torch.py [--tf-ms 10] [--steps 21] [--workloads sleep transformer]``.
 """
 
 from __future__ import annotations
@@ -282,7 +282,8 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_workload_arguments(parser)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=21,
+                        help="rounds per row (with 11, a row at par, 1F1B, landed above 1.0 by up to 2.5%% at times)")
     parser.add_argument("--ps", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--ms", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--workloads", nargs="+", default=["sleep", "transformer"])

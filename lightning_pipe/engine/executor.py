@@ -249,11 +249,13 @@ class PipelineExecutor:
         # Exact-size backends (NCCL) match messages in posting order: a receive is posted only when its action
         # starts, after the sends of the actions before it. On gloo a few receives are posted ahead of need, so that
         # the sender writes the value as soon as it is made; a receive posted only when needed (post_ahead=0, as
-        # torch.distributed.pipelining does) makes the sender's I/O thread write it then. Measured here: with no
-        # work at all (1F1B, p=2, m=32) posting when needed is faster (20 ms a step against 35 ms; posts ahead
-        # stall 1 time in 10 for 2-5 ms in gloo), but on CPU-bound stages it is slower, since the sender's I/O
-        # thread then competes with its compute (transformer, p=2, m=16, in turn in the same processes: interleaved
-        # 1F1B 143 ms against 118 ms posting ahead, 1F1B 122 against 109); on sleeping stages they are equal.
+        # torch.distributed.pipelining does) makes the sender's I/O thread write it then, competing with the
+        # sender's compute. Measured here on CPU-bound stages (transformer, p=2, in turn in the same processes, with
+        # the transport guarding gloo's I/O threads), posting when needed took 1.20-1.42x the step time of this
+        # window for interleaved 1F1B and 0.97-1.07x for 1F1B; a window of 2 was 0.93-1.13x. Deferring each refill
+        # to just before the next action that waits for a value halved the time between actions of 1F1B on
+        # sleeping stages (step time unchanged, 0.996-1.001x) but made it slower on the transformer (m=8 and 16:
+        # 1.02-1.09x; m=4: 0.99-1.00x).
         if self.transport.exact:
             window = 0
         else:
