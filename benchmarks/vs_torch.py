@@ -283,7 +283,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_workload_arguments(parser)
     parser.add_argument("--steps", type=int, default=21,
-                        help="rounds per row (with 11, a row at par, 1F1B, landed above 1.0 by up to 2.5%% at times)")
+                        help="rounds per row (more rounds steady the medians; a row at par, 1F1B, still lands above "
+                             "1.0 at times)")
     parser.add_argument("--ps", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--ms", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--workloads", nargs="+", default=["sleep", "transformer"])
