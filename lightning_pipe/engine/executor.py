@@ -253,9 +253,9 @@ class PipelineExecutor:
         # sender's compute. Measured here on CPU-bound stages (transformer, p=2, in turn in the same processes, with
         # the transport guarding gloo's I/O threads), posting when needed took 1.20-1.42x the step time of this
         # window for interleaved 1F1B and 0.97-1.07x for 1F1B; a window of 2 was 0.93-1.13x. Deferring each refill
-        # to just before the next action that waits for a value halved the time between actions of 1F1B on
-        # sleeping stages (step time unchanged, 0.996-1.001x) but made it slower on the transformer (m=8 and 16:
-        # 1.02-1.09x; m=4: 0.99-1.00x).
+        # to just before the next action that waits for a value cut the time between actions of 1F1B on sleeping
+        # stages by up to half (step time unchanged, 0.996-1.001x) but made it slower on the transformer (m=8 and
+        # 16: 1.02-1.09x; m=4: 0.99-1.00x), and left ZBV (sleeping, p=4, m=16) unchanged.
         if self.transport.exact:
             window = 0
         else:
