@@ -39,8 +39,10 @@ def _send_figures(results: list[StepResult]) -> tuple[float, float]:
 
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: Any) -> None:
     se.start_worker(rank, world, port)
-    unguarded = Transport(timeout=120, guard_io_threads=False)
-    guarded = Transport(timeout=120)
+    # Both make their calls on this thread (background=False), where the send times below are taken; by default
+    # the transport may move them to its poster thread on stages that leave the cores idle (engine/poster.py).
+    unguarded = Transport(timeout=120, guard_io_threads=False, background=False)
+    guarded = Transport(timeout=120, background=False)
     rows = []
     for workload in args.workloads:
         for m in args.ms:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import threading
 import time
 from typing import Any
 
@@ -112,12 +113,14 @@ def _balance(n: int, p: int) -> list[int]:
 
 def transparency(rank: int, world_size: int, *, models: list[str], schedules: list[str], ms: list[int],
                  steps: int = 2, batch_size: int = 10, unweighted: bool = False,
-                 exact: bool = False, post_ahead: int | None = None, one_group: bool = False) -> dict[str, float]:
+                 exact: bool = False, post_ahead: int | None = None, one_group: bool = False,
+                 background: bool | None = None) -> dict[str, float]:
     """For each configuration, the largest |pipelined - reference| over this rank's loss and gradients.
 
     ``unweighted=True`` sums the micro-batch losses instead of weighting them: a control that must show a
     difference, so the comparison is known to be able to fail. ``post_ahead``: receives gloo keeps posted ahead.
-    ``one_group`` (with ``exact``): no group of their own for gradients.
+    ``one_group`` (with ``exact``): no group of their own for gradients. ``background``: the gloo transport's
+    poster thread on (True), off (False) or chosen each step (None, as by default).
     """
     loss_fn = nn.MSELoss()
     report: dict[str, float] = {}
@@ -126,7 +129,8 @@ def transparency(rank: int, world_size: int, *, models: list[str], schedules: li
     # one_group: the exact protocol with activations and gradients on one group (what PipelineExecutor builds
     # for NCCL when given no transport): matched by order across both kinds.
     backward_group = None if one_group else dist.new_group(list(range(world_size))) if exact else None
-    transport = Transport(exact=True, backward_group=backward_group, timeout=60) if exact else None
+    transport = Transport(exact=True, backward_group=backward_group, timeout=60) if exact \
+        else Transport(timeout=60, background=background)
     for kind in models:
         reference = make_model(kind)
         ref_grads, ref_losses = [], []
@@ -172,15 +176,16 @@ def transparency(rank: int, world_size: int, *, models: list[str], schedules: li
     return report
 
 
-def failing_step(rank: int, world_size: int, *, fail_rank: int, mode: str, timeout: float) -> str:
+def failing_step(rank: int, world_size: int, *, fail_rank: int, mode: str, timeout: float,
+                 background: bool | None = None) -> str:
     """Run 1F1B steps in which ``fail_rank`` raises (``mode="raise"``), dies (``"exit"``) or stalls (``"hang"``)
-    in the middle of the second step."""
+    in the middle of the second step (``background``: as in :func:`transparency`)."""
     model = make_model("mlp")
     mine = split_sequential(model, _balance(len(model), world_size))[rank]
     x, y = make_batch("mlp", 0, 8)
     micro_x, micro_y = split_microbatches(x, 4), split_microbatches(y, 4)
     executor = PipelineExecutor(build_schedule("1f1b", num_ranks=world_size, num_microbatches=4), rank=rank,
-                                timeout=timeout)
+                                transport=Transport(timeout=timeout, background=background))
     stages = ModuleStages({rank: mine}, num_stages=world_size, microbatches=micro_x, targets=micro_y,
                           loss_fn=nn.MSELoss())
 
@@ -273,9 +278,11 @@ class _PolicySpy:
 
     def __init__(self, group: Any, threads: list[int]) -> None:
         self.group, self.threads, self.seen = group, threads, set()
+        self.callers: set[str] = set()  # the names of the threads that made the calls
 
     def _record(self) -> None:
         self.seen.update(os.sched_getscheduler(t) for t in self.threads)
+        self.callers.add(threading.current_thread().name)
 
     def send(self, *args: Any) -> Any:
         self._record()
@@ -290,17 +297,19 @@ def _io_guard_report(transport: Transport, spy: _PolicySpy | None) -> dict[str, 
     threads = transport.io_guard.threads
     return {"guarded": len(threads), "disabled": transport.io_guard.disabled,
             "during_calls": sorted(spy.seen) if spy is not None else [],
-            "after": sorted({os.sched_getscheduler(t) for t in threads})}
+            "after": sorted({os.sched_getscheduler(t) for t in threads}),
+            "callers": sorted(spy.callers) if spy is not None else []}
 
 
-def message_sequence(rank: int, world_size: int) -> dict[str, Any]:
+def message_sequence(rank: int, world_size: int, *, background: bool) -> dict[str, Any]:
     """Rank 0 sends :func:`_sequence_value` 0, 1, ... on one channel, then a failure notice; rank 1 keeps two
     receives posted ahead, as the executor does, and checks every value. Returns how many receives found the
     layout they had prepared for (the prepared views of the buffer) and how many parsed the message, and on each
-    rank what the guard of gloo's I/O threads did (their policies during the group's calls and after)."""
+    rank what the guard of gloo's I/O threads did (their policies during the group's calls and after) and which
+    threads made the calls (``background``: the transport's poster thread, else the caller's)."""
     from lightning_pipe.errors import PipelineCommError
 
-    transport = Transport(timeout=60)
+    transport = Transport(timeout=60, background=background)
     spy = None
     if sys.platform.startswith("linux"):
         spy = _PolicySpy(transport._pg[False], transport.io_guard.threads)
@@ -315,8 +324,8 @@ def message_sequence(rank: int, world_size: int) -> dict[str, Any]:
     posted = [transport.recv(0, i, f"value {i}", channel="c") for i in range(2)]
     for i in range(SEQUENCE_LENGTH):
         pending = posted[i]
-        prepared = pending._expected[1] if pending._expected is not None else None
         value = pending.wait()
+        prepared = pending._expected[1] if pending._expected is not None else None  # set once posted
         counts["prepared" if value is prepared and prepared is not None else "parsed"] += 1
         posted.append(transport.recv(0, i + 2, f"value {i + 2}", channel="c"))
         expected = _sequence_value(i)
@@ -335,7 +344,8 @@ def message_sequence(rank: int, world_size: int) -> dict[str, Any]:
 
 def bad_setups(rank: int, world_size: int) -> dict[str, str]:
     """Mistakes that must fail at once on every rank with the setting to change, not hang: a schedule for more
-    ranks than the group has, a rank that is not this process's, and a stage whose first op is in place."""
+    ranks than the group has, a rank that is not this process's, a poster thread for the exact protocol, and a stage
+    whose first op is in place."""
     from lightning_pipe.errors import PipelineError
 
     errors: dict[str, str] = {}
@@ -346,6 +356,10 @@ def bad_setups(rank: int, world_size: int) -> dict[str, str]:
             PipelineExecutor(schedule, rank=kwargs["rank"], timeout=30)
         except PipelineError as err:
             errors[key] = str(err)
+    try:
+        Transport(exact=True, background=True)
+    except ValueError as err:
+        errors["background"] = str(err)
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(inplace=True), nn.Linear(4, 4))
     stages = {0: model[:1], 1: model[1:]}
     x, y = torch.randn(4, 4), torch.randn(4, 4)
@@ -357,3 +371,62 @@ def bad_setups(rank: int, world_size: int) -> dict[str, str]:
     except Exception as err:  # noqa: BLE001
         errors["inplace"] = f"{type(err).__name__}: {err}"
     return errors
+
+
+def poster_modes(rank: int, world_size: int) -> dict[str, Any]:
+    """The transport choosing its poster thread step by step (default mode), from scripted idle samples; then a
+    value changed in place before the poster copied it. Rank 0 sends three values a step (one larger than the
+    receive buffer in step 2), rank 1 checks them. Returns per step whether the poster was in use and which threads
+    made the gloo calls, whether the same poster thread came back, and the in-place errors."""
+    from lightning_pipe.errors import PipelineCommError, PipelineError
+
+    transport = Transport(timeout=30)
+    spy = _PolicySpy(transport._pg[False], [])
+    transport._pg = {False: spy, True: spy}
+    # (caller's busy share, machine's idle share) at the end of each step: idle, idle, half busy (stays on),
+    # busy (off), idle (on again)
+    samples = iter([(0.05, 0.9), (0.05, 0.9), (0.3, 0.9), (0.9, 0.1), (0.05, 0.9)])
+    assert transport._meter is not None
+    transport._meter.sample = lambda: next(samples)  # type: ignore[method-assign]
+    report: dict[str, Any] = {"modes": [], "callers": [], "threads": []}
+    for step in range(5):
+        report["modes"].append(transport.posting_in_background)
+        report["threads"].append(id(transport._poster) if transport._poster is not None else None)
+        spy.callers.clear()
+        values = [torch.full((3, 4), float(10 * step + i)) for i in range(3)]
+        if step == 2:
+            values[1] = torch.arange(5000.0)  # over the receive buffer: a notice, then the overflow tag
+        if rank == 0:
+            for i, value in enumerate(values):
+                transport.send(value, 1, 10 * step + i, f"value {i} of step {step}")
+        else:
+            posted = [transport.recv(0, 10 * step + i, f"value {i} of step {step}") for i in range(3)]
+            for pending, value in zip(posted, values):
+                assert torch.equal(pending.wait(), value), step
+        transport.flush()
+        transport.end_step()
+        report["callers"].append(sorted(spy.callers))
+    report["modes"].append(transport.posting_in_background)
+    report["same_thread"] = report["threads"][1] is not None and report["threads"][1] == id(transport._poster)
+    # A value changed in place after send() returned, before the poster copied it (held up here on purpose): the
+    # sender fails at flush, and the receiver is told why instead of waiting for the timeout.
+    if rank == 0:
+        gate = threading.Event()
+        assert transport._poster is not None
+        transport._poster.submit(lambda: gate.wait(10.0) and None)
+        x = torch.ones(4)
+        transport.send(x, 1, 100, "the activation of micro-batch 7")
+        x.add_(1.0)
+        gate.set()
+        try:
+            transport.flush()
+        except PipelineError as error:
+            report["in_place"] = str(error)
+    else:
+        try:
+            transport.recv(0, 100, "the activation of micro-batch 7").wait()
+        except PipelineCommError as error:
+            report["in_place"] = str(error)
+    transport.close()
+    report["closed"] = not transport.posting_in_background
+    return report

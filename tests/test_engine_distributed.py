@@ -101,6 +101,8 @@ def test_bad_setups_fail_at_once_on_every_rank_naming_the_setting() -> None:
         errors = outcome.unwrap()
         assert "is for 3 ranks but the pipeline group has 2 processes: build it with num_ranks=2" in errors["ranks"]
         assert f"but this process is rank {outcome.rank} of the pipeline group" in errors["rank"]
+        assert "Transport(background=True) needs the gloo protocol on the CPU" in errors["background"]
+        assert "leave background unset" in errors["background"]
         if outcome.rank == 1:  # the stage that starts with ReLU(inplace=True)
             assert errors["inplace"].startswith("PipelineError: stage 1 changes its input in place")
             assert "inplace=False" in errors["inplace"] and "balance" in errors["inplace"]
@@ -119,10 +121,13 @@ def test_control_unweighted_losses_differ() -> None:
 
 
 @pytest.mark.timeout(120)
-def test_a_rank_that_raises_stops_every_other_rank_quickly() -> None:
+@pytest.mark.parametrize("background", [False, True])
+def test_a_rank_that_raises_stops_every_other_rank_quickly(background: bool) -> None:
+    """Also with the calls made on the transport's poster thread: the failure notices go out after the sends
+    queued before them."""
     timeout = 30.0
     outcomes = launch("tests._engine_workers.failing_step", 4, deadline=90, fail_rank=1, mode="raise",
-                      timeout=timeout)
+                      timeout=timeout, background=background)
     assert outcomes[1].error_type == "ValueError" and "injected failure" in outcomes[1].error
     for outcome in outcomes:
         assert not outcome.hung
@@ -168,10 +173,12 @@ def test_a_rank_that_stalls_turns_into_a_timeout_error() -> None:
 
 
 @pytest.mark.timeout(120)
-def test_receives_prepared_for_the_last_layout_read_every_message_right() -> None:
+@pytest.mark.parametrize("background", [False, True])
+def test_receives_prepared_for_the_last_layout_read_every_message_right(background: bool) -> None:
     """A receive prepares the value of the channel's last layout before the message comes; runs of one layout use
-    it, and every change (shape, requires_grad, tree, leaf, overflow, failure notice) is parsed instead."""
-    outcomes = launch("tests._engine_workers.message_sequence", 2, deadline=100)
+    it, and every change (shape, requires_grad, tree, leaf, overflow, failure notice) is parsed instead. The same
+    with the calls made on the transport's poster thread."""
+    outcomes = launch("tests._engine_workers.message_sequence", 2, deadline=100, background=background)
     counts = outcomes[1].unwrap()
     # With two receives posted ahead, a receive expects the layout of the message two before it. Prepared: the 3rd
     # "a", and the two "a" after "big" (an overflow leaves the expected layout as it was). "tree4" expects "tree3"
@@ -183,3 +190,35 @@ def test_receives_prepared_for_the_last_layout_read_every_message_right() -> Non
         for report in (outcomes[0].unwrap(), counts):
             assert report["guarded"] >= 1 and report["disabled"] is None, report
             assert report["during_calls"] == [os.SCHED_BATCH] and report["after"] == [os.SCHED_OTHER], report
+            assert report["callers"] == ["pipeline_poster" if background else "MainThread"], report
+
+
+@pytest.mark.timeout(120)
+def test_the_transport_moves_its_calls_to_the_poster_thread_while_steps_leave_the_cores_idle() -> None:
+    """By default each step decides from the last one's idle shares (scripted here): on after an idle step, kept
+    through a half busy one, off after a busy one, on again with the same thread; values arrive right in every
+    mode, the overflow path included. A value changed in place before the poster copied it fails the sender at
+    flush and reaches the receiver as an error naming the cause, not as a timeout."""
+    outcomes = launch("tests._engine_workers.poster_modes", 2, deadline=100)
+    for outcome in outcomes:
+        report = outcome.unwrap()
+        assert report["modes"] == [False, True, True, True, False, True], report
+        poster, main = ["pipeline_poster"], ["MainThread"]
+        assert report["callers"] == [main, poster, poster, poster, main], report
+        assert report["same_thread"], report
+        assert "changed in place after it was sent" in report["in_place"], report
+        assert "Transport(background=False)" in report["in_place"], report
+        assert report["closed"], report
+    assert "pipeline rank 0 failed instead of sending micro-batch 7: PipelineError" in outcomes[1].unwrap()["in_place"]
+
+
+@pytest.mark.timeout(240)
+def test_transparency_with_the_poster_thread() -> None:
+    """Every schedule with the transport's sends and receive posts made on its poster thread (what it does by
+    default while the cores sit idle): the same loss and gradients as one process, trees, dataclasses, complex
+    tensors and changing shapes included."""
+    outcomes = launch("tests._engine_workers.transparency", 2, deadline=200,
+                      models=["mlp", "transformer", "dataclass"], schedules=SCHEDULES, ms=[1, 5], background=True)
+    for outcome in outcomes:
+        report = outcome.unwrap()
+        assert len(report) == 3 * len(SCHEDULES) * 2 and max(report.values()) <= TOLERANCE, report

@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime
 import pickle
 import struct
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable
@@ -28,8 +29,9 @@ import torch
 import torch.distributed as dist
 
 from lightning_pipe.engine.io_threads import IoThreadGuard
+from lightning_pipe.engine.poster import IdleMeter, Poster, wants_poster
 from lightning_pipe.engine.tree import TreeSpec, flatten, unflatten
-from lightning_pipe.errors import PipelineCommError
+from lightning_pipe.errors import PipelineCommError, PipelineError
 
 __all__ = ["Transport", "PendingRecv"]
 
@@ -144,6 +146,11 @@ def _message_layout(value: Any, cache: dict[Hashable, _Layout]) -> tuple[list[to
     return tensors, layout
 
 
+def _versions(tensors: list[torch.Tensor]) -> list[int]:
+    """Each tensor's version counter, which in-place changes bump (-1 for inference tensors: they keep none)."""
+    return [-1 if t.is_inference() else t._version for t in tensors]
+
+
 def _pack(buffer: torch.Tensor, tensors: list[torch.Tensor], metas: list[_TensorMeta], base: int) -> None:
     for t, m in zip(tensors, metas):
         if m.nbytes:
@@ -193,6 +200,21 @@ def _bytes_tensor(raw: bytes) -> torch.Tensor:
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
 
 
+class _Sent:
+    """A send started by this rank: its work (set by the poster thread when there is one) and what it sends."""
+
+    __slots__ = ("work", "error", "peer", "what", "buffer")
+
+    def __init__(self, peer: int, what: str) -> None:
+        self.work: dist.Work | None = None
+        self.error: BaseException | None = None
+        self.buffer: torch.Tensor | None = None  # kept until the send completed
+        self.peer, self.what = peer, what
+
+    def done(self) -> bool:
+        return self.error is not None or (self.work is not None and self.work.is_completed())
+
+
 class PendingRecv:
     """A value being received from ``peer``; :meth:`wait` returns it."""
 
@@ -205,9 +227,28 @@ class PendingRecv:
             self._work = transport._irecv(self._buffer, peer, tag * 3, backward)
             self._expected = None
         else:
-            self._buffer = torch.empty(transport.capacity(channel), dtype=torch.uint8, device=transport.device)
-            self._work = transport._irecv(self._buffer, peer, tag * 2, backward)
-            self._expected = self._prebuild(transport._expected.get(channel))
+            self._posted: threading.Event | None = None
+            self._error: BaseException | None = None
+            capacity, expected = transport.capacity(channel), transport._expected.get(channel)
+            if transport._poster is None:
+                self._post(capacity, expected)
+            else:  # posted on the poster thread; wait() waits for that first
+                self._posted = threading.Event()
+                transport._poster.submit(lambda: self._post_catching(capacity, expected))
+
+    def _post(self, capacity: int, expected: _Expected | None) -> None:
+        self._buffer = torch.empty(capacity, dtype=torch.uint8, device=self._t.device)
+        self._work = self._t._irecv(self._buffer, self.peer, self.tag * 2, self.backward)
+        self._expected = self._prebuild(expected)
+
+    def _post_catching(self, capacity: int, expected: _Expected | None) -> None:
+        try:
+            self._post(capacity, expected)
+        except BaseException as err:  # noqa: BLE001 - raised by wait(), on the caller's thread
+            self._error = err
+        finally:
+            assert self._posted is not None
+            self._posted.set()
 
     def _prebuild(self, expected: _Expected | None) -> tuple[bytes, Any, int] | None:
         """The value that a message laid out as the channel's last one would hold, built now from views of the
@@ -222,9 +263,15 @@ class PendingRecv:
     def wait(self) -> Any:
         """Block (at most the transport's timeout per message) until the value is in; return it."""
         t = self._t
-        t._wait(self._work, self.peer, self.what)
         if t.exact:
+            t._wait(self._work, self.peer, self.what)
             return self._wait_exact()
+        if self._posted is not None and not self._posted.wait(t.timeout.total_seconds()):
+            raise PipelineCommError(t._message(self.peer, self.what, "the receive was never posted"))
+        if self._error is not None:
+            raise PipelineCommError(t._message(self.peer, self.what, str(self._error) or type(self._error).__name__)) \
+                from self._error
+        t._wait(self._work, self.peer, self.what)
         expected = self._expected
         if expected is not None:
             head_bytes, value, total = expected
@@ -238,7 +285,8 @@ class PendingRecv:
             self._raise_failure(buffer[_PREFIX : _PREFIX + length])
         if meta_len == _OVERFLOW:  # the whole message follows on the overflow tag
             buffer = torch.empty(length, dtype=torch.uint8, device=t.device)
-            t._wait(t._irecv(buffer, self.peer, self.tag * 2 + 1, self.backward), self.peer, self.what)
+            t._wait(t._inline(lambda: t._irecv(buffer, self.peer, self.tag * 2 + 1, self.backward), self.peer,
+                              self.what), self.peer, self.what)
             head = _host_view(buffer)
             meta_len, length = struct.unpack_from("<qq", head)
         if _PREFIX + meta_len > len(head):
@@ -288,6 +336,10 @@ class Transport:
             communicators, a send waiting for its receive never holds up the transfer going the other way.
         guard_io_threads: Keep gloo's I/O threads from preempting this thread during each send and receive call
             (see ``io_threads.py``; default: on with gloo, where the platform allows it).
+        background: Make the gloo protocol's sends and receive posts on a thread of the transport's own, so that
+            they overlap the caller's next action (see ``poster.py``). ``None`` (default): each step decides from
+            how idle the last one left this thread and the machine. Needs the gloo protocol on the CPU; the exact
+            protocol always calls on the caller's thread.
     """
 
     def __init__(
@@ -300,6 +352,7 @@ class Transport:
         exact: bool | None = None,
         backward_group: dist.ProcessGroup | None = None,
         guard_io_threads: bool | None = None,
+        background: bool | None = None,
     ) -> None:
         self.group = group
         self.backward_group = backward_group
@@ -318,7 +371,17 @@ class Transport:
         self._rank = dist.get_rank(group)
         self._capacity: dict[Hashable, int] = {}
         self._seen: dict[Hashable, int] = {}
-        self._sends: list[tuple[dist.Work, int, str, Any]] = []
+        self._sends: list[_Sent] = []
+        can_post = not self.exact and self.device.type == "cpu"
+        if background and not can_post:
+            raise ValueError("Transport(background=True) needs the gloo protocol on the CPU (exact=False, "
+                             f"device='cpu'); got exact={self.exact}, device='{self.device}': leave background unset")
+        # The poster in use during this step (None: calls are made on the caller's thread), and the one kept for later.
+        self._poster: Poster | None = None
+        self._spare: Poster | None = None
+        self._meter = IdleMeter() if background is None and can_post else None
+        if background:
+            self._poster = Poster()
         self.broken: str | None = None  # set when a step failed: its messages may still be in flight
         self._decoded: dict[bytes, _Meta] = {}
         self._layouts: dict[Hashable, _Layout] = {}
@@ -353,11 +416,53 @@ class Transport:
             if nbytes > self.capacity(channel):
                 self._capacity[channel] = 1 << (nbytes - 1).bit_length()
         self._seen.clear()
+        if self._meter is not None:
+            self._choose_poster(wants_poster(*self._meter.sample(), using=self._poster is not None))
+
+    @property
+    def posting_in_background(self) -> bool:
+        """Whether this step's sends and receive posts are made on the poster thread."""
+        return self._poster is not None
+
+    def _choose_poster(self, use: bool) -> None:
+        """Between steps (every job done): use the poster thread for the next step, or not."""
+        if use and self._poster is None:
+            self._poster, self._spare = self._spare or Poster(), None
+        elif not use and self._poster is not None:
+            self._poster, self._spare = None, self._poster
+
+    def close(self) -> None:
+        """End the poster thread, if any (after what was submitted to it). The transport may still be used: its
+        calls are then made on the caller's thread."""
+        for poster in (self._poster, self._spare):
+            if poster is not None:
+                poster.close()
+        self._poster = self._spare = None
+        self._meter = None
 
     # -- raw operations --------------------------------------------------------------------------------------
     def _irecv(self, tensor: torch.Tensor, peer: int, tag: int, backward: bool) -> dist.Work:
         with self.io_guard:
             return self._pg[backward].recv([tensor], peer, 0 if self.exact else tag)
+
+    def _inline(self, call: Callable[[], Any], peer: int, what: str) -> Any:
+        """``call()``, made on the poster thread (after what was queued before it) when there is one."""
+        if self._poster is None:
+            return call()
+        box: list[Any] = []
+
+        def job() -> None:
+            try:
+                box.append(call())
+            except BaseException as err:  # noqa: BLE001 - raised below, on the caller's thread
+                box.append(err)
+
+        self._poster.submit(job)
+        if not self._poster.sync(self.timeout.total_seconds()):
+            raise PipelineCommError(self._message(peer, what, "the transport's poster thread did not finish in time"))
+        if isinstance(box[0], BaseException):
+            raise box[0]
+        return box[0]
 
     def _isend(self, tensor: torch.Tensor, peer: int, tag: int, backward: bool) -> dist.Work:
         # The exact protocol matches messages by order alone, as NCCL does (it ignores tags): over gloo too, so that
@@ -398,22 +503,67 @@ class Transport:
         if len(self._sends) > self._reap_at:
             self.reap()
         one = tensors[0] if len(tensors) == 1 else None
-        if one is not None and meta[1][0].nbytes == meta[2] and one.device.type == "cpu" and one.is_contiguous() \
-                and not one.is_complex():
-            # One CPU tensor (the usual case): prefix and payload in one op; every op here is on the critical path.
-            message = torch.cat((layout.prefix, one.detach().view(-1).view(torch.uint8)))
-        else:
-            message = torch.empty(base + meta[2], dtype=torch.uint8)
-            message[:base] = layout.prefix
-            _pack(message, tensors, meta[1], base)
-        if self.device.type != "cpu":
-            message = message.to(self.device)
-        if base + meta[2] <= self.capacity(channel):
-            self._sends.append((self._isend(message, peer, tag * 2, backward), peer, what, message))
-        else:
-            notice = torch.tensor([-1, message.numel()], dtype=torch.int64).view(torch.uint8).to(self.device)
-            self._sends.append((self._isend(notice, peer, tag * 2, backward), peer, what, notice))
-            self._sends.append((self._isend(message, peer, tag * 2 + 1, backward), peer, what, message))
+        if one is not None and (meta[1][0].nbytes != meta[2] or one.device.type != "cpu" or not one.is_contiguous()
+                                or one.is_complex()):
+            one = None
+        prefix, size = layout.prefix, base + meta[2]
+        device = self.device
+        # In-place changes bump a tensor's version: a value changed before the poster thread copied it is caught.
+        versions = _versions(tensors) if self._poster is not None else None
+
+        def build() -> torch.Tensor:
+            if one is not None:  # one CPU tensor (the usual case): prefix and payload in one op
+                message = torch.cat((prefix, one.detach().view(-1).view(torch.uint8)))
+            else:
+                message = torch.empty(size, dtype=torch.uint8)
+                message[:base] = prefix
+                _pack(message, tensors, meta[1], base)
+            if versions is not None and versions != _versions(tensors):
+                raise PipelineError(f"{what}: the value was changed in place after it was sent, before the "
+                                    "transport copied it. Return a tensor that the stage does not modify later, or "
+                                    "make the copy on the caller's thread: Transport(background=False)")
+            return message if device.type == "cpu" else message.to(device)
+
+        tags = [tag * 2] if size <= self.capacity(channel) else [tag * 2, tag * 2 + 1]
+        self._start(build, size, tags, peer, what, backward)
+
+    def _start(self, build: Callable[[], torch.Tensor], size: int, tags: list[int], peer: int, what: str,
+               backward: bool) -> None:
+        """Send the message that ``build()`` makes (``size`` bytes) to ``peer``: on ``tags[0]``, or when it is larger
+        than the receiver's buffer a notice of its size on ``tags[0]`` and the message on ``tags[1]``. Made on the
+        poster thread when one is in use (the copy into the message too: the caller then goes on at once)."""
+        sent = [_Sent(peer, what) for _ in tags]
+
+        def post() -> None:
+            message = build()
+            if len(tags) == 2:
+                sent[0].buffer = torch.tensor([-1, size], dtype=torch.int64).view(torch.uint8).to(self.device)
+            sent[-1].buffer = message
+            for entry, tag in zip(sent, tags):
+                assert entry.buffer is not None
+                entry.work = self._isend(entry.buffer, peer, tag, backward)
+
+        if self._poster is None:
+            post()
+            self._sends += sent
+            return
+
+        def post_catching() -> None:
+            try:
+                post()
+            except BaseException as err:  # noqa: BLE001 - raised by flush(), on the caller's thread
+                for entry in sent:
+                    if entry.work is None:
+                        entry.error = err
+                if sent[0].work is None:  # nothing went out: tell the receiver why, or it waits for the timeout
+                    try:
+                        sent[0].buffer = self._failure_message(err)
+                        sent[0].work = self._isend(sent[0].buffer, peer, tags[0], backward)
+                    except BaseException:  # noqa: BLE001 - best effort, as send_failure; the peer may be gone
+                        pass
+
+        self._sends += sent
+        self._poster.submit(post_catching)
 
     def _send_exact(self, tensors: list[torch.Tensor], meta: _Meta, raw: bytes, peer: int, tag: int,
                     what: str, backward: bool) -> None:
@@ -433,7 +583,9 @@ class Transport:
                 _pack(payload, tensors, meta[1], 0)
             parts.append((payload, 2))
         for tensor, part in parts:
-            self._sends.append((self._isend(tensor, peer, tag * 3 + part, backward), peer, what, tensor))
+            entry = _Sent(peer, what)
+            entry.buffer, entry.work = tensor, self._isend(tensor, peer, tag * 3 + part, backward)
+            self._sends.append(entry)
 
     def send_failure(self, error: BaseException, peer: int, tag: int, *, backward: bool = False) -> None:
         """Tell ``peer``, waiting for a value on ``tag``, that this rank failed (best effort, never blocks).
@@ -441,24 +593,41 @@ class Transport:
         The receiver raises :class:`PipelineCommError` with ``error``'s type and message, and passes it on in turn,
         so every rank of the pipeline stops with the original cause instead of waiting for the timeout.
         """
+        message = self._failure_message(error)
+        if self._poster is not None:  # on the thread of the other gloo calls, after the sends queued before it
+            self._start(lambda: message, message.numel(), [tag * 2], peer, "failure notice", backward)
+            return
+        entry = _Sent(peer, "failure notice")
+        try:
+            entry.work = self._isend(message, peer, tag * (3 if self.exact else 2), backward)
+        except RuntimeError:  # the peer may be gone already
+            return
+        entry.buffer = message
+        self._sends.append(entry)
+
+    def _failure_message(self, error: BaseException) -> torch.Tensor:
         text = f"{type(error).__name__}: {error}".encode("utf-8", errors="replace")[:_FAILURE_TEXT]
         # Exact-size backends receive a whole header; gloo accepts any message up to its receive buffer.
         message = torch.zeros(HEADER_BYTES if self.exact else _PREFIX + len(text), dtype=torch.uint8)
         message[:_PREFIX].view(torch.int64).copy_(torch.tensor([_FAILURE, len(text)]))
         if text:
             message[_PREFIX : _PREFIX + len(text)] = _bytes_tensor(text)
-        message = message.to(self.device)
-        try:
-            work = self._isend(message, peer, tag * (3 if self.exact else 2), backward)
-        except RuntimeError:  # the peer may be gone already
-            return
-        self._sends.append((work, peer, "failure notice", message))
+        return message.to(self.device)
 
     def flush(self) -> None:
         """Wait (bounded) until every send started so far has completed."""
+        if self._poster is not None and not self._poster.sync(self.timeout.total_seconds()):
+            raise PipelineCommError(self._message(self._sends[0].peer if self._sends else -1, "posting the sends",
+                                                  "the transport's poster thread did not finish in time"))
         sends, self._sends = self._sends, []
-        for work, peer, what, _ in sends:
-            self._wait(work, peer, what)
+        for entry in sends:
+            if isinstance(entry.error, PipelineError):
+                raise entry.error
+            if entry.error is not None:
+                raise PipelineCommError(self._message(entry.peer, entry.what, str(entry.error)
+                                                      or type(entry.error).__name__)) from entry.error
+            assert entry.work is not None
+            self._wait(entry.work, entry.peer, entry.what)
 
     def drain(self, seconds: float) -> None:
         """Give the pending sends at most ``seconds`` in all to complete (used while failing).
@@ -468,7 +637,7 @@ class Transport:
         """
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            self._sends = [s for s in self._sends if not s[0].is_completed()]
+            self._sends = [s for s in self._sends if not s.done()]
             if not self._sends:
                 return
             time.sleep(0.001)
@@ -478,5 +647,5 @@ class Transport:
 
         gloo reports a send completed only once it was waited for, so there the list only grows until
         :meth:`flush`; the next scan comes when it has doubled, which keeps the cost per send constant."""
-        self._sends = [s for s in self._sends if not s[0].is_completed()]
+        self._sends = [s for s in self._sends if not s.done()]
         self._reap_at = max(_REAP_AT, 2 * len(self._sends))

@@ -732,5 +732,7 @@ class PipelineStrategy(DDPStrategy):
         self._heap.thaw()
         MetricStates.release()
         self._executors.clear()
+        if self._transport is not None:
+            self._transport.close()  # its poster thread, if one was started
         self._transport = None
         super().teardown()
