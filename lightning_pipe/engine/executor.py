@@ -46,7 +46,8 @@ class ActionRecord:
     """When compute and the posting of its sends were done."""
     send: float = 0.0
     """Seconds at the end of the action spent packing and posting its send (the transfer itself completes in the
-    background); 0 when it sends nothing to another rank."""
+    background; with the transport's poster thread in use, only handing the value over); 0 when it sends nothing
+    to another rank."""
 
 
 @dataclass
