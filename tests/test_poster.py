@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import gc
+import os
 import threading
 import time
+from typing import Any
 
 import pytest
 
-from lightning_pipe.engine.poster import IdleMeter, Poster, wants_poster
+from lightning_pipe.engine import poster as poster_module
+from lightning_pipe.engine.poster import IdleMeter, Poster, cpu_quota_capped, wants_poster
 
 
 def test_jobs_run_in_order_on_one_other_thread() -> None:
@@ -79,3 +82,42 @@ def test_idle_meter_tells_a_sleeping_thread_from_a_spinning_one() -> None:
 def test_wants_poster_only_while_the_caller_waits_and_cores_sit_idle(busy: float, idle: float | None, using: bool,
                                                                      expected: bool) -> None:
     assert wants_poster(busy, idle, using=using) is expected
+
+
+@pytest.mark.parametrize(("cgroups", "files", "capped"), [
+    ("0::/job\n", {"job/cpu.max": "max 100000\n"}, False),                  # cgroup v2, no limit
+    ("0::/job\n", {"job/cpu.max": "200000 100000\n"}, True),                # v2, two cores' worth
+    ("0::/\n", {"cpu.max": "50000 100000\n"}, True),                        # v2 inside a cgroup namespace
+    ("3:cpu,cpuacct:/job\n1:memory:/job\n", {"cpu,cpuacct/job/cpu.cfs_quota_us": "-1\n"}, False),  # cgroup v1
+    ("3:cpu,cpuacct:/job\n", {"cpu,cpuacct/job/cpu.cfs_quota_us": "150000\n"}, True),
+    ("3:cpu,cpuacct:/\n", {}, False),                                        # nothing to read: not capped
+    ("1:memory:/job\n", {"memory/job/cpu.max": "100 100\n"}, False),        # no cpu controller listed
+])
+def test_cpu_quota_capped_reads_cgroup_v1_and_v2(tmp_path: Any, cgroups: str, files: dict[str, str],
+                                                 capped: bool) -> None:
+    (tmp_path / "cgroup").write_text(cgroups)
+    for name, text in files.items():
+        path = tmp_path / "fs" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    assert cpu_quota_capped(cgroups=str(tmp_path / "cgroup"), root=str(tmp_path / "fs")) is capped
+
+
+def test_a_capped_process_never_reads_the_machine_as_idle(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(poster_module, "cpu_quota_capped", lambda: True)
+    meter = IdleMeter()
+    time.sleep(0.05)
+    assert meter.sample()[1] is None
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat") or not hasattr(os, "sched_getaffinity"), reason="Linux only")
+def test_machine_times_count_the_cpus_this_process_may_use() -> None:
+    allowed = frozenset(os.sched_getaffinity(0))
+    one = poster_module._machine_times(frozenset([min(allowed)]))
+    every = poster_module._machine_times(allowed)
+    assert one is not None and every is not None
+    assert 0 <= one[0] <= one[1] and 0 <= every[0] <= every[1]
+    if len(allowed) > 1:
+        assert one[1] < every[1]
+    # CPUs that do not exist fall back to the whole machine's line, rather than to nothing.
+    assert poster_module._machine_times(frozenset([10_000])) is not None

@@ -5,22 +5,24 @@ gloo's receive call, the value prepared from views of the buffer) costs 0.1-0.3 
 slept or waited for a value: the code is cold then (10-20 us warm). Made on :class:`Poster`'s thread, that time
 overlaps the caller's next action instead of lengthening the action that sent or posted.
 
-The thread is not free: it needs a core and the GIL while it runs. With every core busy (CPU-bound stages, as many
-processes as cores or more) it took them from the compute and made steps 3-9% slower here (transformer blocks,
-p=2, 2 cores); with stages that leave the cores idle (sleeping stand-ins for a device, waits) it made ZBV 1-2%
-faster and 1F1B no slower. So by default the transport uses it only while :class:`IdleMeter` finds that the last
-step left the caller's thread and the machine mostly idle (:func:`wants_poster`).
+The thread is not free: it needs a core and the GIL while it runs. With every core busy (CPU-bound stages, a
+process on each core) it took them from the compute and made steps up to 11% slower here (transformer blocks, p=2,
+2 cores); with stages that leave the cores idle (sleeping stand-ins for a device) it made ZBV 1.8-2.3% faster and
+1F1B no slower (``README.md``, the poster thread). So by default the transport uses it only while
+:class:`IdleMeter` finds that the last step left the caller's thread and the machine mostly idle
+(:func:`wants_poster`).
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
 import weakref
 from typing import Callable
 
-__all__ = ["Poster", "IdleMeter", "wants_poster"]
+__all__ = ["Poster", "IdleMeter", "wants_poster", "cpu_quota_capped"]
 
 _Job = Callable[[], None]
 
@@ -63,32 +65,68 @@ class Poster:
         return self._thread.is_alive()
 
 
-def _machine_times() -> tuple[int, int] | None:
-    """(idle, total) CPU time of the whole machine so far, in clock ticks; ``None`` where ``/proc/stat`` is absent."""
+def _machine_times(cpus: frozenset[int] | None = None) -> tuple[int, int] | None:
+    """(idle, total) CPU time so far of the CPUs this process may run on (all of them when ``cpus`` is ``None`` or
+    cannot be matched), in clock ticks; ``None`` where ``/proc/stat`` is absent."""
     try:
         with open("/proc/stat") as f:
-            fields = f.readline().split()
+            lines = [line.split() for line in f if line.startswith("cpu")]
     except OSError:
         return None
-    if not fields or fields[0] != "cpu":
-        return None
-    ticks = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
-    return ticks[3] + ticks[4], sum(ticks)
+    rows = [fields for fields in lines if cpus is not None and fields[0][3:].isdigit() and int(fields[0][3:]) in cpus]
+    if not rows:
+        rows = [fields for fields in lines if fields[0] == "cpu"]
+    idle = total = 0
+    for fields in rows:
+        ticks = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
+        idle, total = idle + ticks[3] + ticks[4], total + sum(ticks)
+    return (idle, total) if rows else None
+
+
+def cpu_quota_capped(*, cgroups: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> bool:
+    """Whether a cgroup caps this process's CPU time (cgroup v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``), as in a
+    container started with a CPU limit: ``/proc/stat`` then counts cores that the process may not use."""
+    try:
+        with open(cgroups) as f:
+            entries = [line.strip().split(":", 2) for line in f if line.count(":") >= 2]
+    except OSError:
+        return False
+    for _, controllers, path in entries:
+        if controllers == "":  # cgroup v2: "max" when uncapped
+            names, uncapped = [f"{root}{path}/cpu.max", f"{root}/cpu.max"], "max"
+        elif "cpu" in controllers.split(","):  # cgroup v1: -1 when uncapped
+            names = [f"{root}/{controllers}{path}/cpu.cfs_quota_us", f"{root}/{controllers}/cpu.cfs_quota_us",
+                     f"{root}/cpu{path}/cpu.cfs_quota_us", f"{root}/cpu/cpu.cfs_quota_us"]
+            uncapped = "-1"
+        else:
+            continue
+        for name in names:
+            try:
+                with open(name) as f:
+                    value = f.read().split()
+            except OSError:
+                continue
+            if value and value[0] != uncapped:
+                return True
+            break
+    return False
 
 
 class IdleMeter:
     """How busy the calling thread and the machine were between two calls of :meth:`sample`."""
 
     def __init__(self) -> None:
+        # The machine's share is read over the CPUs this process may run on; under a CPU quota it is not known.
+        self._cpus = frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+        self._capped = cpu_quota_capped()
         self._last = self._now()
 
-    @staticmethod
-    def _now() -> tuple[float, float, tuple[int, int] | None]:
-        return time.perf_counter(), time.thread_time(), _machine_times()
+    def _now(self) -> tuple[float, float, tuple[int, int] | None]:
+        return time.perf_counter(), time.thread_time(), None if self._capped else _machine_times(self._cpus)
 
     def sample(self) -> tuple[float, float | None]:
-        """(share of the wall time the calling thread spent on a CPU, share of the machine's CPU time that was idle
-        or ``None`` where it cannot be read), since the last sample or construction."""
+        """(share of the wall time the calling thread spent on a CPU, share of the CPU time of the cores this process
+        may use that was idle, or ``None`` where it cannot be told), since the last sample or construction."""
         (wall0, cpu0, machine0), now = self._last, self._now()
         self._last = now
         wall1, cpu1, machine1 = now

@@ -12,7 +12,8 @@ shapes and dtypes may change from one message to the next. Two wire protocols:
   Messages are matched by their order between two ranks alone, as NCCL does (tags are not used, on gloo either).
 
 Every wait is bounded by the timeout and fails with :class:`PipelineCommError` naming rank, action and peer. On
-gloo, gloo's I/O threads may not preempt the caller during a send or receive call (see ``io_threads.py``).
+gloo, gloo's I/O threads may not preempt the caller during a send or receive call (see ``io_threads.py``), and the
+sends and receive posts move to the transport's poster thread while the steps leave the cores idle (``poster.py``).
 """
 
 from __future__ import annotations
@@ -285,7 +286,7 @@ class PendingRecv:
             self._raise_failure(buffer[_PREFIX : _PREFIX + length])
         if meta_len == _OVERFLOW:  # the whole message follows on the overflow tag
             buffer = torch.empty(length, dtype=torch.uint8, device=t.device)
-            t._wait(t._inline(lambda: t._irecv(buffer, self.peer, self.tag * 2 + 1, self.backward), self.peer,
+            t._wait(t._in_order(lambda: t._irecv(buffer, self.peer, self.tag * 2 + 1, self.backward), self.peer,
                               self.what), self.peer, self.what)
             head = _host_view(buffer)
             meta_len, length = struct.unpack_from("<qq", head)
@@ -445,8 +446,9 @@ class Transport:
         with self.io_guard:
             return self._pg[backward].recv([tensor], peer, 0 if self.exact else tag)
 
-    def _inline(self, call: Callable[[], Any], peer: int, what: str) -> Any:
-        """``call()``, made on the poster thread (after what was queued before it) when there is one."""
+    def _in_order(self, call: Callable[[], Any], peer: int, what: str) -> Any:
+        """``call()`` now, on the poster thread after what was queued before it when one is in use (gloo calls are
+        made from one thread at a time)."""
         if self._poster is None:
             return call()
         box: list[Any] = []
