@@ -377,7 +377,8 @@ def poster_modes(rank: int, world_size: int) -> dict[str, Any]:
     """The transport choosing its poster thread step by step (default mode), from scripted idle samples; then a
     value changed in place before the poster copied it. Rank 0 sends three values a step (one larger than the
     receive buffer in step 2), rank 1 checks them. Returns per step whether the poster was in use and which threads
-    made the gloo calls, whether the same poster thread came back, and the in-place errors."""
+    made the gloo calls, whether the same poster thread came back, whether an inference tensor crossed, and the
+    in-place errors."""
     from lightning_pipe.errors import PipelineCommError, PipelineError
 
     transport = Transport(timeout=30)
@@ -408,6 +409,14 @@ def poster_modes(rank: int, world_size: int) -> dict[str, Any]:
         report["callers"].append(sorted(spy.callers))
     report["modes"].append(transport.posting_in_background)
     report["same_thread"] = report["threads"][1] is not None and report["threads"][1] == id(transport._poster)
+    # Inference tensors (Lightning validates under torch.inference_mode) keep no version counter; they still cross.
+    with torch.inference_mode():
+        value = torch.arange(12.0).view(3, 4) * 2
+        if rank == 0:
+            transport.send(value, 1, 90, "an inference tensor")
+        else:
+            report["inference"] = torch.equal(transport.recv(0, 90, "an inference tensor").wait(), value)
+        transport.flush()
     # A value changed in place after send() returned, before the poster copied it (held up here on purpose): the
     # sender fails at flush, and the receiver is told why instead of waiting for the timeout.
     if rank == 0:

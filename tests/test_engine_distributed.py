@@ -210,6 +210,7 @@ def test_the_transport_moves_its_calls_to_the_poster_thread_while_steps_leave_th
         assert "Transport(background=False)" in report["in_place"], report
         assert report["closed"], report
     assert "pipeline rank 0 failed instead of sending micro-batch 7: PipelineError" in outcomes[1].unwrap()["in_place"]
+    assert outcomes[1].unwrap()["inference"] is True
 
 
 @pytest.mark.timeout(240)

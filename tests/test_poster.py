@@ -26,6 +26,20 @@ def test_jobs_run_in_order_on_one_other_thread() -> None:
     assert not poster.alive
 
 
+def test_a_job_that_raises_is_reported_and_the_next_ones_still_run(capsys: pytest.CaptureFixture[str]) -> None:
+    poster = Poster()
+    ran: list[int] = []
+
+    def broken() -> None:
+        raise RuntimeError("a job with a bug")
+
+    poster.submit(broken)
+    poster.submit(lambda: ran.append(1))
+    assert poster.sync(5.0) and ran == [1]
+    assert "a job with a bug" in capsys.readouterr().err
+    poster.close()
+
+
 def test_sync_reports_a_job_that_outlasts_the_timeout() -> None:
     poster = Poster()
     gate = threading.Event()

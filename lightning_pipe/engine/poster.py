@@ -19,6 +19,7 @@ import os
 import queue
 import threading
 import time
+import traceback
 import weakref
 from typing import Callable
 
@@ -43,7 +44,10 @@ class Poster:
     @staticmethod
     def _loop(jobs: queue.SimpleQueue[_Job | None]) -> None:
         while (job := jobs.get()) is not None:
-            job()
+            try:
+                job()
+            except Exception:  # a job that let an error out (a bug): report it, and keep serving the others
+                traceback.print_exc()
 
     def submit(self, job: _Job) -> None:
         self._jobs.put(job)
