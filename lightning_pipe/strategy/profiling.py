@@ -74,7 +74,10 @@ def _strategy_overhead(strategy: Any) -> float:
                           backward_group=strategy._backward_group)
     schedule = build_schedule(strategy.schedule_name, num_ranks=p, num_microbatches=max(2 * p, 4),
                               virtual_stages=strategy.virtual_stages)
-    return measure_action_overhead(schedule, strategy.pp_rank, transport, strategy.root_device)
+    try:
+        return measure_action_overhead(schedule, strategy.pp_rank, transport, strategy.root_device)
+    finally:
+        transport.close()  # its poster thread, if its steps started one
 
 
 def _shared_cores(strategy: Any, device: torch.device) -> float | None:
