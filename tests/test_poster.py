@@ -6,7 +6,7 @@ import gc
 import os
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 
@@ -67,17 +67,37 @@ def test_a_dropped_poster_ends_its_thread() -> None:
     assert not thread.is_alive()
 
 
-def test_idle_meter_tells_a_sleeping_thread_from_a_spinning_one() -> None:
-    meter = IdleMeter()
-    time.sleep(0.2)
-    busy, idle = meter.sample()
-    assert busy < 0.2
-    assert idle is None or 0.0 <= idle <= 1.0
-    end = time.perf_counter() + 0.2
+def _sample_after(meter: IdleMeter, work: Callable[[], None]) -> tuple[float, float | None]:
+    """``work()`` until the meter has a sample (a sample spans at least ``_MIN_TICKS`` of the cores' clock)."""
+    for _ in range(50):
+        work()
+        sample = meter.sample()
+        if sample is not None:
+            return sample
+    raise AssertionError("no sample after 50 rounds")
+
+
+def _spin() -> None:
+    end = time.perf_counter() + 0.1
     while time.perf_counter() < end:
         pass
-    busy, _ = meter.sample()
+
+
+def test_idle_meter_tells_a_sleeping_thread_from_a_spinning_one() -> None:
+    meter = IdleMeter()
+    busy, idle = _sample_after(meter, lambda: time.sleep(0.1))
+    assert busy < 0.2
+    assert idle is None or 0.0 <= idle <= 1.0
+    busy, _ = _sample_after(meter, _spin)
     assert busy > 0.5  # a core shared with others still gives a spinning thread most of its time here
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat") or cpu_quota_capped(), reason="needs the cores' idle time")
+def test_idle_meter_pools_steps_too_short_to_tell() -> None:
+    meter = IdleMeter()
+    meter.sample()  # whatever came before
+    _sample_after(meter, lambda: time.sleep(0.05))
+    assert meter.sample() is None  # no time at all since: not a sample of 0 or 100% idle
 
 
 @pytest.mark.parametrize(("busy", "idle", "using", "expected"), [

@@ -116,6 +116,11 @@ def cpu_quota_capped(*, cgroups: str = "/proc/self/cgroup", root: str = "/sys/fs
     return False
 
 
+_MIN_TICKS = 20
+"""Clock ticks (usually 10 ms of one core each) that an :class:`IdleMeter` sample spans at least, so that the idle
+share of a step shorter than a few ticks is not read as all or nothing."""
+
+
 class IdleMeter:
     """How busy the calling thread and the machine were between two calls of :meth:`sample`."""
 
@@ -128,12 +133,15 @@ class IdleMeter:
     def _now(self) -> tuple[float, float, tuple[int, int] | None]:
         return time.perf_counter(), time.thread_time(), None if self._capped else _machine_times(self._cpus)
 
-    def sample(self) -> tuple[float, float | None]:
+    def sample(self) -> tuple[float, float | None] | None:
         """(share of the wall time the calling thread spent on a CPU, share of the CPU time of the cores this process
-        may use that was idle, or ``None`` where it cannot be told), since the last sample or construction."""
+        may use that was idle, or ``None`` where it cannot be told), since the last sample or construction; ``None``
+        while the cores' clock has not advanced ``_MIN_TICKS`` since then (short steps are pooled until it has)."""
         (wall0, cpu0, machine0), now = self._last, self._now()
-        self._last = now
         wall1, cpu1, machine1 = now
+        if machine0 is not None and machine1 is not None and machine1[1] - machine0[1] < _MIN_TICKS:
+            return None
+        self._last = now
         busy = (cpu1 - cpu0) / (wall1 - wall0) if wall1 > wall0 else 1.0
         if machine0 is None or machine1 is None or machine1[1] <= machine0[1]:
             return busy, None

@@ -417,8 +417,9 @@ class Transport:
             if nbytes > self.capacity(channel):
                 self._capacity[channel] = 1 << (nbytes - 1).bit_length()
         self._seen.clear()
-        if self._meter is not None:
-            self._choose_poster(wants_poster(*self._meter.sample(), using=self._poster is not None))
+        sample = self._meter.sample() if self._meter is not None else None
+        if sample is not None:  # else the step was too short to tell: as it was
+            self._choose_poster(wants_poster(*sample, using=self._poster is not None))
 
     @property
     def posting_in_background(self) -> bool:
