@@ -7,7 +7,7 @@ overlaps the caller's next action instead of lengthening the action that sent or
 
 The thread is not free: it needs a core and the GIL while it runs. With every core busy (CPU-bound stages, a
 process on each core) it took them from the compute and made steps up to 11% slower here (transformer blocks, p=2,
-2 cores); with stages that leave the cores idle (sleeping stand-ins for a device) it made ZBV 1.8-2.3% faster and
+2 cores); with stages that leave the cores idle (sleeping stand-ins for a device) it made ZBV 1.4-2.3% faster and
 1F1B no slower (``README.md``, the poster thread). So by default the transport uses it only while
 :class:`IdleMeter` finds that the last step left the caller's thread and the machine mostly idle
 (:func:`wants_poster`).
