@@ -270,8 +270,7 @@ class PendingRecv:
         if self._posted is not None and not self._posted.wait(t.timeout.total_seconds()):
             raise PipelineCommError(t._message(self.peer, self.what, "the receive was never posted"))
         if self._error is not None:
-            raise PipelineCommError(t._message(self.peer, self.what, str(self._error) or type(self._error).__name__)) \
-                from self._error
+            raise t._comm_error(self.peer, self.what, self._error) from self._error
         t._wait(self._work, self.peer, self.what)
         expected = self._expected
         if expected is not None:
@@ -461,8 +460,7 @@ class Transport:
                 box.append(err)
 
         self._poster.submit(job)
-        if not self._poster.sync(self.timeout.total_seconds()):
-            raise PipelineCommError(self._message(peer, what, "the transport's poster thread did not finish in time"))
+        self._sync_poster(peer, what)
         if isinstance(box[0], BaseException):
             raise box[0]
         return box[0]
@@ -477,9 +475,18 @@ class Transport:
         try:
             ok = work.wait(timeout=self.timeout)
         except RuntimeError as err:
-            raise PipelineCommError(self._message(peer, what, str(err) or type(err).__name__)) from err
+            raise self._comm_error(peer, what, err) from err
         if ok is False:
             raise PipelineCommError(self._message(peer, what, "the operation reported failure"))
+
+    def _comm_error(self, peer: int, what: str, cause: BaseException) -> PipelineCommError:
+        return PipelineCommError(self._message(peer, what, str(cause) or type(cause).__name__))
+
+    def _sync_poster(self, peer: int, what: str) -> None:
+        """Wait (bounded) until the poster thread has run every job submitted so far."""
+        assert self._poster is not None
+        if not self._poster.sync(self.timeout.total_seconds()):
+            raise PipelineCommError(self._message(peer, what, "the transport's poster thread did not finish in time"))
 
     def _message(self, peer: int, what: str, cause: str) -> str:
         return (f"{self.describe()}: {what} with pipeline rank {peer} failed or timed out after at most "
@@ -619,16 +626,14 @@ class Transport:
 
     def flush(self) -> None:
         """Wait (bounded) until every send started so far has completed."""
-        if self._poster is not None and not self._poster.sync(self.timeout.total_seconds()):
-            raise PipelineCommError(self._message(self._sends[0].peer if self._sends else -1, "posting the sends",
-                                                  "the transport's poster thread did not finish in time"))
+        if self._poster is not None:
+            self._sync_poster(self._sends[0].peer if self._sends else -1, "posting the sends")
         sends, self._sends = self._sends, []
         for entry in sends:
             if isinstance(entry.error, PipelineError):
                 raise entry.error
             if entry.error is not None:
-                raise PipelineCommError(self._message(entry.peer, entry.what, str(entry.error)
-                                                      or type(entry.error).__name__)) from entry.error
+                raise self._comm_error(entry.peer, entry.what, entry.error) from entry.error
             assert entry.work is not None
             self._wait(entry.work, entry.peer, entry.what)
 
