@@ -319,7 +319,10 @@ def message_sequence(rank: int, world_size: int, *, background: bool) -> dict[st
             transport.send(_sequence_value(i), 1, i, f"value {i}", channel="c")
         transport.send_failure(RuntimeError("boom on purpose"), 1, SEQUENCE_LENGTH)
         transport.flush()
-        return _io_guard_report(transport, spy)
+        transport.close()
+        report = _io_guard_report(transport, spy)
+        dist.barrier()  # stay until rank 1 has made its last receive post: leaving closes the connection
+        return report
     counts: dict[str, Any] = {"prepared": 0, "parsed": 0}
     posted = [transport.recv(0, i, f"value {i}", channel="c") for i in range(2)]
     for i in range(SEQUENCE_LENGTH):
@@ -339,7 +342,12 @@ def message_sequence(rank: int, world_size: int, *, background: bool) -> dict[st
         assert "boom on purpose" in str(error)
     else:
         raise AssertionError("the failure notice was not raised")
-    return {**counts, **_io_guard_report(transport, spy)}
+    # The receive still posted ahead may be inside its guarded gloo call on the poster thread right now; close()
+    # lets the thread finish what was handed to it, so "after" reads the policy between calls, not during one.
+    transport.close()
+    report = _io_guard_report(transport, spy)
+    dist.barrier()
+    return {**counts, **report}
 
 
 def bad_setups(rank: int, world_size: int) -> dict[str, str]:
