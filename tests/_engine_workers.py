@@ -446,4 +446,7 @@ def poster_modes(rank: int, world_size: int) -> dict[str, Any]:
             report["in_place"] = str(error)
     transport.close()
     report["closed"] = not transport.posting_in_background
+    # Rank 0 stays until rank 1 has read the failure notice: its send may still be in flight (the executor drains
+    # it after a failure), and leaving closes the connection.
+    dist.barrier()
     return report
