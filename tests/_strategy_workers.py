@@ -21,13 +21,20 @@ from tests._models import TinyGPT, loader
 
 
 class _SeeFrozen(Callback):
-    """Records, per training batch, how many objects are frozen out of Python's garbage collections."""
+    """Records, per training batch, how many objects are frozen out of Python's garbage collections, and after it
+    whether the pipeline's transport made its calls on its poster thread and guarded gloo's I/O threads."""
 
     def __init__(self) -> None:
         self.counts: list[int] = []
+        self.transport: list[tuple[bool, bool]] = []
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
         self.counts.append(gc.get_freeze_count())
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        transport = getattr(trainer.strategy, "_transport", None)
+        if transport is not None:
+            self.transport.append((transport.posting_in_background, transport.io_guard.active))
 
 
 class _SeeOutputs(Callback):
@@ -128,6 +135,7 @@ def _train(config: dict[str, Any], *, devices: int, strategy: Any, log_dir: str 
         result["test"] = trainer.test(model, loader(8, 16, seed=1), verbose=False)
     # PipelineStrategy(freeze_gc=...): frozen during training, thawed once the Trainer is done.
     result["frozen_during"], result["frozen_after"] = frozen.counts, gc.get_freeze_count()
+    result["transport"] = frozen.transport
     if log_dir and trainer.global_rank == 0:
         trainer.logger.finalize("success")
         result["csv"] = _read_csv(log_dir)
@@ -142,7 +150,9 @@ def pipeline_jobs(rank: int, world_size: int, *, configs: list[dict[str, Any]]) 
                                     num_microbatches=config.get("microbatches"),
                                     balance=config.get("balance", "parameters"),
                                     virtual_stages=config.get("virtual_stages"),
-                                    freeze_gc=config.get("freeze_gc", True))
+                                    freeze_gc=config.get("freeze_gc", True),
+                                    comm_thread=config.get("comm_thread"),
+                                    guard_io_threads=config.get("guard_io_threads"))
         results.append(train(config, devices=world_size, strategy=strategy))
     return results
 

@@ -134,6 +134,8 @@ def test_bad_input_fails_clearly_on_every_rank(cases: list[str]) -> None:
         ({"schedule": "zbv", "virtual_stages": 3}, "exactly two chunks on each rank; got virtual_stages=3"),
         ({"schedule": "interleaved_1f1b", "virtual_stages": 0}, "virtual_stages=0 must be a positive integer"),
         ({"freeze_gc": "yes"}, "freeze_gc='yes' must be True or False"),
+        ({"comm_thread": "auto"}, "comm_thread='auto' must be True, False or None (the default)"),
+        ({"guard_io_threads": 1}, "guard_io_threads=1 must be True, False or None (the default)"),
     ],
 )
 def test_bad_arguments_are_rejected_at_construction(kwargs: dict[str, Any], expected: str) -> None:
@@ -142,6 +144,22 @@ def test_bad_arguments_are_rejected_at_construction(kwargs: dict[str, Any], expe
     with pytest.raises(PipelineError, match=None) as info:
         PipelineStrategy(**kwargs)
     assert expected in str(info.value)
+
+
+def test_comm_thread_needs_gloo_on_the_cpu() -> None:
+    """Checked in setup_environment, where every rank knows the backend and the device: all raise alike."""
+    from lightning_pipe import PipelineError
+    from lightning_pipe.strategy.pipeline import _check_comm_thread
+
+    for comm_thread in (None, False, True):
+        _check_comm_thread(comm_thread, "gloo", "cpu")
+    for comm_thread in (None, False):
+        _check_comm_thread(comm_thread, "nccl", "cuda")
+    for backend, device in (("nccl", "cuda"), ("gloo", "cuda")):
+        with pytest.raises(PipelineError) as info:
+            _check_comm_thread(True, backend, device)
+        assert (f"comm_thread=True needs the gloo backend on the CPU (this run: {backend} on {device}); leave "
+                "comm_thread unset or set it to False") in str(info.value)
 
 
 def test_registered_names() -> None:

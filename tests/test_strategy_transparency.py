@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import sys
 from typing import Any
 
 import pytest
@@ -33,7 +34,8 @@ def _reference(config_json: str) -> dict[str, Any]:
 
 def reference(config: dict[str, Any]) -> dict[str, Any]:
     """The single-device run of ``config`` (pipeline-only settings dropped), cached for the session."""
-    pipeline_only = ("schedule", "pp", "microbatches", "balance", "virtual_stages", "freeze_gc")
+    pipeline_only = ("schedule", "pp", "microbatches", "balance", "virtual_stages", "freeze_gc", "comm_thread",
+                     "guard_io_threads")
     return _reference(json.dumps({k: v for k, v in config.items() if k not in pipeline_only}, sort_keys=True))
 
 
@@ -70,7 +72,9 @@ def _configs(world_size: int) -> list[dict[str, Any]]:
          "accumulate": 2, "steps": 3, "optimizer": "sgd"},
         {"body": "sequential", "schedule": "zbv", "n_layer": 8, "tie_blocks": True, "clip": 0.05, "optimizer": "sgd"},
         {"body": "modulelist", "schedule": "zbv", "n_layer": 8, "n": 42, "steps": 6, "microbatches": 3},
-        {"body": "sequential", "schedule": "1f1b", "freeze_gc": False},  # the garbage collector left alone
+        # The garbage collector left alone; the transport's poster thread forced on, gloo's I/O threads unguarded.
+        {"body": "sequential", "schedule": "1f1b", "freeze_gc": False, "comm_thread": True,
+         "guard_io_threads": False},
     ]
     if world_size == 2:
         configs.append({"body": "modulelist", "schedule": "1f1b", "precision": "bf16-mixed"})
@@ -120,6 +124,15 @@ def test_pipeline_matches_one_device(world_size: int) -> None:
             during, after = results[rank][i]["frozen_during"], results[rank][i]["frozen_after"]
             assert len(during) == config.get("steps", 4) * config.get("accumulate", 1) and after == 0, (config, after)
             assert all(c > 0 for c in during) if config.get("freeze_gc", True) else not any(during), (config, during)
+        # comm_thread=True: every step's sends and receive posts on the poster thread; guard_io_threads=False: no
+        # guard. The defaults guard the I/O threads on Linux (the poster is chosen step by step: not checked here).
+        for rank in range(world_size):
+            seen = results[rank][i]["transport"]
+            assert len(seen) == config.get("steps", 4) * config.get("accumulate", 1), (config, seen)
+            if config.get("comm_thread"):
+                assert all(background for background, _ in seen), (config, seen)
+            guarded = config.get("guard_io_threads", sys.platform.startswith("linux"))
+            assert all(active == guarded for _, active in seen), (config, seen)
         # Each rank holds only its own blocks (one contiguous run per stage); together they hold each block once.
         chain = "blocks." if config["body"] == "sequential" else "layers."
         owned = [sorted({int(n[len(chain):].split(".")[0]) for n in results[r][i]["params"] if n.startswith(chain)})

@@ -139,6 +139,11 @@ class StrategyConfig:
     freeze_gc: bool = True
     """Freeze the objects alive when the run starts out of Python's garbage collections until it ends, so that a
     full collection (about 200 ms) does not stall one rank while the others wait on it mid-step."""
+    comm_thread: Optional[bool] = None
+    """Make the gloo sends and receive posts on a thread of their own (``true``; gloo on the CPU only) or on the
+    training thread (``false``); ``null``: chosen each step from how idle the cores were."""
+    guard_io_threads: Optional[bool] = None
+    """Keep gloo's I/O threads from preempting the thread inside a gloo call; ``null``: on with gloo on Linux."""
     process_group_backend: Optional[str] = None
     """``"gloo"`` or ``"nccl"``; ``null``: Lightning's choice for the accelerator (NCCL on GPUs)."""
 

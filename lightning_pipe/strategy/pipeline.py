@@ -85,6 +85,12 @@ def _positive(name: str, value: int | None) -> None:
         raise PipelineError(f"{name}={value!r} must be a positive integer or None")
 
 
+def _check_comm_thread(comm_thread: bool | None, backend: str, device_type: str) -> None:
+    if comm_thread and not (backend == "gloo" and device_type == "cpu"):
+        raise PipelineError(f"comm_thread=True needs the gloo backend on the CPU (this run: {backend} on "
+                            f"{device_type}); leave comm_thread unset or set it to False")
+
+
 class PipelineStrategy(DDPStrategy):
     """Pipeline parallelism: the LightningModule's chain of blocks is cut into stages, one per process.
 
@@ -109,6 +115,13 @@ class PipelineStrategy(DDPStrategy):
             alive then out of Python's garbage collections (``gc.freeze``) until teardown. A full collection walks
             every object of torch and Lightning (about 200 ms on a CPU core) and starts on each rank at its own
             moment, stalling the other ranks mid-step; frozen, it skips them. ``False`` leaves the collector alone.
+        comm_thread: Make the pipeline's gloo sends (the copy into the message included) and receive posts on a
+            thread of their own, so that they overlap the next action (``lightning_pipe/engine/poster.py``).
+            ``None`` (default): chosen each step, on while this process's thread was mostly waiting and the cores
+            it may use mostly idle (off under a cgroup CPU quota, where that cannot be told). ``True``: always (gloo
+            on the CPU only). ``False``: never.
+        guard_io_threads: Keep gloo's I/O threads from preempting the thread inside a gloo send or receive call
+            (``lightning_pipe/engine/io_threads.py``). ``None`` (default): on with gloo where Linux allows it.
         **ddp_kwargs: Passed to :class:`~lightning.pytorch.strategies.DDPStrategy` (``process_group_backend``,
             ``cluster_environment``, ...).
     """
@@ -130,6 +143,8 @@ class PipelineStrategy(DDPStrategy):
         timeline_steps: Sequence[int] = (),
         timeline_dir: str | None = None,
         freeze_gc: bool = True,
+        comm_thread: bool | None = None,
+        guard_io_threads: bool | None = None,
         **ddp_kwargs: Any,
     ) -> None:
         start_method = ddp_kwargs.pop("start_method", "popen")
@@ -158,6 +173,9 @@ class PipelineStrategy(DDPStrategy):
                                 f"balance={balance!r}): set one of them, or leave memory_budget unset")
         if not isinstance(freeze_gc, bool):
             raise PipelineError(f"freeze_gc={freeze_gc!r} must be True or False")
+        for name, flag in (("comm_thread", comm_thread), ("guard_io_threads", guard_io_threads)):
+            if flag is not None and not isinstance(flag, bool):
+                raise PipelineError(f"{name}={flag!r} must be True, False or None (the default)")
         if not isinstance(timeout, timedelta):
             timeout = timedelta(seconds=float(timeout))
         super().__init__(timeout=timeout, start_method="popen", **ddp_kwargs)
@@ -196,6 +214,8 @@ class PipelineStrategy(DDPStrategy):
         self._warned_short_batch = False
         self._param_order: list[str] = []
         self.freeze_gc = freeze_gc
+        self.comm_thread = comm_thread
+        self.guard_io_threads = guard_io_threads
         self._heap = HeapFreeze()
 
     # -- layout -----------------------------------------------------------------------------------------------
@@ -256,7 +276,9 @@ class PipelineStrategy(DDPStrategy):
         self.dp_rank = self._mesh.get_local_rank("dp")
         self._pp_ranks = dist.get_process_group_ranks(self._pp_group)
         self._backward_group = None
-        if dist.get_backend(self._pp_group) != "gloo":
+        backend = dist.get_backend(self._pp_group)
+        _check_comm_thread(self.comm_thread, backend, device_type)  # the same on every rank: all raise, none waits
+        if backend != "gloo":
             # Gradients get communicators of their own (see Transport): every rank creates every replica's group.
             for ranks in self._mesh.mesh.tolist():
                 group = dist.new_group(ranks)
@@ -275,6 +297,14 @@ class PipelineStrategy(DDPStrategy):
     @override
     def restore_checkpoint_after_setup(self) -> bool:
         return True  # the model is cut in setup(); checkpoints are loaded into the cut model
+
+    def new_transport(self) -> Transport:
+        """A transport over this rank's pipeline group, with the strategy's timeout, ``comm_thread`` and
+        ``guard_io_threads`` (the caller closes it)."""
+        return Transport(group=self._pp_group, device=self.root_device,
+                         timeout=self._timeout.total_seconds() if self._timeout else 1800.0,
+                         backward_group=self._backward_group, guard_io_threads=self.guard_io_threads,
+                         background=self.comm_thread)
 
     # -- model surgery ----------------------------------------------------------------------------------------
     @override
@@ -388,9 +418,7 @@ class PipelineStrategy(DDPStrategy):
         executor = self._executors.get(num_microbatches)
         if executor is None:
             if self._transport is None:
-                self._transport = Transport(group=self._pp_group, device=self.root_device,
-                                            timeout=self._timeout.total_seconds() if self._timeout else 1800.0,
-                                            backward_group=self._backward_group)
+                self._transport = self.new_transport()
             schedule: Schedule = build_schedule(self.schedule_name, num_ranks=self.num_stages,
                                                 virtual_stages=self.virtual_stages,
                                                 num_microbatches=num_microbatches)

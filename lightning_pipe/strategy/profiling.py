@@ -69,9 +69,7 @@ def measure_action_overhead(schedule: Schedule, rank: int, transport: Transport,
 
 def _strategy_overhead(strategy: Any) -> float:
     p = strategy.num_stages
-    transport = Transport(group=strategy._pp_group, device=strategy.root_device,
-                          timeout=strategy._timeout.total_seconds() if strategy._timeout else 1800.0,
-                          backward_group=strategy._backward_group)
+    transport = strategy.new_transport()
     schedule = build_schedule(strategy.schedule_name, num_ranks=p, num_microbatches=max(2 * p, 4),
                               virtual_stages=strategy.virtual_stages)
     try:
