@@ -15,6 +15,10 @@ Workloads:
   are shortened by ``time.sleep``'s measured mean overshoot (as in ``schedule_efficiency.py``).
 * ``transformer``: each chunk is transformer blocks (attention + MLP of ``nn.Linear``; 1 thread per process).
 
+The 1F1B rows are followed by one of our 1F1B with ``early_input_grads`` (each input gradient sent before the
+weight gradients are computed: W right after B), timed in the same loop as the other two and compared with the same
+PyTorch 1F1B: an option of ours, not PyTorch's schedule, so it is a row of its own.
+
 A second table compares our schedules with our 1F1B (medians of the first table). Last, the zero-bubble targets:
 our 1F1B, ZB-H1 and ZBV on the sleeping workload at p = 4, m = 16 timed in turn in one loop (``--target-steps``
 rounds), as ratios to our 1F1B, both of medians and paired.
@@ -54,6 +58,7 @@ PAIRS = [
     ("zbv", 2, "ScheduleZBVZeroBubble"),
 ]
 OURS_ONLY = [("zero_bubble", 1)]  # ZB-H1: no one-chunk counterpart in torch
+EARLY = {"1f1b"}  # also timed with early_input_grads, beside the textbook schedule and torch's
 TARGETS = [("1f1b", 1), ("zero_bubble", 1), ("zbv", 2)]  # issue 5's targets: sleeping, p=4, m=16, against 1F1B
 
 
@@ -149,9 +154,10 @@ def loss_fn(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 # -- the two runners ------------------------------------------------------------------------------------------------
 def ours(rank: int, world: int, name: str, v: int, m: int, chunks: dict[int, nn.Module],
          batch: tuple[torch.Tensor, torch.Tensor], *, transport: Transport | None = None,
-         results: list[StepResult] | None = None) -> Callable[[], None]:
-    """A step of our executor (``transport``: one of the caller's; ``results``: where each step's result goes)."""
-    schedule = build_schedule(name, num_ranks=world, num_microbatches=m, virtual_stages=v)
+         results: list[StepResult] | None = None, early: bool = False) -> Callable[[], None]:
+    """A step of our executor (``transport``: one of the caller's; ``results``: where each step's result goes;
+    ``early``: the schedule with early input gradients)."""
+    schedule = build_schedule(name, num_ranks=world, num_microbatches=m, virtual_stages=v, early_input_grads=early)
     executor = PipelineExecutor(schedule, rank=rank, timeout=120, transport=transport)
     last = schedule.num_stages - 1
     micro_x, micro_y = split_microbatches(batch[0], m), split_microbatches(batch[1], m)
@@ -234,6 +240,9 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: A
                 held = _held(name, v, world, rank)
                 runners: dict[str, Callable[[], None]] = {
                     "ours": ours(rank, world, name, v, m, make_chunks(workload, held, v, args), batch)}
+                if name in EARLY and v == 1:
+                    runners["early"] = ours(rank, world, name, v, m, make_chunks(workload, held, v, args), batch,
+                                            early=True)
                 if cls_name is not None:
                     try:
                         runners["torch"] = theirs(rank, world, cls_name, name, v, m,
@@ -243,9 +252,12 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: A
                         if rank == 0:
                             print(f"torch {cls_name} p={world} m={m}: {type(err).__name__}: {err}", flush=True)
                 times = in_turn(runners, args.steps)
-                paired = _paired(times["ours"], times.get("torch", []))
-                rows.append((workload, world, m, name, v, {k: statistics.median(t) if t else float("nan")
-                                                           for k, t in times.items()}, paired))
+                medians = {k: statistics.median(t) if t else float("nan") for k, t in times.items()}
+                rows.append((workload, world, m, name, v, False, medians, _paired(times["ours"],
+                                                                                   times.get("torch", []))))
+                if "early" in times:
+                    rows.append((workload, world, m, name, v, True, {**medians, "ours": medians["early"]},
+                                 _paired(times["early"], times.get("torch", []))))
     targets: dict[str, tuple[float, float]] = {}
     if "sleep" in args.workloads and world == 4 and args.target_steps > 0 and not args.schedules:
         # The zero-bubble targets (p=4, m=16, against our 1F1B), timed in turn in one loop: the ratio is then paired
@@ -264,8 +276,8 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: A
     destroy_process_group()  # and frees what refers to the groups: see its docstring
 
 
-def ideal_ms(name: str, v: int, p: int, m: int, tf_ms: float) -> float:
-    schedule = build_schedule(name, num_ranks=p, num_microbatches=m, virtual_stages=v)
+def ideal_ms(name: str, v: int, p: int, m: int, tf_ms: float, early: bool = False) -> float:
+    schedule = build_schedule(name, num_ranks=p, num_microbatches=m, virtual_stages=v, early_input_grads=early)
     c = tf_ms / v
     return simulate(schedule, Costs(c, 2 * c, c if schedule.split_backward else 0.0)).step_time
 
@@ -305,22 +317,23 @@ def main() -> None:
     print(f"{'workload':11s} {'p':>2s} {'m':>3s} {'schedule':20s} {'ideal':>7s} {'ours':>8s} {'torch':>8s} "
           f"{'ours/torch':>10s} {'paired':>7s}")
     ours_1f1b: dict[tuple[str, int, int], float] = {}
-    for workload, p, m, name, v, t, paired in rows:
-        label = f"{name}" + (f" (v={v})" if v > 1 or name == "zero_bubble" else "")
-        ideal = f"{ideal_ms(name, v, p, m, args.tf_ms):7.1f}" if workload == "sleep" else f"{'':7s}"
+    for workload, p, m, name, v, early, t, paired in rows:
+        label = f"{name}" + (f" (v={v})" if v > 1 or name == "zero_bubble" else "") + (" early" if early else "")
+        ideal = f"{ideal_ms(name, v, p, m, args.tf_ms, early):7.1f}" if workload == "sleep" else f"{'':7s}"
         mine, other = 1e3 * t["ours"], 1e3 * t.get("torch", float("nan"))
         ratio = mine / other if other == other else float("nan")
         print(f"{workload:11s} {p:2d} {m:3d} {label:20s} {ideal} {mine:8.1f} {other:8.1f} {ratio:10.3f} {paired:7.3f}")
-        if name == "1f1b":
+        if name == "1f1b" and not early:
             ours_1f1b[(workload, p, m)] = mine
     print("\nours against our 1F1B (same workload, p, m; medians from the table above, timed minutes apart)")
     print(f"{'workload':11s} {'p':>2s} {'m':>3s} {'schedule':20s} {'ours':>8s} {'/ 1f1b':>8s} {'ideal ratio':>11s}")
-    for workload, p, m, name, v, t, _ in rows:
+    for workload, p, m, name, v, early, t, _ in rows:
         base = ours_1f1b.get((workload, p, m), float("nan"))
         ideal = ""
         if workload == "sleep":
-            ideal = f"{ideal_ms(name, v, p, m, args.tf_ms) / ideal_ms('1f1b', 1, p, m, args.tf_ms):11.3f}"
-        print(f"{workload:11s} {p:2d} {m:3d} {name + f' (v={v})':20s} {1e3 * t['ours']:8.1f} "
+            ideal = f"{ideal_ms(name, v, p, m, args.tf_ms, early) / ideal_ms('1f1b', 1, p, m, args.tf_ms):11.3f}"
+        label = name + f" (v={v})" + (" early" if early else "")
+        print(f"{workload:11s} {p:2d} {m:3d} {label:20s} {1e3 * t['ours']:8.1f} "
               f"{1e3 * t['ours'] / base:8.3f} {ideal}")
     if targets:
         print(f"\nzero-bubble targets: sleeping, p=4, m=16, our schedules timed in turn over {args.target_steps} "

@@ -144,6 +144,7 @@ def transparency(rank: int, world_size: int, *, models: list[str], schedules: li
         for spec in schedules:
             name, _, v_text = spec.partition(":")  # "zero_bubble:2": two chunks per rank
             v = int(v_text) if v_text else None
+            name, early = name.removesuffix("+early"), name.endswith("+early")  # "1f1b+early": early_input_grads
             layout = stage_to_rank(name, num_ranks=world_size, virtual_stages=v)
             for m in ms:
                 model = make_model(kind)
@@ -156,7 +157,7 @@ def transparency(rank: int, world_size: int, *, models: list[str], schedules: li
                     x, y = make_batch(kind, step, batch_size)
                     micro_x, micro_y = split_microbatches(x, m), split_microbatches(y, m)
                     schedule = build_schedule(name, num_ranks=world_size, num_microbatches=len(micro_x),
-                                              virtual_stages=v)
+                                              virtual_stages=v, early_input_grads=early)
                     executor = PipelineExecutor(schedule, rank=rank, timeout=60, transport=transport,
                                                 post_ahead=post_ahead)
                     mine.zero_grad()

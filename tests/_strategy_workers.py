@@ -22,11 +22,13 @@ from tests._models import TinyGPT, loader
 
 class _SeeFrozen(Callback):
     """Records, per training batch, how many objects are frozen out of Python's garbage collections, and after it
-    whether the pipeline's transport made its calls on its poster thread and guarded gloo's I/O threads."""
+    whether the pipeline's transport made its calls on its poster thread and guarded gloo's I/O threads, and
+    whether the step's schedule had W actions."""
 
     def __init__(self) -> None:
         self.counts: list[int] = []
         self.transport: list[tuple[bool, bool]] = []
+        self.split: list[bool] = []
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
         self.counts.append(gc.get_freeze_count())
@@ -35,6 +37,7 @@ class _SeeFrozen(Callback):
         transport = getattr(trainer.strategy, "_transport", None)
         if transport is not None:
             self.transport.append((transport.posting_in_background, transport.io_guard.active))
+            self.split.append(any(e.schedule.split_backward for e in trainer.strategy._executors.values()))
 
 
 class _SeeOutputs(Callback):
@@ -135,7 +138,7 @@ def _train(config: dict[str, Any], *, devices: int, strategy: Any, log_dir: str 
         result["test"] = trainer.test(model, loader(8, 16, seed=1), verbose=False)
     # PipelineStrategy(freeze_gc=...): frozen during training, thawed once the Trainer is done.
     result["frozen_during"], result["frozen_after"] = frozen.counts, gc.get_freeze_count()
-    result["transport"] = frozen.transport
+    result["transport"], result["split"] = frozen.transport, frozen.split
     if log_dir and trainer.global_rank == 0:
         trainer.logger.finalize("success")
         result["csv"] = _read_csv(log_dir)
@@ -150,6 +153,7 @@ def pipeline_jobs(rank: int, world_size: int, *, configs: list[dict[str, Any]]) 
                                     num_microbatches=config.get("microbatches"),
                                     balance=config.get("balance", "parameters"),
                                     virtual_stages=config.get("virtual_stages"),
+                                    early_input_grads=config.get("early_input_grads", False),
                                     freeze_gc=config.get("freeze_gc", True),
                                     comm_thread=config.get("comm_thread"),
                                     guard_io_threads=config.get("guard_io_threads"))

@@ -12,8 +12,10 @@ from tests._launch import launch
 pytestmark = pytest.mark.distributed
 
 TOLERANCE = 1e-5
-# Every schedule; "name:v" holds v chunks per rank (interleaved_1f1b and zbv default to 2).
-SCHEDULES = ["gpipe", "1f1b", "interleaved_1f1b", "interleaved_1f1b:3", "zero_bubble", "zero_bubble:2", "zbv"]
+# Every schedule; "name:v" holds v chunks per rank (interleaved_1f1b and zbv default to 2); "+early": with
+# early_input_grads (W right after each B).
+SCHEDULES = ["gpipe", "1f1b", "interleaved_1f1b", "interleaved_1f1b:3", "zero_bubble", "zero_bubble:2", "zbv",
+             "1f1b+early", "interleaved_1f1b+early"]
 
 
 @pytest.mark.timeout(240)
@@ -39,11 +41,11 @@ def test_exact_size_protocol_matches_one_process(world_size: int) -> None:
     """The NCCL wire protocol (exact sizes, just-in-time receives, gradients on their own group), run over gloo."""
     ms = [1, 2 * world_size + 1]
     outcomes = launch("tests._engine_workers.transparency", world_size, deadline=200,
-                      models=["mlp", "transformer"], schedules=["gpipe", "1f1b", "zero_bubble:2", "zbv"], ms=ms,
-                      exact=True)
+                      models=["mlp", "transformer"], schedules=["gpipe", "1f1b", "zero_bubble:2", "zbv", "gpipe+early"],
+                      ms=ms, exact=True)
     for outcome in outcomes:
         report = outcome.unwrap()
-        assert len(report) == 16 and max(report.values()) <= TOLERANCE, report
+        assert len(report) == 20 and max(report.values()) <= TOLERANCE, report
 
 
 @pytest.mark.timeout(240)

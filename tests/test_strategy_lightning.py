@@ -134,6 +134,7 @@ def test_bad_input_fails_clearly_on_every_rank(cases: list[str]) -> None:
         ({"schedule": "zbv", "virtual_stages": 3}, "exactly two chunks on each rank; got virtual_stages=3"),
         ({"schedule": "interleaved_1f1b", "virtual_stages": 0}, "virtual_stages=0 must be a positive integer"),
         ({"freeze_gc": "yes"}, "freeze_gc='yes' must be True or False"),
+        ({"early_input_grads": None}, "early_input_grads=None must be True or False"),
         ({"comm_thread": "auto"}, "comm_thread='auto' must be True, False or None (the default)"),
         ({"guard_io_threads": 1}, "guard_io_threads=1 must be True, False or None (the default)"),
     ],

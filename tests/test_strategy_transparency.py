@@ -35,7 +35,7 @@ def _reference(config_json: str) -> dict[str, Any]:
 def reference(config: dict[str, Any]) -> dict[str, Any]:
     """The single-device run of ``config`` (pipeline-only settings dropped), cached for the session."""
     pipeline_only = ("schedule", "pp", "microbatches", "balance", "virtual_stages", "freeze_gc", "comm_thread",
-                     "guard_io_threads")
+                     "guard_io_threads", "early_input_grads")
     return _reference(json.dumps({k: v for k, v in config.items() if k not in pipeline_only}, sort_keys=True))
 
 
@@ -54,8 +54,9 @@ def _configs(world_size: int) -> list[dict[str, Any]]:
             configs.append({"body": body, "schedule": schedule})
     configs += [
         {"body": "modulelist", "schedule": "1f1b", "accumulate": 2, "steps": 3},
-        {"body": "sequential", "schedule": "gpipe", "accumulate": 2, "steps": 3},
-        {"body": "sequential", "schedule": "1f1b", "clip": 0.05},
+        # Each input gradient sent before the weight gradients are computed (W right after B).
+        {"body": "sequential", "schedule": "gpipe", "accumulate": 2, "steps": 3, "early_input_grads": True},
+        {"body": "sequential", "schedule": "1f1b", "clip": 0.05, "early_input_grads": True, "tie_blocks": True},
         {"body": "modulelist", "schedule": "gpipe", "clip": 0.05, "accumulate": 2, "steps": 3},
         {"body": "modulelist", "schedule": "1f1b", "clip": 0.002, "clip_algorithm": "value"},
         # 42 samples in batches of 8: the last batch (2 samples) is smaller than num_microbatches.
@@ -133,6 +134,9 @@ def test_pipeline_matches_one_device(world_size: int) -> None:
                 assert all(background for background, _ in seen), (config, seen)
             guarded = config.get("guard_io_threads", sys.platform.startswith("linux"))
             assert all(active == guarded for _, active in seen), (config, seen)
+        # W actions: under the zero-bubble schedules, and under the others with early_input_grads=True.
+        split = config["schedule"] in ("zero_bubble", "zbv") or config.get("early_input_grads", False)
+        assert all(results[r][i]["split"] == [split] * len(results[r][i]["transport"]) for r in range(world_size))
         # Each rank holds only its own blocks (one contiguous run per stage); together they hold each block once.
         chain = "blocks." if config["body"] == "sequential" else "layers."
         owned = [sorted({int(n[len(chain):].split(".")[0]) for n in results[r][i]["params"] if n.startswith(chain)})

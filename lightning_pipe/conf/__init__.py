@@ -120,6 +120,9 @@ class StrategyConfig:
     ``"zbv"`` (see ``lightning_pipe.schedules.SCHEDULES``)."""
     virtual_stages: Optional[int] = None
     """Stages per rank for interleaved schedules; ``null``: the strategy's default (1)."""
+    early_input_grads: bool = False
+    """Under gpipe, 1f1b and interleaved_1f1b: send each input gradient before computing the weight gradients
+    (the backward split as under zero_bubble, W right after B); ``false``: the textbook schedules."""
     balance: Any = None
     """How blocks are shared between stages: ``"parameters"``, ``"uniform"``, ``"time"`` (profiled at start-up),
     ``"memory"``, or a list of block counts per stage; ``null``: the strategy's default (``"parameters"``)."""

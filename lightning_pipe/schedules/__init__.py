@@ -9,6 +9,7 @@ from lightning_pipe.schedules.generators import (
     gpipe,
     one_f_one_b,
     stage_to_rank,
+    with_early_input_grads,
 )
 from lightning_pipe.schedules.interleaved import interleaved_1f1b, zero_bubble
 from lightning_pipe.schedules.validate import validate_schedule
@@ -17,5 +18,5 @@ from lightning_pipe.schedules.zbv import zbv
 __all__ = [
     "Action", "ActionKind", "B", "F", "W", "Schedule", "Transfer",
     "DEFAULT_VIRTUAL_STAGES", "SCHEDULES", "Generator", "build_schedule", "stage_to_rank",
-    "gpipe", "one_f_one_b", "interleaved_1f1b", "zero_bubble", "zbv", "validate_schedule",
+    "gpipe", "one_f_one_b", "interleaved_1f1b", "zero_bubble", "zbv", "validate_schedule", "with_early_input_grads",
 ]

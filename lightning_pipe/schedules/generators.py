@@ -6,13 +6,14 @@ import inspect
 from typing import Protocol
 
 from lightning_pipe.errors import ScheduleError
-from lightning_pipe.schedules.actions import Action, B, F, Schedule
+from lightning_pipe.schedules.actions import Action, ActionKind, B, F, Schedule, W
 from lightning_pipe.schedules.checks import check_sizes
 from lightning_pipe.schedules.interleaved import interleaved_1f1b, interleaved_stage_to_rank, zero_bubble
 from lightning_pipe.schedules.zbv import check_two_chunks, v_stage_to_rank, zbv
 
 __all__ = [
     "gpipe", "one_f_one_b", "Generator", "SCHEDULES", "DEFAULT_VIRTUAL_STAGES", "build_schedule", "stage_to_rank",
+    "with_early_input_grads",
 ]
 
 
@@ -80,12 +81,33 @@ def _generator(name: str) -> Generator:
         raise ScheduleError(f"unknown schedule={name!r}; choose one of {sorted(SCHEDULES)}") from None
 
 
-def build_schedule(name: str, *, num_ranks: int, num_microbatches: int, virtual_stages: int | None = None) -> Schedule:
+def build_schedule(name: str, *, num_ranks: int, num_microbatches: int, virtual_stages: int | None = None,
+                   early_input_grads: bool = False) -> Schedule:
     """The schedule called ``name`` for ``num_ranks`` pipeline ranks (``pipeline_parallel_size``), each holding
-    ``virtual_stages`` chunks (default: :data:`DEFAULT_VIRTUAL_STAGES`), and ``num_microbatches`` micro-batches."""
+    ``virtual_stages`` chunks (default: :data:`DEFAULT_VIRTUAL_STAGES`), and ``num_microbatches`` micro-batches;
+    ``early_input_grads``: through :func:`with_early_input_grads`."""
     generator = _generator(name)
     v = DEFAULT_VIRTUAL_STAGES[name.lower()] if virtual_stages is None else virtual_stages
-    return generator(num_ranks, num_microbatches, v)
+    schedule = generator(num_ranks, num_microbatches, v)
+    return with_early_input_grads(schedule) if early_input_grads else schedule
+
+
+def with_early_input_grads(schedule: Schedule) -> Schedule:
+    """``schedule`` with each backward split into B and a W right after it: the same order of forwards and
+    backwards, and the same activations held, but the input gradient leaves for the previous stage before this
+    stage computes its weight gradients. The previous stage's backward then waits for B alone, not B + W.
+
+    A schedule that already has W actions (zero-bubble) is returned as it is.
+    """
+    if schedule.split_backward:
+        return schedule
+    actions = tuple(
+        tuple(a for action in acts
+              for a in ((action, W(action.microbatch, action.stage)) if action.kind is ActionKind.BACKWARD
+                        else (action,)))
+        for acts in schedule.actions
+    )
+    return Schedule(schedule.name, schedule.num_stages, schedule.num_microbatches, schedule.stage_to_rank, actions)
 
 
 def stage_to_rank(name: str, *, num_ranks: int, virtual_stages: int | None = None) -> tuple[int, ...]:

@@ -108,6 +108,12 @@ class PipelineStrategy(DDPStrategy):
         virtual_stages: Chunks of the model per rank (``v``): the chain is cut into ``pipeline_parallel_size * v``
             stages, stage ``s`` on rank ``s % p`` (``"zbv"``: in a V, rank 0 holding the first and the last).
             Default: 2 for ``"interleaved_1f1b"`` and ``"zbv"``, else 1.
+        early_input_grads: Under ``"gpipe"``, ``"1f1b"`` and ``"interleaved_1f1b"``, split each backward into
+            the input gradient (sent at once to the previous stage) and the weight gradients, computed right after
+            it (``lightning_pipe.schedules.with_early_input_grads``; the layers split as under ``"zero_bubble"``).
+            Same order of work and activations held; the previous stage waits for the input gradient only, which
+            takes ``(p - 1)`` weight-gradient times off the ideal step. ``False`` (default): the textbook schedules.
+            The zero-bubble schedules split their backwards anyway.
         memory_budget: Bytes a stage may hold, for ``balance="time"`` or ``"memory"`` (``None``: no limit).
         timeline_steps: Optimizer steps whose measured timeline is saved (Perfetto trace and PNG).
         timeline_dir: Where those timelines go (``None``: ``<default_root_dir>/pipeline_timelines``).
@@ -139,6 +145,7 @@ class PipelineStrategy(DDPStrategy):
         data_parallel_size: int | None = None,
         timeout: timedelta | float = timedelta(minutes=30),
         virtual_stages: int | None = None,
+        early_input_grads: bool = False,
         memory_budget: float | None = None,
         timeline_steps: Sequence[int] = (),
         timeline_dir: str | None = None,
@@ -171,8 +178,9 @@ class PipelineStrategy(DDPStrategy):
         if memory_budget is not None and balance not in ("time", "memory"):
             raise PipelineError(f"memory_budget={memory_budget!r} applies to balance='time' or 'memory' (got "
                                 f"balance={balance!r}): set one of them, or leave memory_budget unset")
-        if not isinstance(freeze_gc, bool):
-            raise PipelineError(f"freeze_gc={freeze_gc!r} must be True or False")
+        for name, flag in (("early_input_grads", early_input_grads), ("freeze_gc", freeze_gc)):
+            if not isinstance(flag, bool):
+                raise PipelineError(f"{name}={flag!r} must be True or False")
         for name, flag in (("comm_thread", comm_thread), ("guard_io_threads", guard_io_threads)):
             if flag is not None and not isinstance(flag, bool):
                 raise PipelineError(f"{name}={flag!r} must be True, False or None (the default)")
@@ -183,6 +191,7 @@ class PipelineStrategy(DDPStrategy):
         self.data_parallel_size = data_parallel_size
         self.schedule_name = schedule.lower()
         self.virtual_stages = virtual_stages or DEFAULT_VIRTUAL_STAGES[self.schedule_name]
+        self.early_input_grads = early_input_grads
         self._layout: tuple[int, ...] = tuple(range(self.virtual_stages))  # stage -> pipeline rank, set up later
         self.balance = list(balance) if not isinstance(balance, str) else balance
         self.blocks = blocks
@@ -421,7 +430,8 @@ class PipelineStrategy(DDPStrategy):
                 self._transport = self.new_transport()
             schedule: Schedule = build_schedule(self.schedule_name, num_ranks=self.num_stages,
                                                 virtual_stages=self.virtual_stages,
-                                                num_microbatches=num_microbatches)
+                                                num_microbatches=num_microbatches,
+                                                early_input_grads=self.early_input_grads)
             executor = PipelineExecutor(schedule, rank=self.pp_rank, transport=self._transport)
             self._executors[num_microbatches] = executor
         return executor

@@ -71,7 +71,7 @@ def _strategy_overhead(strategy: Any) -> float:
     p = strategy.num_stages
     transport = strategy.new_transport()
     schedule = build_schedule(strategy.schedule_name, num_ranks=p, num_microbatches=max(2 * p, 4),
-                              virtual_stages=strategy.virtual_stages)
+                              virtual_stages=strategy.virtual_stages, early_input_grads=strategy.early_input_grads)
     try:
         return measure_action_overhead(schedule, strategy.pp_rank, transport, strategy.root_device)
     finally:
@@ -200,7 +200,7 @@ def _decide(strategy: Any, module: Any, chain: nn.Module, fallback: Any, overhea
             m.distributed_available_fn = fn
     held_m = m_default
     schedule = build_schedule(strategy.schedule_name, num_ranks=strategy.num_stages, num_microbatches=held_m,
-                              virtual_stages=strategy.virtual_stages)
+                              virtual_stages=strategy.virtual_stages, early_input_grads=strategy.early_input_grads)
     held = list(simulate(schedule, Costs()).peak_activations)
     held_per_stage = [held[schedule.stage_to_rank[s]] for s in range(schedule.num_stages)]
     mem = memory_cost(main.param_bytes, main.activation_bytes, held_per_stage,
@@ -230,7 +230,8 @@ def _decide(strategy: Any, module: Any, chain: nn.Module, fallback: Any, overhea
         cores = _shared_cores(strategy, device)
         tune = choose_microbatches(StageCostModel(tuple(fwd), tuple(bwd)), size, num_ranks=strategy.num_stages,
                                    virtual_stages=strategy.virtual_stages,
-                                   schedules=[strategy.schedule_name], overhead=overhead, cores=cores)
+                                   schedules=[strategy.schedule_name], overhead=overhead, cores=cores,
+                                   early_input_grads=strategy.early_input_grads)
         chosen = tune.chosen.microbatches
         shared = f" (the pipeline's ranks share {cores:g} CPU cores)" if cores is not None else ""
         lines.append(f"num_microbatches='auto'{shared}:\n" + tune.table())

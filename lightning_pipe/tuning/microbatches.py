@@ -109,10 +109,11 @@ def choose_microbatches(model: StageCostModel, batch_size: int, *, num_ranks: in
                         schedules: Sequence[str] = ("1f1b",), candidates: Sequence[int] | None = None,
                         overhead: float = 0.0, transfer: float = 0.0,
                         max_activations: int | None = None, virtual_stages: int | None = None,
-                        cores: float | None = None) -> TuneResult:
+                        cores: float | None = None, early_input_grads: bool = False) -> TuneResult:
     """Predict every ``(schedule, m)`` and choose the fastest; ``max_activations`` drops candidates that would
     hold more micro-batches at once on a rank (a memory cap); ``cores``: the ranks share this many cores of one
-    host, the costs being each rank's alone (see :func:`~lightning_pipe.simulate.simulate`)."""
+    host, the costs being each rank's alone (see :func:`~lightning_pipe.simulate.simulate`);
+    ``early_input_grads``: the schedules as :func:`~lightning_pipe.schedules.with_early_input_grads` makes them."""
     rows: list[Candidate] = []
     failures: list[str] = []
     for name in schedules:
@@ -121,7 +122,7 @@ def choose_microbatches(model: StageCostModel, batch_size: int, *, num_ranks: in
                 continue
             try:
                 schedule = build_schedule(name, num_ranks=num_ranks, num_microbatches=m,
-                                          virtual_stages=virtual_stages)
+                                          virtual_stages=virtual_stages, early_input_grads=early_input_grads)
             except Exception as err:  # noqa: BLE001 - a schedule that needs another m (interleaved: a multiple of p)
                 failures.append(f"{name} m={m}: {err}")
                 continue
