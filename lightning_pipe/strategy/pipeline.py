@@ -112,7 +112,8 @@ class PipelineStrategy(DDPStrategy):
             the input gradient (sent at once to the previous stage) and the weight gradients, computed right after
             it (``lightning_pipe.schedules.with_early_input_grads``; the layers split as under ``"zero_bubble"``).
             Same order of work and activations held; the previous stage waits for the input gradient only, which
-            takes ``(p - 1)`` weight-gradient times off the ideal step. ``False`` (default): the textbook schedules.
+            takes ``p - 1`` weight-gradient times of a stage off the ideal step of ``"gpipe"`` and ``"1f1b"`` (of a
+            chunk for ``"interleaved_1f1b"``). ``False`` (default): the textbook schedules.
             The zero-bubble schedules split their backwards anyway.
         memory_budget: Bytes a stage may hold, for ``balance="time"`` or ``"memory"`` (``None``: no limit).
         timeline_steps: Optimizer steps whose measured timeline is saved (Perfetto trace and PNG).
