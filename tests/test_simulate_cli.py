@@ -37,6 +37,10 @@ def test_command_line_zero_bubble_schedules(capsys: pytest.CaptureFixture[str]) 
         assert f"step time {step};" in out, out
     assert main(["--schedule", "zbv", "--stages", "2", "--microbatches", "4"]) == 0
     assert "W" in capsys.readouterr().out.splitlines()[0]
+    # 1F1B with early input gradients: (m+p-1)(tF+tB) - (p-1)tW = 19 * 3 - 3 * 1 = 54.
+    assert main(["--schedule", "1f1b", "--stages", "4", "--microbatches", "16", "--early-input-grads"]) == 0
+    out = capsys.readouterr().out
+    assert "step time 54;" in out and "W" in out.splitlines()[0], out
 
 
 def test_python_dash_m_runs_without_runpy_warning() -> None:

@@ -293,10 +293,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--weight", type=float, default=None,
                         help="the weight-gradient part of --backward (W of split schedules; default: half)")
     parser.add_argument("--transfer", type=float, default=0.0, help="latency of one transfer between ranks")
+    parser.add_argument("--early-input-grads", action="store_true",
+                        help="W right after each B, as PipelineStrategy(early_input_grads=True) runs it")
     parser.add_argument("--width", type=int, default=100)
     args = parser.parse_args(argv)
     schedule = build_schedule(args.schedule, num_ranks=args.stages, num_microbatches=args.microbatches,
-                              virtual_stages=args.virtual_stages)
+                              virtual_stages=args.virtual_stages, early_input_grads=args.early_input_grads)
     chunks = schedule.num_stages // args.stages  # the per-stage costs are shared among a rank's chunks
     weight = args.backward / 2 if args.weight is None else args.weight
     costs = Costs(args.forward / chunks, args.backward / chunks, weight / chunks if schedule.split_backward else 0.0,
