@@ -21,7 +21,7 @@ class ActionKind(enum.Enum):
     BACKWARD = "B"
     """Backward of the stage. With a separate W for the same micro-batch, only the gradient of the stage input."""
     WEIGHT = "W"
-    """Deferred gradient of the stage's weights (zero-bubble schedules)."""
+    """Deferred gradient of the stage's weights (zero-bubble schedules; right after B with ``early_input_grads``)."""
 
 
 @dataclass(frozen=True, slots=True)
