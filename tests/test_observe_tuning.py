@@ -157,6 +157,11 @@ def test_tuning_cli_prints_candidates(capsys) -> None:
     assert main(["--stages", "2", "--batch-size", "16", "--schedules", "gpipe", "1f1b"]) == 0
     out = capsys.readouterr().out
     assert out.count("\n") >= 12 and "chosen:" in out
+    # With early input gradients the predictions change: W leaves the previous stage's wait, but is an action of
+    # its own, charged the per-action overhead once more.
+    assert main(["--stages", "2", "--batch-size", "16", "--schedules", "gpipe", "1f1b", "--early-input-grads"]) == 0
+    early = capsys.readouterr().out
+    assert early != out and "chosen:" in early
 
 
 def test_auto_microbatches_across_schedules_with_virtual_stages() -> None:
@@ -170,6 +175,12 @@ def test_auto_microbatches_across_schedules_with_virtual_stages() -> None:
     steps = {c.schedule: round(c.step_time * 1e3, 6) for c in result.candidates}
     assert steps == {"1f1b": 570, "interleaved_1f1b": 525, "zero_bubble": 510, "zbv": 495}
     assert result.chosen.schedule == "zbv"
+    # early_input_grads: the same schedules with W right after each B (the zero-bubble ones split already), so
+    # 1F1B is 570 - (p-1) tW = 540 and interleaved 525 - (p-1) tW/v = 510.
+    early = choose_microbatches(model, 64, num_ranks=4, schedules=["1f1b", "interleaved_1f1b", "zero_bubble", "zbv"],
+                                candidates=[16], early_input_grads=True)
+    assert {c.schedule: round(c.step_time * 1e3, 6) for c in early.candidates} == {
+        "1f1b": 540, "interleaved_1f1b": 510, "zero_bubble": 510, "zbv": 495}
     with pytest.raises(ValueError, match="do not divide"):
         StageCostModel((f,) * 3, (b,) * 3).spread(8)
 

@@ -161,6 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--microbatches", type=int, nargs="*", default=None)
     parser.add_argument("--cores", type=float, default=None,
                         help="the ranks share this many cores of one CPU host (costs are each rank's alone)")
+    parser.add_argument("--early-input-grads", action="store_true",
+                        help="W right after each B, as PipelineStrategy(early_input_grads=True) runs it")
     args = parser.parse_args(argv)
     if args.stages < 1 or args.batch_size < 1:
         parser.error(f"--stages ({args.stages}) and --batch-size ({args.batch_size}) must be positive")
@@ -177,6 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = StageCostModel((f,) * args.stages, (b,) * args.stages)  # per rank; spread over virtual stages
     result = choose_microbatches(model, args.batch_size, num_ranks=args.stages, schedules=args.schedules,
                                  candidates=args.microbatches, overhead=args.overhead_ms / 1e3,
-                                 transfer=args.transfer_ms / 1e3, cores=args.cores)
+                                 transfer=args.transfer_ms / 1e3, cores=args.cores,
+                                 early_input_grads=args.early_input_grads)
     print(result.table())
     return 0
