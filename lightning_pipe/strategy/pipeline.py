@@ -308,6 +308,11 @@ class PipelineStrategy(DDPStrategy):
     def restore_checkpoint_after_setup(self) -> bool:
         return True  # the model is cut in setup(); checkpoints are loaded into the cut model
 
+    def schedule_for(self, num_microbatches: int) -> Schedule:
+        """The strategy's schedule (name, ``virtual_stages``, ``early_input_grads``) for ``num_microbatches``."""
+        return build_schedule(self.schedule_name, num_ranks=self.num_stages, num_microbatches=num_microbatches,
+                              virtual_stages=self.virtual_stages, early_input_grads=self.early_input_grads)
+
     def new_transport(self) -> Transport:
         """A transport over this rank's pipeline group, with the strategy's timeout, ``comm_thread`` and
         ``guard_io_threads`` (the caller closes it)."""
@@ -429,11 +434,8 @@ class PipelineStrategy(DDPStrategy):
         if executor is None:
             if self._transport is None:
                 self._transport = self.new_transport()
-            schedule: Schedule = build_schedule(self.schedule_name, num_ranks=self.num_stages,
-                                                virtual_stages=self.virtual_stages,
-                                                num_microbatches=num_microbatches,
-                                                early_input_grads=self.early_input_grads)
-            executor = PipelineExecutor(schedule, rank=self.pp_rank, transport=self._transport)
+            executor = PipelineExecutor(self.schedule_for(num_microbatches), rank=self.pp_rank,
+                                        transport=self._transport)
             self._executors[num_microbatches] = executor
         return executor
 

@@ -26,7 +26,6 @@ from lightning_pipe.errors import PipelineError
 from lightning_pipe.schedules.actions import Schedule
 from lightning_pipe.simulate import Costs, simulate
 from lightning_pipe.strategy.logs import LogRecorder
-from lightning_pipe.schedules import build_schedule
 from lightning_pipe.tuning.microbatches import StageCostModel, TuneResult, choose_microbatches
 from lightning_pipe.tuning.partition import memory_cost, memory_partition, time_partition
 from lightning_pipe.tuning.profile import ChainProfile, fit_linear, profile_chain
@@ -68,10 +67,8 @@ def measure_action_overhead(schedule: Schedule, rank: int, transport: Transport,
 
 
 def _strategy_overhead(strategy: Any) -> float:
-    p = strategy.num_stages
     transport = strategy.new_transport()
-    schedule = build_schedule(strategy.schedule_name, num_ranks=p, num_microbatches=max(2 * p, 4),
-                              virtual_stages=strategy.virtual_stages, early_input_grads=strategy.early_input_grads)
+    schedule = strategy.schedule_for(max(2 * strategy.num_stages, 4))
     try:
         return measure_action_overhead(schedule, strategy.pp_rank, transport, strategy.root_device)
     finally:
@@ -199,8 +196,7 @@ def _decide(strategy: Any, module: Any, chain: nn.Module, fallback: Any, overhea
         for m, fn in zip(metrics, availability):
             m.distributed_available_fn = fn
     held_m = m_default
-    schedule = build_schedule(strategy.schedule_name, num_ranks=strategy.num_stages, num_microbatches=held_m,
-                              virtual_stages=strategy.virtual_stages, early_input_grads=strategy.early_input_grads)
+    schedule = strategy.schedule_for(held_m)
     held = list(simulate(schedule, Costs()).peak_activations)
     held_per_stage = [held[schedule.stage_to_rank[s]] for s in range(schedule.num_stages)]
     mem = memory_cost(main.param_bytes, main.activation_bytes, held_per_stage,
