@@ -33,7 +33,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -321,13 +320,9 @@ def main() -> int:
                              "peak micro-batches in flight")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    ctx = mp.get_context("spawn")
     rows = []
     for p in args.stages:
-        queue = ctx.SimpleQueue()
-        mp.start_processes(_worker, args=(p, se._free_port(), args, queue), nprocs=p, start_method="spawn")
-        while not queue.empty():
-            rows.append(queue.get())
+        rows += se.collect_from_workers(_worker, p, args)
     print(f"batch {BATCH}; sleeping stage forward {FIXED_MS:g} + {PER_SAMPLE_MS:g} ms/sample (backward 2x); "
           "transformer: 8 layers d=128 ff=512 seq=64 split evenly; times in ms, medians")
     mode = "the schedule's peak micro-batches in flight" if IN_FLIGHT else "one micro-batch"

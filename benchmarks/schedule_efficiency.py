@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import queue as queue_module
 import socket
 import statistics
 import sys
@@ -145,19 +146,50 @@ def start_worker(rank: int, world: int, port: int) -> None:
     HeapFreeze().freeze()
 
 
-def run_workers(worker: Callable[..., None], world: int, args: argparse.Namespace) -> Any:
-    """Run ``worker(rank, world, port, args, queue)`` in ``world`` new processes; return what rank 0 puts in the
-    queue (once), after every process has ended."""
+def collect_from_workers(worker: Callable[..., None], world: int, args: argparse.Namespace) -> list[Any]:
+    """Run ``worker(rank, world, port, args, queue)`` in ``world`` new processes; return everything they put in the
+    queue, in order, once every process has ended.
+
+    The queue is read while the workers run (a worker blocks in ``put`` once the pipe is full, so reading only after
+    ``join`` could wait forever), and a worker that dies stops the others at once and raises here, instead of leaving
+    this process waiting for a value that will never come."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
     procs = [ctx.Process(target=worker, args=(r, world, port, args, queue)) for r in range(world)]
     for proc in procs:
         proc.start()
-    got = queue.get(timeout=3600)
-    for proc in procs:
-        proc.join()
-    return got
+    got: list[Any] = []
+    try:
+        while True:
+            try:
+                got.append(queue.get(timeout=0.5))
+                continue
+            except queue_module.Empty:
+                pass
+            failed = [(rank, proc.exitcode) for rank, proc in enumerate(procs) if proc.exitcode not in (None, 0)]
+            if failed:
+                raise RuntimeError(f"benchmark worker(s) failed (rank, exit code): {failed}; see their output above")
+            if all(proc.exitcode == 0 for proc in procs):
+                break
+        while True:  # what the last worker put just before it ended
+            try:
+                got.append(queue.get(timeout=0.5))
+            except queue_module.Empty:
+                return got
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+            proc.join()
+
+
+def run_workers(worker: Callable[..., None], world: int, args: argparse.Namespace) -> Any:
+    """:func:`collect_from_workers` for workers whose rank 0 puts one value: that value."""
+    got = collect_from_workers(worker, world, args)
+    if len(got) != 1:
+        raise RuntimeError(f"expected one result from the benchmark workers, got {len(got)}")
+    return got[0]
 
 
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: Any) -> None:
@@ -210,13 +242,9 @@ def main() -> int:
     parser.add_argument("--hop-ms", type=float, default=0.35,
                         help="transfer latency given to the simulator's second prediction (measured here: 0.3-0.45)")
     args = parser.parse_args()
-    ctx = mp.get_context("spawn")
     rows = []
     for p in args.stages:
-        queue = ctx.SimpleQueue()
-        mp.start_processes(_worker, args=(p, _free_port(), args, queue), nprocs=p, start_method="spawn")
-        while not queue.empty():
-            rows.append(queue.get())
+        rows += collect_from_workers(_worker, p, args)
     tf = args.tf_ms
     print(f"sleeping stages: tf={tf:g} ms, tb={2 * tf:g} ms; step times in ms (median of {args.steps})")
     print(f"{'schedule':8} {'p':>2} {'m':>3} {'measured':>9} {'simulated':>9} {'ideal':>8} {'measured/ideal':>14} "

@@ -7,13 +7,16 @@ gradient, once did) moves the measured ratios away from those ideals without fai
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
+import time
 
 import pytest
 import torch
 
 from lightning_pipe.engine import WeightGradCollector, deferring
+from tests import _benchmark_workers
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
@@ -62,3 +65,20 @@ def test_sleep_chunk_defers_w_under_split(sleeps: list[float], first_stage: bool
     collector.run()
     assert sleeps == [TW]  # W
     torch.testing.assert_close(chunk.w.grad, torch.full_like(chunk.w, 32.0))
+
+
+@pytest.mark.timeout(120)
+def test_collect_from_workers_reads_while_they_run() -> None:
+    """Each worker puts more than a pipe holds; a runner that joined before reading would wait forever."""
+    got = schedule_efficiency.collect_from_workers(_benchmark_workers.put_many, 2, argparse.Namespace())
+    expected = [(rank, i) for rank in range(2) for i in range(_benchmark_workers.ITEMS)]
+    assert sorted((rank, i) for rank, i, _ in got) == expected
+    assert all(len(blob) == _benchmark_workers.ITEM_BYTES for _, _, blob in got)
+
+
+@pytest.mark.timeout(120)
+def test_collect_from_workers_stops_the_others_when_one_dies() -> None:
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"\(1, 3\)"):
+        schedule_efficiency.collect_from_workers(_benchmark_workers.rank1_dies, 2, argparse.Namespace())
+    assert time.monotonic() - start < 60  # rank 0 would sleep 600 s: it was stopped
