@@ -126,6 +126,11 @@ def test_wants_poster_only_while_the_caller_waits_and_cores_sit_idle(busy: float
     ("3:cpu,cpuacct:/job\n", {"cpu,cpuacct/job/cpu.cfs_quota_us": "150000\n"}, True),
     ("3:cpu,cpuacct:/\n", {}, False),                                        # nothing to read: not capped
     ("1:memory:/job\n", {"memory/job/cpu.max": "100 100\n"}, False),        # no cpu controller listed
+    ("0::/slice/job\n", {"slice/job/cpu.max": "max 100000\n", "slice/cpu.max": "100000 100000\n"}, True),  # parent
+    ("0::/slice/job\n", {"slice/job/cpu.max": "max 100000\n", "slice/cpu.max": "max 100000\n",
+                          "cpu.max": "max 100000\n"}, False),             # no limit anywhere up the tree
+    ("3:cpu,cpuacct:/pod/job\n", {"cpu,cpuacct/pod/job/cpu.cfs_quota_us": "-1\n",
+                                   "cpu,cpuacct/pod/cpu.cfs_quota_us": "200000\n"}, True),  # v1, on the parent
 ])
 def test_cpu_quota_capped_reads_cgroup_v1_and_v2(tmp_path: Any, cgroups: str, files: dict[str, str],
                                                  capped: bool) -> None:

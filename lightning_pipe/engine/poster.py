@@ -89,7 +89,9 @@ def _machine_times(cpus: frozenset[int] | None = None) -> tuple[int, int] | None
 
 def cpu_quota_capped(*, cgroups: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> bool:
     """Whether a cgroup caps this process's CPU time (cgroup v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``), as in a
-    container started with a CPU limit: ``/proc/stat`` then counts cores that the process may not use."""
+    container started with a CPU limit: ``/proc/stat`` then counts cores that the process may not use. The process's
+    own cgroup and each one above it are read (a quota set on a parent, as systemd slices and Kubernetes pods do,
+    caps every cgroup below it)."""
     try:
         with open(cgroups) as f:
             entries = [line.strip().split(":", 2) for line in f if line.count(":") >= 2]
@@ -97,23 +99,27 @@ def cpu_quota_capped(*, cgroups: str = "/proc/self/cgroup", root: str = "/sys/fs
         return False
     for _, controllers, path in entries:
         if controllers == "":  # cgroup v2: "max" when uncapped
-            names, uncapped = [f"{root}{path}/cpu.max", f"{root}/cpu.max"], "max"
+            mounts, leaf, uncapped = [root], "cpu.max", "max"
         elif "cpu" in controllers.split(","):  # cgroup v1: -1 when uncapped
-            names = [f"{root}/{controllers}{path}/cpu.cfs_quota_us", f"{root}/{controllers}/cpu.cfs_quota_us",
-                     f"{root}/cpu{path}/cpu.cfs_quota_us", f"{root}/cpu/cpu.cfs_quota_us"]
-            uncapped = "-1"
+            mounts, leaf, uncapped = [f"{root}/{controllers}", f"{root}/cpu"], "cpu.cfs_quota_us", "-1"
         else:
             continue
-        for name in names:
-            try:
-                with open(name) as f:
-                    value = f.read().split()
-            except OSError:
-                continue
-            if value and value[0] != uncapped:
-                return True
-            break
+        for mount in mounts:
+            for cgroup in _self_and_ancestors(path):
+                try:
+                    with open(f"{mount}{cgroup}/{leaf}") as f:
+                        value = f.read().split()
+                except OSError:
+                    continue
+                if value and value[0] != uncapped:
+                    return True
     return False
+
+
+def _self_and_ancestors(path: str) -> list[str]:
+    """``/a/b`` -> ``["/a/b", "/a", ""]`` (the mount point itself last)."""
+    parts = [p for p in path.split("/") if p]
+    return ["/" + "/".join(parts[:n]) if n else "" for n in range(len(parts), -1, -1)]
 
 
 _MIN_TICKS = 20

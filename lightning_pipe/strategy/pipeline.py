@@ -363,9 +363,13 @@ class PipelineStrategy(DDPStrategy):
         path, chain = find_chain(module, self.blocks)
         # Decided on the whole model, so the same on every rank: the buffers none of whose names is in the chain
         # (a block that is also an attribute outside it counts as in it).
-        inside = {id(b) for name, b in module.named_buffers(remove_duplicate=False)
-                  if not path or name.startswith(f"{path}.")}
-        self._outside_buffers = [name for name, b in module.named_buffers() if id(b) not in inside]
+        every_buffer = list(module.named_buffers(remove_duplicate=False))
+        inside = {id(b) for name, b in every_buffer if not path or name.startswith(f"{path}.")}
+        outside = [(name, b) for name, b in every_buffer if id(b) not in inside]  # every name of each
+        first_names: dict[int, str] = {}
+        for name, b in outside:
+            first_names.setdefault(id(b), name)
+        self._outside_buffers = list(first_names.values())  # as named_buffers() names them
         self._chain_path = path
         if len(chain) < self.num_model_stages:
             raise PipelineError(
@@ -388,9 +392,8 @@ class PipelineStrategy(DDPStrategy):
         held = [s for s, r in enumerate(self._layout) if r == self.pp_rank]
         self._runtime = split_chain(module, path, chain, counts=counts, stages=held)
         if len(held) > 1:
-            every_name = [name for name, b in module.named_buffers(remove_duplicate=False) if id(b) not in inside]
             self._outside_state = OutsideState(
-                module, every_name,
+                module, [name for name, _ in outside],
                 lambda: self._metric_states.metrics.values() if self._metric_states is not None else (),
                 keeper=max(held))
         self._replicated = ReplicatedParams(placement.replicated_names, placement.replicated_shapes,
