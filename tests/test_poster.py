@@ -145,8 +145,22 @@ def test_cpu_quota_capped_reads_cgroup_v1_and_v2(tmp_path: Any, cgroups: str, fi
 def test_a_capped_process_never_reads_the_machine_as_idle(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(poster_module, "cpu_quota_capped", lambda: True)
     meter = IdleMeter()
-    time.sleep(0.05)
+    time.sleep(poster_module._MIN_WALL + 0.01)
     assert meter.sample()[1] is None
+
+
+def test_idle_meter_reads_the_machine_at_most_once_per_min_wall(monkeypatch: pytest.MonkeyPatch) -> None:
+    reads: list[float] = []
+    real = poster_module._machine_times
+    monkeypatch.setattr(poster_module, "_machine_times", lambda cpus: reads.append(time.perf_counter()) or real(cpus))
+    meter = IdleMeter()
+    for _ in range(20):  # steps of 10 ms
+        time.sleep(0.01)
+        assert meter.sample() is None
+    assert len(reads) == 1  # at construction only
+    time.sleep(poster_module._MIN_WALL)
+    meter.sample()
+    assert len(reads) == 2
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/stat") or not hasattr(os, "sched_getaffinity"), reason="Linux only")
