@@ -141,8 +141,10 @@ class TinyGPT(LightningModule):
         elif self.optimizer_name == "groups":  # decay for matrices, none (and half the lr) for the rest
             matrices = [p for p in self.parameters() if p.dim() >= 2]
             others = [p for p in self.parameters() if p.dim() < 2]
-            optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": self.weight_decay},
-                                           {"params": others, "weight_decay": 0.0, "lr": self.lr / 2}], lr=self.lr)
+            # The group of the model's first parameter (tok.weight, a matrix) comes second, so that a consolidated
+            # file listing the groups by where their parameters first appear would not resume.
+            optimizer = torch.optim.AdamW([{"params": others, "weight_decay": 0.0, "lr": self.lr / 2},
+                                           {"params": matrices, "weight_decay": self.weight_decay}], lr=self.lr)
         else:
             optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         if not self.scheduler:

@@ -170,3 +170,19 @@ def test_an_optimizer_without_state_consolidates() -> None:
 
     saved = {"hparams": {"b": {"lr": 0.1}, "a": {"lr": 0.1}}}
     assert _to_plain(saved, ["a", "b"]) == {"state": {}, "param_groups": [{"lr": 0.1, "params": [0, 1]}]}
+
+
+def test_consolidated_param_groups_keep_the_order_configure_optimizers_gave() -> None:
+    """Group 0 holds the parameters that come later in the model; groups with equal hyper-parameters stay apart."""
+    from lightning_pipe.strategy.checkpoint import _to_plain
+
+    saved = {"hparams": {"a": {"lr": 0.1}, "b": {"lr": 0.2}, "c": {"lr": 0.2}, "d": {"lr": 0.2}},
+             "state": {n: {"step": i} for i, n in enumerate("abcd")},
+             "groups": {"a": 1, "b": 0, "c": 2, "d": 0}}
+    plain = _to_plain(saved, ["a", "b", "c", "d"])
+    assert plain["param_groups"] == [{"lr": 0.2, "params": [0, 1]}, {"lr": 0.1, "params": [2]},
+                                     {"lr": 0.2, "params": [3]}]
+    assert plain["state"] == {0: {"step": 1}, 1: {"step": 3}, 2: {"step": 0}, 3: {"step": 2}}
+    # Stages that numbered their groups differently (index 0 with two sets of hyper-parameters): by first appearance.
+    saved["groups"] = {"a": 0, "b": 0, "c": 1, "d": 1}
+    assert [g["params"] for g in _to_plain(saved, ["a", "b", "c", "d"])["param_groups"]] == [[0], [1, 2, 3]]

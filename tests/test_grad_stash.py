@@ -159,3 +159,35 @@ def test_replicated_params_missing_and_count_here() -> None:
         assert table.count_here == count_here
         assert table.names == ["weight", "gone.weight", "bias"]
         assert table.params[0] is module.weight and table.params[1] is None and table.params[2] is module.bias
+
+
+def test_sum_grads_leaves_no_gradient_where_no_stage_has_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two stages sharing ``tok`` (frozen) and ``aux``: ``aux.weight`` has a gradient on stage 1 only, ``aux.bias``
+    on neither. After the sum both stages hold stage 1's ``aux.weight`` gradient and no gradient for the others, so
+    an optimizer with weight decay leaves them as one device would."""
+    from lightning_pipe.strategy import grads as grads_module
+
+    def module(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        m = nn.Module()
+        m.tok, m.aux = nn.Embedding(4, 3), nn.Linear(3, 3)
+        m.tok.weight.requires_grad_(False)
+        return m
+
+    aliases = [["tok.weight"], ["aux.weight"], ["aux.bias"]]
+    stages = {s: module(0) for s in (0, 1)}
+    stages[1].aux.weight.grad = torch.full((3, 3), 2.0)
+    tables = {s: ReplicatedParams(aliases, [p.shape for p in m.parameters()], [[0, 1]] * 3, s, m)
+              for s, m in stages.items()}
+    captured: list[torch.Tensor] = []
+    monkeypatch.setattr(grads_module.dist, "all_reduce", lambda t, group=None: captured.append(t.clone()))
+    tables[1].sum_grads(None)  # stage 1's contribution, taken as is
+    monkeypatch.setattr(grads_module.dist, "all_reduce", lambda t, group=None: t.add_(captured[0]))
+    tables[0].sum_grads(None)
+    m = stages[0]
+    assert m.tok.weight.grad is None and m.aux.bias.grad is None
+    assert torch.equal(m.aux.weight.grad, torch.full((3, 3), 2.0))
+    before = [p.detach().clone() for p in m.parameters()]
+    torch.optim.AdamW(m.parameters(), lr=0.1, weight_decay=0.1).step()
+    assert torch.equal(m.tok.weight, before[0]) and torch.equal(m.aux.bias, before[2])
+    assert not torch.equal(m.aux.weight, before[1])

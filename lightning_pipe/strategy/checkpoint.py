@@ -43,18 +43,22 @@ def is_sharded_checkpoint(path: str | os.PathLike[str]) -> bool:
 
 # -- optimizer state by parameter name ---------------------------------------------------------------------------
 def optimizer_state_by_name(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> dict[str, Any]:
-    """``{"state": {name: {key: value}}, "hparams": {name: group hyper-parameters}}`` for ``optimizer``."""
+    """``{"state": {name: {key: value}}, "hparams": {name: group hyper-parameters}, "groups": {name: index of its
+    param group}}`` for ``optimizer`` (the index lets :func:`consolidate` list the groups in the order
+    ``configure_optimizers`` made them)."""
     sd = optimizer.state_dict()
     state: dict[str, Any] = {}
     hparams: dict[str, Any] = {}
-    for group_sd, group in zip(sd["param_groups"], optimizer.param_groups):
+    groups: dict[str, int] = {}
+    for group_index, (group_sd, group) in enumerate(zip(sd["param_groups"], optimizer.param_groups)):
         hp = {k: v for k, v in group_sd.items() if k not in _HPARAMS_SKIP}
         for index, param in zip(group_sd["params"], group["params"]):
             name = names[id(param)]
             hparams[name] = hp
+            groups[name] = group_index
             if index in sd["state"]:
                 state[name] = sd["state"][index]
-    return {"state": state, "hparams": hparams}
+    return {"state": state, "hparams": hparams, "groups": groups}
 
 
 def load_optimizer_state_by_name(optimizer: torch.optim.Optimizer, names: dict[int, str],
@@ -237,26 +241,47 @@ def consolidate(path: str | os.PathLike[str], output: str | os.PathLike[str] | N
 
 
 def _to_plain(saved: dict[str, Any], order: list[str]) -> dict[str, Any]:
+    """The ordinary index-keyed form: the param groups in the order ``configure_optimizers`` made them (each
+    parameter's saved group index; every stage makes the same groups), parameters in model order within each."""
     names = [n for n in order if n in saved["hparams"]]
+    by_index = _groups_by_index(saved, names)
+    grouped: list[list[str]] = []
+    if by_index is not None:
+        grouped = [by_index[i] for i in sorted(by_index)]
+    else:  # no group indices (an older checkpoint), or stages that numbered their groups differently
+        for name in names:
+            bucket = next((b for b in grouped if saved["hparams"][b[0]] == saved["hparams"][name]), None)
+            if bucket is None:
+                grouped.append([name])
+            else:
+                bucket.append(name)
     groups: list[dict[str, Any]] = []
     state: dict[int, Any] = {}
-    for name in names:
-        hp = saved["hparams"][name]
-        group = next((g for g in groups if {k: v for k, v in g.items() if k != "params"} == hp), None)
-        if group is None:
-            group = {**hp, "params": []}
-            groups.append(group)
-        group["params"].append(name)
     index = 0
-    for group in groups:
+    for bucket in grouped:
         ids = []
-        for name in group["params"]:
+        for name in bucket:
             if name in saved.get("state", {}):  # absent altogether for an optimizer without state (plain SGD)
                 state[index] = saved["state"][name]
             ids.append(index)
             index += 1
-        group["params"] = ids
+        groups.append({**saved["hparams"][bucket[0]], "params": ids})
     return {"state": state, "param_groups": groups}
+
+
+def _groups_by_index(saved: dict[str, Any], names: list[str]) -> dict[int, list[str]] | None:
+    """``names`` by their saved group index, or ``None`` where that cannot be trusted: indices missing, or one index
+    holding different hyper-parameters (a ``configure_optimizers`` that drops the groups a stage leaves empty
+    numbers them differently on each stage)."""
+    indices = saved.get("groups") or {}
+    if any(name not in indices for name in names):
+        return None
+    by_index: dict[int, list[str]] = {}
+    for name in names:
+        by_index.setdefault(int(indices[name]), []).append(name)
+    if any(saved["hparams"][n] != saved["hparams"][b[0]] for b in by_index.values() for n in b):
+        return None
+    return by_index
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -119,24 +119,28 @@ class ReplicatedParams:
         return len(self.names)
 
     def sum_grads(self, group: dist.ProcessGroup | None) -> None:
-        """Sum each replicated parameter's gradient over the stages, in one all-reduce."""
+        """Sum each replicated parameter's gradient over the stages, in one all-reduce. A parameter that no stage
+        has a gradient for (frozen, or unused in this step) keeps ``grad = None``, as on one device: optimizers skip
+        it then, where a zero gradient would still get weight decay and momentum."""
         if not self.names:
             return
         device = next((p.device for p in self.params if p is not None), torch.device("cpu"))
         dtype = next((p.dtype for p in self.params if p is not None), torch.float32)
-        flats = []
+        flats, flags = [], []
         for p, shape in zip(self.params, self.shapes):
-            if p is not None and p.grad is not None:
-                flats.append(p.grad.reshape(-1).to(dtype))
-            else:
-                flats.append(torch.zeros(shape.numel(), device=device, dtype=dtype))
+            has_grad = p is not None and p.grad is not None
+            flats.append(p.grad.reshape(-1).to(dtype) if has_grad else  # type: ignore[union-attr]
+                         torch.zeros(shape.numel(), device=device, dtype=dtype))
+            flags.append(float(has_grad))
+        flats.append(torch.tensor(flags, device=device, dtype=dtype))  # how many stages had each gradient
         buffer = torch.cat(flats)
         dist.all_reduce(buffer, group=group)
+        had = buffer[-len(flags):].tolist()
         offset = 0
         seen: set[int] = set()
-        for p, shape in zip(self.params, self.shapes):
+        for p, shape, count in zip(self.params, self.shapes, had):
             n = shape.numel()
-            if p is not None and id(p) not in seen:
+            if p is not None and id(p) not in seen and count > 0:
                 seen.add(id(p))
                 grad = buffer[offset : offset + n].view(shape).to(p.dtype)
                 p.grad = grad.clone() if p.grad is None else p.grad.copy_(grad)
