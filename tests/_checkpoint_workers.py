@@ -97,6 +97,7 @@ def job(rank: int, world_size: int, *, pp: int | None, steps: int = -1, epochs: 
     return {
         "params": {n: p.detach().clone() for n, p in model.named_parameters()},
         "optimizer": optimizer_state_by_name(trainer.optimizers[0], names),
+        "lrs": {names[id(p)]: g["lr"] for g in trainer.optimizers[0].param_groups for p in g["params"]},
         "losses": losses.losses,
         "batches": losses.batches,
         "files": sorted(os.listdir(ckpt_out)) if ckpt_out and os.path.isdir(ckpt_out) else None,

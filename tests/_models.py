@@ -145,11 +145,32 @@ class TinyGPT(LightningModule):
             # file listing the groups by where their parameters first appear would not resume.
             optimizer = torch.optim.AdamW([{"params": others, "weight_decay": 0.0, "lr": self.lr / 2},
                                            {"params": matrices, "weight_decay": self.weight_decay}], lr=self.lr)
+        elif self.optimizer_name == "layerwise":  # a learning rate per layer, and a schedule that uses them
+            return self._layerwise()
         else:
             optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         if not self.scheduler:
             return optimizer
         schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def _layerwise(self) -> Any:
+        """One group per block's matrices (lr 1.25x, 1.5x, ... by depth), one for the other matrices, one without
+        decay for the rest, made in the order their parameters first appear (so a stage holds only its blocks'
+        groups); LambdaLR scales each group's own base_lr."""
+        groups: dict[str, dict[str, Any]] = {}
+        for name, p in self.named_parameters():
+            parts = name.split(".")
+            if p.dim() < 2:
+                key, hp = "rest", {"lr": self.lr / 2, "weight_decay": 0.0}
+            elif parts[0] in ("blocks", "layers"):
+                key, hp = f"block{parts[1]}", {"lr": self.lr * (1 + (int(parts[1]) + 1) / 4),
+                                                "weight_decay": self.weight_decay}
+            else:
+                key, hp = "matrices", {"lr": self.lr, "weight_decay": self.weight_decay}
+            groups.setdefault(key, {**hp, "params": []})["params"].append(p)
+        optimizer = torch.optim.AdamW(list(groups.values()), lr=self.lr)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1.0 + 0.2 * step))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 

@@ -24,7 +24,7 @@ CKPT = "epoch=1-step=9.ckpt"  # written mid-epoch by ModelCheckpoint(every_n_tra
 def _merge(results: list[dict[str, Any]], key: str) -> dict[str, Any]:
     merged: dict[str, Any] = {}
     for r in results:
-        merged.update(r[key] if key == "params" else r["optimizer"]["state"])
+        merged.update(r["optimizer"]["state"] if key == "optimizer" else r[key])
     return merged
 
 
@@ -86,6 +86,23 @@ def _assert_written_once(path: Path) -> None:
     stored = [index.fqn for index in metadata.storage_data]
     assert len(stored) == len(set(stored))
     assert "state_dict.tok.weight" in stored
+
+
+@pytest.mark.timeout(400)
+def test_layerwise_learning_rates_and_their_schedule_resume_in_other_layouts(tmp_path: Path) -> None:
+    """Each stage holds its own blocks' param groups, so the LR scheduler's base_lrs differ per rank: resumed at
+    pp=1 and, consolidated, by plain Lightning on one device, every group continues with its own schedule."""
+    import lightning_pipe
+
+    ckpt_dir = tmp_path / "layerwise"
+    reference = _run(2, pp=2, steps=12, optimizer="layerwise", checkpoint_dir=str(ckpt_dir))
+    ref_lrs = _merge(reference, "lrs")
+    assert len(set(ref_lrs.values())) >= 5  # the groups really differ
+    single = lightning_pipe.consolidate(ckpt_dir / CKPT)
+    for pp, ckpt in ((1, ckpt_dir / CKPT), (None, single)):
+        resumed = _run(1, pp=pp, steps=12, optimizer="layerwise", ckpt_in=str(ckpt))[0]
+        assert resumed["lrs"] == pytest.approx(ref_lrs, rel=1e-6), pp
+        assert _max_diff(resumed["params"], _merge(reference, "params")) <= TOLERANCE, pp
 
 
 @pytest.mark.timeout(300)

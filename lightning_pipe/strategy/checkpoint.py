@@ -29,7 +29,8 @@ from lightning_pipe.errors import PipelineError
 
 __all__ = [
     "META_FILE", "optimizer_state_by_name", "load_optimizer_state_by_name", "save_sharded", "load_sharded",
-    "is_sharded_checkpoint", "consolidate", "plain_optimizer_state_by_name", "main",
+    "is_sharded_checkpoint", "consolidate", "plain_optimizer_state_by_name", "scheduler_state_by_name",
+    "load_scheduler_state_by_name", "main",
 ]
 
 META_FILE = "meta.pt"  # the name Lightning's sharded checkpoints use for their non-tensor part
@@ -85,6 +86,37 @@ def load_optimizer_state_by_name(optimizer: torch.optim.Optimizer, names: dict[i
             group_sd.update({k: v for k, v in distinct[0].items() if k in group_sd and k not in _HPARAMS_SKIP})
     sd["state"] = state
     optimizer.load_state_dict(sd)
+
+
+def scheduler_state_by_name(state: dict[str, Any], optimizer: torch.optim.Optimizer,
+                            names: dict[int, str]) -> dict[str, dict[str, Any]]:
+    """The per-param-group entries of an LR scheduler's ``state`` (its lists of one number per group of
+    ``optimizer``: ``base_lrs``, ``_last_lr``, ...), by the name of each parameter of the group."""
+    keys = _per_group_keys(state, len(optimizer.param_groups))
+    return {names[id(p)]: {key: state[key][g] for key in keys}
+            for g, group in enumerate(optimizer.param_groups) for p in group["params"]} if keys else {}
+
+
+def load_scheduler_state_by_name(state: dict[str, Any], current: dict[str, Any], optimizer: torch.optim.Optimizer,
+                                 names: dict[int, str], saved: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """``state`` (an LR scheduler's state as rank 0 saved it) with its per-group lists rebuilt for this rank's
+    ``optimizer`` from ``saved`` (:func:`scheduler_state_by_name`, merged over the ranks). A group none of whose
+    parameters was saved keeps ``current``'s value (the scheduler as ``configure_optimizers`` just made it)."""
+    if not saved:
+        return state
+    out = dict(state)
+    for key in _per_group_keys(current, len(optimizer.param_groups)):
+        values = []
+        for g, group in enumerate(optimizer.param_groups):
+            found = [saved[n][key] for n in (names[id(p)] for p in group["params"]) if key in saved.get(n, {})]
+            values.append(found[0] if found else current[key][g])
+        out[key] = values
+    return out
+
+
+def _per_group_keys(state: dict[str, Any], num_groups: int) -> list[str]:
+    return [k for k, v in state.items() if isinstance(v, list) and len(v) == num_groups
+            and all(x is None or isinstance(x, (bool, int, float)) for x in v)]
 
 
 def plain_optimizer_state_by_name(plain: dict[str, Any], param_order: list[str]) -> dict[str, Any]:
@@ -145,11 +177,14 @@ def _read_metadata(path: Path) -> Metadata:
 
 
 def load_sharded(path: Path, *, model_state: dict[str, torch.Tensor], optimizer_names: list[list[str]],
-                 weights_only: bool | None) -> dict[str, Any]:
+                 weights_only: bool | None, scheduler_names: list[list[str]] | None = None) -> dict[str, Any]:
     """Read this rank's names from the checkpoint at ``path``; ``model_state`` is filled in place.
 
-    Returns Lightning's checkpoint dict: ``meta.pt`` plus ``state_dict`` and name-keyed ``optimizer_states``.
+    Returns Lightning's checkpoint dict: ``meta.pt`` plus ``state_dict``, name-keyed ``optimizer_states`` and, under
+    ``pipeline_lr_scheduler_groups``, the per-group entries of each LR scheduler by name (``scheduler_names``: the
+    parameters of each scheduler's optimizer).
     """
+    scheduler_names = scheduler_names or []
     if not (path / META_FILE).is_file():
         raise PipelineError(f"{path} has no {META_FILE}: not a checkpoint written by PipelineStrategy (or the save "
                             "was interrupted)")
@@ -173,12 +208,14 @@ def load_sharded(path: Path, *, model_state: dict[str, torch.Tensor], optimizer_
     # Optimizer entries grouped by "optimizer_<i>.<part>.<name>" once, instead of a scan of every entry per name.
     by_owner: dict[str, list[str]] = {}
     for key in entries:
-        if key.startswith("optimizer_"):
+        if key.startswith(("optimizer_", "lr_scheduler_")):
             by_owner.setdefault(key.rsplit(".", 1)[0], []).append(key)
     owned = [(i, part, name) for i, names in enumerate(optimizer_names) for name in names
              for part in ("state", "hparams")]
-    for i, part, name in owned:
-        for key in by_owner.get(f"optimizer_{i}.{part}.{name}", []):
+    scheduled = [(i, name) for i, names in enumerate(scheduler_names) for name in names]
+    for owner in [f"optimizer_{i}.{part}.{name}" for i, part, name in owned] + \
+            [f"lr_scheduler_{i}.{name}" for i, name in scheduled]:
+        for key in by_owner.get(owner, []):
             entry = entries[key]
             request[key] = (torch.empty(entry.size, dtype=entry.properties.dtype)
                             if isinstance(entry, TensorStorageMetadata) else None)
@@ -193,7 +230,13 @@ def load_sharded(path: Path, *, model_state: dict[str, torch.Tensor], optimizer_
         keys = by_owner.get(f"optimizer_{i}.{part}.{name}", [])
         if keys:
             optimizer_states[i][part][name] = {k.rsplit(".", 1)[1]: request[k] for k in keys}
-    return {**meta, "state_dict": dict(model_state), "optimizer_states": optimizer_states}
+    scheduler_groups: list[dict[str, dict[str, Any]]] = [{} for _ in scheduler_names]
+    for i, name in scheduled:
+        keys = by_owner.get(f"lr_scheduler_{i}.{name}", [])
+        if keys:
+            scheduler_groups[i][name] = {k.rsplit(".", 1)[1]: request[k] for k in keys}
+    return {**meta, "state_dict": dict(model_state), "optimizer_states": optimizer_states,
+            "pipeline_lr_scheduler_groups": scheduler_groups}
 
 
 def _first_cause(err: BaseException) -> str:
@@ -234,15 +277,50 @@ def consolidate(path: str | os.PathLike[str], output: str | os.PathLike[str] | N
         i += 1
     full["optimizer_states"] = plain
     full["pipeline_optimizer_states"] = by_name
+    _plain_schedulers(full, by_name, order)
     tmp = output.with_name(f".{output.name}.partial")
     torch.save(full, tmp)
     tmp.rename(output)
     return output
 
 
+def _plain_schedulers(full: dict[str, Any], by_name: list[dict[str, Any]], order: list[str]) -> None:
+    """Each LR scheduler's per-group lists in the consolidated file's group order (from their name-keyed copies,
+    which are kept under ``pipeline_lr_scheduler_groups`` for a resume under the pipeline)."""
+    groups = []
+    i = 0
+    while f"lr_scheduler_{i}" in full:
+        groups.append(saved := full.pop(f"lr_scheduler_{i}"))
+        states = full.get("lr_schedulers", [])
+        optimizer = next((o for o in by_name if saved and next(iter(saved)) in o["hparams"]), None)
+        if i < len(states) and optimizer is not None:
+            buckets = _plain_groups(optimizer, order)
+            for key in {k for entry in saved.values() for k in entry}:
+                if all(key in saved.get(bucket[0], {}) for bucket in buckets):
+                    states[i][key] = [saved[bucket[0]][key] for bucket in buckets]
+        i += 1
+    full["pipeline_lr_scheduler_groups"] = groups
+
+
 def _to_plain(saved: dict[str, Any], order: list[str]) -> dict[str, Any]:
     """The ordinary index-keyed form: the param groups in the order ``configure_optimizers`` made them (each
     parameter's saved group index; every stage makes the same groups), parameters in model order within each."""
+    groups: list[dict[str, Any]] = []
+    state: dict[int, Any] = {}
+    index = 0
+    for bucket in _plain_groups(saved, order):
+        ids = []
+        for name in bucket:
+            if name in saved.get("state", {}):  # absent altogether for an optimizer without state (plain SGD)
+                state[index] = saved["state"][name]
+            ids.append(index)
+            index += 1
+        groups.append({**saved["hparams"][bucket[0]], "params": ids})
+    return {"state": state, "param_groups": groups}
+
+
+def _plain_groups(saved: dict[str, Any], order: list[str]) -> list[list[str]]:
+    """The names of each param group of the consolidated optimizer (see :func:`_to_plain`)."""
     names = [n for n in order if n in saved["hparams"]]
     by_index = _groups_by_index(saved, names)
     grouped: list[list[str]] = []
@@ -255,18 +333,7 @@ def _to_plain(saved: dict[str, Any], order: list[str]) -> dict[str, Any]:
                 grouped.append([name])
             else:
                 bucket.append(name)
-    groups: list[dict[str, Any]] = []
-    state: dict[int, Any] = {}
-    index = 0
-    for bucket in grouped:
-        ids = []
-        for name in bucket:
-            if name in saved.get("state", {}):  # absent altogether for an optimizer without state (plain SGD)
-                state[index] = saved["state"][name]
-            ids.append(index)
-            index += 1
-        groups.append({**saved["hparams"][bucket[0]], "params": ids})
-    return {"state": state, "param_groups": groups}
+    return grouped
 
 
 def _groups_by_index(saved: dict[str, Any], names: list[str]) -> dict[int, list[str]] | None:

@@ -45,9 +45,11 @@ from lightning_pipe.schedules import DEFAULT_VIRTUAL_STAGES, SCHEDULES, Schedule
 from lightning_pipe.strategy.chain import ChainRuntime, StageExit, find_chain, is_cut, split_chain
 from lightning_pipe.strategy.checkpoint import (
     load_optimizer_state_by_name,
+    load_scheduler_state_by_name,
     load_sharded,
     optimizer_state_by_name,
     plain_optimizer_state_by_name,
+    scheduler_state_by_name,
     save_sharded,
 )
 from lightning_pipe.strategy.grads import (
@@ -718,6 +720,13 @@ class PipelineStrategy(DDPStrategy):
             checkpoint["state_dict"] = self.lightning_module_state_dict()
         state = {"state_dict": checkpoint.pop("state_dict")}
         state.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
+        # meta.pt holds rank 0's LR schedulers; what differs per param group (base_lrs, ...) is saved by name.
+        names = self._names()
+        for i, (config, scheduler_state) in enumerate(zip(self.lr_scheduler_configs,
+                                                          checkpoint.get("lr_schedulers", []))):
+            optimizer = getattr(config.scheduler, "optimizer", None)
+            if optimizer is not None:
+                state[f"lr_scheduler_{i}"] = scheduler_state_by_name(scheduler_state, optimizer, names)
         checkpoint["pipeline"] = {"param_order": self._param_order, "pipeline_parallel_size": self.num_stages,
                                   "virtual_stages": self.virtual_stages, "schedule": self.schedule_name,
                                   "data_parallel_size": self.data_parallel_size}
@@ -728,19 +737,38 @@ class PipelineStrategy(DDPStrategy):
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(self.broadcast(str(checkpoint_path)))
         if path.is_dir():
+            names = self._names()
             checkpoint = load_sharded(
                 path, model_state=self.lightning_module.state_dict(), weights_only=weights_only,
-                optimizer_names=[[self._names()[id(p)] for g in opt.param_groups for p in g["params"]]
+                optimizer_names=[[names[id(p)] for g in opt.param_groups for p in g["params"]]
                                  for opt in self.optimizers],
+                scheduler_names=[[names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+                                 if optimizer is not None else [] for optimizer in self._scheduler_optimizers()],
             )
             checkpoint[_LOADED_IN_PLACE] = True  # DCP wrote into the module's own tensors already
+            self._own_scheduler_states(checkpoint)
             return checkpoint
         if not path.is_file():
             raise PipelineError(f"checkpoint not found: {path}")
         checkpoint = super().load_checkpoint(path, weights_only=weights_only)  # an ordinary single file
         if "pipeline_optimizer_states" in checkpoint:  # consolidated from a pipeline checkpoint: exact by name
             checkpoint["optimizer_states"] = checkpoint.pop("pipeline_optimizer_states")
+            self._own_scheduler_states(checkpoint)
         return checkpoint
+
+    def _scheduler_optimizers(self) -> list[Optimizer | None]:
+        return [getattr(config.scheduler, "optimizer", None) for config in self.lr_scheduler_configs]
+
+    def _own_scheduler_states(self, checkpoint: dict[str, Any]) -> None:
+        """Each LR scheduler's state as this rank's one was saved: rank 0's (meta.pt), with the per-group lists
+        rebuilt for this rank's param groups from their name-keyed copies."""
+        by_name = checkpoint.pop("pipeline_lr_scheduler_groups", None) or []
+        states = checkpoint.get("lr_schedulers", [])
+        names = self._names()
+        for i, (config, optimizer) in enumerate(zip(self.lr_scheduler_configs, self._scheduler_optimizers())):
+            if optimizer is not None and i < len(states) and i < len(by_name):
+                states[i] = load_scheduler_state_by_name(states[i], config.scheduler.state_dict(), optimizer, names,
+                                                         by_name[i])
 
     @override
     def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
