@@ -75,7 +75,8 @@ def job(rank: int, world_size: int, *, pp: int | None, steps: int = -1, epochs: 
         ) -> dict[str, Any]:
     """Fit to ``steps`` (resuming from ``ckpt_in``), save to ``ckpt_out``; ``pp=None`` trains without a pipeline."""
     seed_everything(0, workers=True)
-    model = TinyGPT(body=body, optimizer=optimizer, d=24 if corrupt == "shape" else 16)
+    model = TinyGPT(body=body, optimizer=optimizer, d=24 if corrupt == "shape" else 16,
+                    n_layer=6 if corrupt in ("deeper", "deeper_file") else 4)
     replicas = world_size // pp if pp else 1
     data = token_data(48)
     if replicas > 1:
@@ -137,6 +138,36 @@ def interrupted_save(rank: int, world_size: int, *, path: str) -> str:
 
 def consolidate_on_rank_zero(rank: int, world_size: int, *, path: str) -> str | None:
     return str(lightning_pipe.consolidate(path)) if rank == 0 else None
+
+
+def meta_fails(rank: int, world_size: int, *, path: str) -> tuple[str, str]:
+    """Save a checkpoint, then save again to the same path with something rank 0 cannot pickle into meta.pt."""
+
+    class Unpicklable(Callback):
+        armed = False
+
+        def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+            if self.armed:
+                checkpoint["not_picklable"] = lambda: None
+
+    seed_everything(0, workers=True)
+    unpicklable = Unpicklable()
+    trainer = Trainer(accelerator="cpu", devices=world_size, max_steps=2, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+                      strategy=PipelineStrategy(num_microbatches=2, timeout=20), callbacks=[unpicklable])
+    model = TinyGPT()
+    trainer.fit(model, DataLoader(token_data(48), batch_size=BATCH))
+    trainer.save_checkpoint(path)
+    torch.save({n: p.detach().clone() for n, p in model.named_parameters()}, f"{path}.rank{rank}.expected")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # the second save would write different weights
+    unpicklable.armed = True
+    try:
+        trainer.save_checkpoint(path)
+    except Exception as err:  # noqa: BLE001 - reported to the test
+        return type(err).__name__, str(err)
+    return "no error", ""
 
 
 def damaged(rank: int, world_size: int, *, cases: dict[str, str]) -> dict[str, tuple[str, str]]:

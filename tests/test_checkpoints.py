@@ -158,26 +158,53 @@ def test_interrupted_save_leaves_the_previous_checkpoint(tmp_path: Path) -> None
             assert torch.equal(full["state_dict"][name], value), name
 
 
+@pytest.mark.timeout(200)
+def test_a_failed_meta_write_raises_on_every_rank_and_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
+    import lightning_pipe
+
+    path = tmp_path / "last.ckpt"
+    outcomes = [o.unwrap() for o in launch("tests._checkpoint_workers.meta_fails", 2, deadline=150, path=str(path))]
+    assert outcomes[0][0] == "PipelineError" and "meta.pt (loops, callbacks, hyper-parameters) failed" in outcomes[0][1]
+    assert outcomes[1][0] == "PipelineError" and "rank 0 failed to write meta.pt" in outcomes[1][1]
+    assert all("the previous checkpoint at" in message for _, message in outcomes)
+    full = torch.load(lightning_pipe.consolidate(path), weights_only=True)
+    for rank in range(2):
+        for name, value in torch.load(f"{path}.rank{rank}.expected", weights_only=True).items():
+            assert torch.equal(full["state_dict"][name], value), name
+
+
 @pytest.mark.timeout(300)
 def test_damaged_or_incompatible_checkpoints_fail_with_a_clear_error(
         straight: tuple[Path, list[dict[str, Any]]], tmp_path: Path) -> None:
     ckpt_dir, _ = straight
     cases = {}
-    for case in ("missing_shard", "missing_meta", "shape"):
+    for case in ("missing_shard", "missing_meta", "shape", "deeper"):
         cases[case] = str(tmp_path / case)
         shutil.copytree(ckpt_dir / CKPT, cases[case])
     os.remove(Path(cases["missing_shard"]) / "__1_0.distcp")
     os.remove(Path(cases["missing_meta"]) / "meta.pt")
+    cases["deeper_file"] = str(tmp_path / "deeper.ckpt")  # a plain single-file checkpoint of 4 layers
+    import lightning
+
+    from tests._models import TinyGPT
+    torch.save({"state_dict": TinyGPT(body="modulelist").state_dict(),
+                "pytorch-lightning_version": lightning.__version__}, cases["deeper_file"])
     outcomes = launch("tests._checkpoint_workers.damaged", 2, deadline=240, cases=cases)
     expected = {
         "missing_shard": "reading the shards of",
         "missing_meta": "has no meta.pt",
         "shape": "`tok.weight` has shape (16, 16) in the checkpoint but (16, 24) in the model",
+        # A model of 6 layers: rank 1 holds layers 3-5, of which the checkpoint lacks 4 and 5; rank 0's part fits,
+        # and it raises too instead of waiting for rank 1 in DCP's collectives (then running the next case out of
+        # step with it).
+        "deeper": ["the parts another rank holds do not fit", "`layers.4.ln1.weight` is missing"],
+        "deeper_file": ["loading the checkpoint's weights failed on another rank", "lacks 22 entries this stage"],
     }
     for outcome in outcomes:
         errors = outcome.unwrap()
         for case, text in expected.items():
             kind, message = errors[case]
+            text = text[outcome.rank] if isinstance(text, list) else text
             assert kind == "PipelineError" and text in message, (outcome.rank, case, kind, message)
 
 
@@ -203,3 +230,29 @@ def test_consolidated_param_groups_keep_the_order_configure_optimizers_gave() ->
     # Stages that numbered their groups differently (index 0 with two sets of hyper-parameters): by first appearance.
     saved["groups"] = {"a": 0, "b": 0, "c": 1, "d": 1}
     assert [g["params"] for g in _to_plain(saved, ["a", "b", "c", "d"])["param_groups"]] == [[0], [1, 2, 3]]
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_a_save_stopped_between_its_renames_leaves_a_checkpoint_after_the_next_failed_save(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The previous checkpoint, moved aside to ``.old`` just before the crash, is put back before the next save
+    starts, so a second crash does not leave nothing."""
+    from lightning_pipe.strategy import checkpoint as ckpt
+
+    path = tmp_path / "last.ckpt"
+    first = {"state_dict": {"w": torch.arange(4.0)}}
+    ckpt.save_sharded(path, state=first, meta={"step": 1}, is_rank_zero=True, barrier=lambda: None)
+    path.rename(tmp_path / ".last.ckpt.old")  # the first rename of the next save, then the crash
+    (tmp_path / ".last.ckpt.partial").mkdir()
+
+    def dying_save(*args: Any, **kwargs: Any) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt.dcp, "save", dying_save)
+    with pytest.raises(OSError):
+        ckpt.save_sharded(path, state={"state_dict": {"w": torch.zeros(4)}}, meta={"step": 2}, is_rank_zero=True,
+                          barrier=lambda: None)
+    assert torch.load(path / ckpt.META_FILE, weights_only=True) == {"step": 1}
+    monkeypatch.undo()
+    loaded = ckpt.load_sharded(path, model_state={"w": torch.empty(4)}, optimizer_names=[], weights_only=True)
+    assert torch.equal(loaded["state_dict"]["w"], torch.arange(4.0))

@@ -145,18 +145,31 @@ def plain_optimizer_state_by_name(plain: dict[str, Any], param_order: list[str])
 
 # -- save -----------------------------------------------------------------------------------------------------------
 def save_sharded(path: Path, *, state: dict[str, Any], meta: dict[str, Any] | None, is_rank_zero: bool,
-                 barrier: Callable[[], None]) -> None:
-    """Write ``state`` (this rank's part) with DCP and ``meta`` (rank 0's) to ``path``, replacing it atomically."""
+                 barrier: Callable[[], None], any_rank: Callable[[bool], bool] = bool) -> None:
+    """Write ``state`` (this rank's part) with DCP and ``meta`` (rank 0's) to ``path``, replacing it atomically.
+    ``any_rank(flag)``: whether any rank passed ``True`` (a collective), so that a failure to write ``meta`` raises
+    on every rank."""
     tmp = path.with_name(f".{path.name}.partial")
     old = path.with_name(f".{path.name}.old")
     if is_rank_zero:
+        if old.is_dir() and not path.exists():  # a save stopped between its two renames: the previous one is back
+            old.rename(path)
         shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted save
         tmp.mkdir(parents=True)
     barrier()
     dcp.save(state, checkpoint_id=tmp)
+    error: Exception | None = None
     if is_rank_zero:
-        torch.save(meta, tmp / META_FILE)
-    barrier()  # every rank has written: the new checkpoint is complete
+        try:
+            torch.save(meta, tmp / META_FILE)
+        except Exception as err:  # noqa: BLE001 - raised below, on every rank
+            error = err
+    if any_rank(error is not None):  # also: every rank has written, the new checkpoint is complete
+        kept = f"the previous checkpoint at {path} is kept" if path.exists() else "nothing was written"
+        if error is not None:
+            raise PipelineError(f"writing {tmp / META_FILE} (loops, callbacks, hyper-parameters) failed: "
+                                f"{type(error).__name__}: {error}; {kept}") from error
+        raise PipelineError(f"rank 0 failed to write {META_FILE} of {path} (see its error); {kept}")
     if is_rank_zero:
         shutil.rmtree(old, ignore_errors=True)
         if path.is_file():
@@ -177,8 +190,11 @@ def _read_metadata(path: Path) -> Metadata:
 
 
 def load_sharded(path: Path, *, model_state: dict[str, torch.Tensor], optimizer_names: list[list[str]],
-                 weights_only: bool | None, scheduler_names: list[list[str]] | None = None) -> dict[str, Any]:
-    """Read this rank's names from the checkpoint at ``path``; ``model_state`` is filled in place.
+                 weights_only: bool | None, scheduler_names: list[list[str]] | None = None,
+                 any_rank: Callable[[bool], bool] = bool) -> dict[str, Any]:
+    """Read this rank's names from the checkpoint at ``path``; ``model_state`` is filled in place. ``any_rank``:
+    as for :func:`save_sharded` (a rank whose part does not fit raises, and so does every other, instead of waiting
+    for it in DCP's collectives).
 
     Returns Lightning's checkpoint dict: ``meta.pt`` plus ``state_dict``, name-keyed ``optimizer_states`` and, under
     ``pipeline_lr_scheduler_groups``, the per-group entries of each LR scheduler by name (``scheduler_names``: the
@@ -202,7 +218,10 @@ def load_sharded(path: Path, *, model_state: dict[str, torch.Tensor], optimizer_
                             "in the model")
         else:
             request[key] = tensor
-    if problems:
+    if any_rank(bool(problems)):
+        if not problems:
+            raise PipelineError(f"cannot load {path} into this model: the parts another rank holds do not fit (see "
+                                "that rank's error)")
         raise PipelineError(f"cannot load {path} into this model: " + "; ".join(problems[:5])
                             + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
     # Optimizer entries grouped by "optimizer_<i>.<part>.<name>" once, instead of a scan of every entry per name.

@@ -731,7 +731,7 @@ class PipelineStrategy(DDPStrategy):
                                   "virtual_stages": self.virtual_stages, "schedule": self.schedule_name,
                                   "data_parallel_size": self.data_parallel_size}
         save_sharded(path, state=state, meta=checkpoint if self.is_global_zero else None,
-                     is_rank_zero=self.is_global_zero, barrier=self.barrier)
+                     is_rank_zero=self.is_global_zero, barrier=self.barrier, any_rank=self._any_rank)
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
@@ -744,6 +744,7 @@ class PipelineStrategy(DDPStrategy):
                                  for opt in self.optimizers],
                 scheduler_names=[[names[id(p)] for g in optimizer.param_groups for p in g["params"]]
                                  if optimizer is not None else [] for optimizer in self._scheduler_optimizers()],
+                any_rank=self._any_rank,
             )
             checkpoint[_LOADED_IN_PLACE] = True  # DCP wrote into the module's own tensors already
             self._own_scheduler_states(checkpoint)
@@ -775,21 +776,46 @@ class PipelineStrategy(DDPStrategy):
         if checkpoint.get(_LOADED_IN_PLACE):
             return
         module = self.lightning_module
-        own = module.state_dict()
-        state = checkpoint["state_dict"]
-        missing = [k for k in own if k not in state]
-        if strict and missing:
-            raise PipelineError(f"the checkpoint lacks {len(missing)} entries this stage needs, e.g. {missing[:3]}")
-        module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+
+        def load() -> None:
+            own = module.state_dict()
+            state = checkpoint["state_dict"]
+            missing = [k for k in own if k not in state]
+            if strict and missing:
+                raise PipelineError(f"the checkpoint lacks {len(missing)} entries this stage needs, e.g. "
+                                    f"{missing[:3]}")
+            module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+
+        self._on_every_rank(load, "loading the checkpoint's weights")
 
     @override
     def load_optimizer_state_dict(self, checkpoint: Any) -> None:
         names = self._names()
-        for optimizer, saved in zip(self.optimizers, checkpoint["optimizer_states"]):
-            if "param_groups" in saved:  # an ordinary index-keyed state from single-device training
-                saved = plain_optimizer_state_by_name(saved, self._param_order)
-            load_optimizer_state_by_name(optimizer, names, saved)
-            _optimizers_to_device([optimizer], self.root_device)
+
+        def load() -> None:
+            for optimizer, saved in zip(self.optimizers, checkpoint["optimizer_states"]):
+                if "param_groups" in saved:  # an ordinary index-keyed state from single-device training
+                    saved = plain_optimizer_state_by_name(saved, self._param_order)
+                load_optimizer_state_by_name(optimizer, names, saved)
+                _optimizers_to_device([optimizer], self.root_device)
+
+        self._on_every_rank(load, "loading the checkpoint's optimizer states")
+
+    def _any_rank(self, flag: bool) -> bool:
+        return self.reduce_boolean_decision(flag, all=False)
+
+    def _on_every_rank(self, work: Callable[[], None], what: str) -> None:
+        """``work()``; if it fails on one rank (what it checks differs by stage), every rank raises, instead of the
+        others going on to wait for it in the next collective."""
+        error: Exception | None = None
+        try:
+            work()
+        except Exception as err:  # noqa: BLE001 - re-raised below, after every rank learnt of it
+            error = err
+        if self._any_rank(error is not None):
+            if error is not None:
+                raise error
+            raise PipelineError(f"{what} failed on another rank (see its error)")
 
     @override
     def remove_checkpoint(self, filepath: Any) -> None:
