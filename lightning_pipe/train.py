@@ -117,6 +117,24 @@ def _run_sweep_job() -> dict[str, Any]:
     return result
 
 
+def _consolidate_on_rank_zero(trainer: Any, ckpt_path: str) -> None:
+    """``<final checkpoint>.consolidated.ckpt``, written by rank 0 (replacing one a run in the same output directory
+    left: it belongs to the checkpoint just replaced); a failure there raises on every rank."""
+    from lightning_pipe import consolidate
+
+    trainer.strategy.barrier()
+    error: Exception | None = None
+    if trainer.is_global_zero:
+        try:
+            consolidate(ckpt_path, f"{ckpt_path}.consolidated.ckpt", overwrite=True)
+        except Exception as err:  # noqa: BLE001 - raised below, on every rank
+            error = err
+    if trainer.strategy.reduce_boolean_decision(error is not None, all=False):
+        if error is not None:
+            raise error
+        raise RuntimeError(f"rank 0 failed to consolidate {ckpt_path} (checkpoint.consolidate=true; see its error)")
+
+
 # ---------------------------------------------------------------------------------------------------- builders
 
 
@@ -132,8 +150,13 @@ def build_model(cfg: Any, data: Any = None) -> Any:
     from hydra.utils import instantiate
 
     extra = {}
-    if cfg.model.get("vocab_size", 0) is None and getattr(data, "vocab_size", None) is not None:
-        extra["vocab_size"] = data.vocab_size
+    needed = getattr(data, "vocab_size", None)
+    given = cfg.model.get("vocab_size", 0)
+    if given is None and needed is not None:
+        extra["vocab_size"] = needed
+    elif given and needed is not None and given < needed:  # else an IndexError in the first step's embedding
+        raise ValueError(f"model.vocab_size={given} is smaller than the data's {needed} tokens: raise it, or set "
+                         "model.vocab_size=null to take the data's")
     return instantiate(cfg.model, **extra)
 
 
@@ -220,7 +243,7 @@ def run(cfg: Any) -> dict[str, Any]:
     # Lightning's implicit end-of-epoch checkpoint is replaced by checkpoints/<final_name> (and the periodic ones).
     trainer = build_trainer(cfg, strategy, logger=logger, callbacks=callbacks, enable_checkpointing=periodic)
 
-    pp = cfg.strategy.pipeline_parallel_size or trainer.world_size
+    pp = getattr(strategy, "num_stages", None) or cfg.strategy.pipeline_parallel_size or trainer.world_size
     m = cfg.strategy.num_microbatches if isinstance(cfg.strategy.num_microbatches, int) else None
     m = m or (2 * pp if cfg.strategy.num_microbatches is None else None)
     ideal = schedule_bubble(cfg.strategy.schedule, pp, m, cfg.strategy.virtual_stages) if m else None
@@ -251,12 +274,7 @@ def run(cfg: Any) -> dict[str, Any]:
         ckpt_path = trainer.strategy.broadcast(str(ckpt_dir / cfg.checkpoint.final_name))
         trainer.save_checkpoint(ckpt_path)
         if cfg.checkpoint.consolidate:
-            trainer.strategy.barrier()
-            if trainer.is_global_zero:
-                from lightning_pipe import consolidate
-
-                consolidate(ckpt_path, f"{ckpt_path}.consolidated.ckpt")
-            trainer.strategy.barrier()
+            _consolidate_on_rank_zero(trainer, ckpt_path)
 
     strategy = trainer.strategy
     result: dict[str, Any] = {

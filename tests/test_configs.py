@@ -163,3 +163,14 @@ def test_values_that_would_break_the_run_are_named_before_it_starts(overrides: l
     cfg = _compose(overrides, tmp_path)
     with pytest.raises(ValueError, match=re.escape(words)):
         validate_config(cfg)
+
+
+def test_a_vocabulary_smaller_than_the_datas_is_named(tmp_path: Path) -> None:
+    cfg = _compose(["model.vocab_size=16"], tmp_path)
+    data = build_data(cfg)
+    assert data.vocab_size > 16
+    with pytest.raises(ValueError, match=rf"model.vocab_size=16 is smaller than the data's {data.vocab_size} tokens"):
+        build_model(cfg, data)
+    cfg = _compose([f"model.vocab_size={data.vocab_size + 3}"], tmp_path)  # larger is fine (unused rows)
+    with torch.device("meta"):
+        assert build_model(cfg, data).config.vocab_size == data.vocab_size + 3

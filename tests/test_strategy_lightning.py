@@ -213,3 +213,21 @@ def test_metrics_of_every_kind_match_one_device_and_never_hang() -> None:
                 assert got["seen"] == (pytest.approx(ref["seen"], rel=1e-5) if rank == 0 else []), (rank, got)
             if case == "aliased_buffer":
                 assert got["saved"]
+
+
+@pytest.mark.parametrize(("kwargs", "stages"), [
+    ({}, 4),
+    ({"data_parallel_size": 2}, 2),  # only the replicas given: 2 pipelines of 2 stages
+    ({"data_parallel_size": 4}, 1),
+    ({"pipeline_parallel_size": 2, "data_parallel_size": 2}, 2),
+    ({"pipeline_parallel_size": 4}, 4),
+])
+def test_the_number_of_stages_follows_from_what_is_given(kwargs: dict[str, Any], stages: int) -> None:
+    from lightning.fabric.plugins.environments import LightningEnvironment
+
+    from lightning_pipe import PipelineStrategy
+
+    environment = LightningEnvironment()
+    environment.set_world_size(4)
+    strategy = PipelineStrategy(cluster_environment=environment, **kwargs)
+    assert strategy.num_stages == stages

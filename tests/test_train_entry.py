@@ -69,6 +69,21 @@ def test_entry_point_under_torchrun(tmp_path: Path) -> None:
     _check_run_dir(runs[0])
 
 
+@pytest.mark.timeout(300)
+def test_a_rerun_in_the_same_directory_replaces_the_consolidated_checkpoint(tmp_path: Path) -> None:
+    """A fixed output directory (a requeued job): the second run's consolidation replaces the first one's file,
+    which belongs to the checkpoint the second run has just replaced, instead of failing on rank 0 alone."""
+    run_dir = tmp_path / "fixed"
+    consolidated = run_dir / "checkpoints" / "last.ckpt.consolidated.ckpt"
+    stamps = []
+    for _ in range(2):
+        _run([*TRAIN, *SMOKE, f"hydra.run.dir={run_dir}", "checkpoint.consolidate=true"], cwd=tmp_path)
+        assert consolidated.is_file()
+        stamps.append(consolidated.stat().st_mtime_ns)
+    assert stamps[1] > stamps[0]
+    _check_run_dir(run_dir)
+
+
 @pytest.mark.timeout(280)
 def test_sweep_runs_each_setting_and_writes_a_summary(tmp_path: Path) -> None:
     output = _run([*TRAIN, "-m", *SMOKE, "strategy.num_microbatches=1,4", "checkpoint.enabled=false"],

@@ -109,7 +109,7 @@ class StrategyConfig:
     _target_: str = "lightning_pipe.PipelineStrategy"
     """Class built with ``hydra.utils.instantiate``."""
     pipeline_parallel_size: Optional[int] = None
-    """Pipeline stages; ``null``: every process is a stage (no data parallelism)."""
+    """Pipeline stages; ``null``: processes / ``data_parallel_size``, or every process when that is ``null`` too."""
     data_parallel_size: Optional[int] = None
     """Replicas of the pipeline; ``null``: processes / ``pipeline_parallel_size``."""
     num_microbatches: Any = None

@@ -269,8 +269,10 @@ def _first_cause(err: BaseException) -> str:
 
 
 # -- consolidation ----------------------------------------------------------------------------------------------------
-def consolidate(path: str | os.PathLike[str], output: str | os.PathLike[str] | None = None) -> Path:
-    """Turn a sharded checkpoint directory into one ordinary Lightning ``.ckpt`` file; return its path.
+def consolidate(path: str | os.PathLike[str], output: str | os.PathLike[str] | None = None, *,
+                overwrite: bool = False) -> Path:
+    """Turn a sharded checkpoint directory into one ordinary Lightning ``.ckpt`` file; return its path. An existing
+    ``output`` is an error unless ``overwrite`` (then it is replaced only once the new file is complete).
 
     The file has ``state_dict`` (every stage's weights, full names) for ``MyModule.load_from_checkpoint``, and
     ``optimizer_states`` in the ordinary index-keyed form (one param group per distinct set of hyper-parameters,
@@ -283,8 +285,9 @@ def consolidate(path: str | os.PathLike[str], output: str | os.PathLike[str] | N
     if not is_sharded_checkpoint(path):
         raise PipelineError(f"{path} is not a sharded checkpoint directory (no {META_FILE})")
     output = Path(output) if output is not None else path.with_name(path.name + ".consolidated.ckpt")
-    if output.exists():
-        raise PipelineError(f"{output} exists; choose another output path")
+    if output.exists() and not overwrite:
+        raise PipelineError(f"{output} exists; choose another output path, or overwrite it (--overwrite, "
+                            "overwrite=True)")
     full = _load_distributed_checkpoint(path)
     order: list[str] = full.get("pipeline", {}).get("param_order") or list(full["state_dict"])
     by_name, plain = [], []
@@ -299,7 +302,7 @@ def consolidate(path: str | os.PathLike[str], output: str | os.PathLike[str] | N
     _plain_schedulers(full, by_name, order)
     tmp = output.with_name(f".{output.name}.partial")
     torch.save(full, tmp)
-    tmp.rename(output)
+    tmp.replace(output)
     return output
 
 
@@ -377,8 +380,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Consolidate a lightning_pipe sharded checkpoint into one file.")
     parser.add_argument("checkpoint")
     parser.add_argument("--output", default=None)
+    parser.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
     args = parser.parse_args(argv)
-    print(consolidate(args.checkpoint, args.output))
+    print(consolidate(args.checkpoint, args.output, overwrite=args.overwrite))
     return 0
 
 

@@ -97,7 +97,8 @@ class PipelineStrategy(DDPStrategy):
     """Pipeline parallelism: the LightningModule's chain of blocks is cut into stages, one per process.
 
     Args:
-        pipeline_parallel_size: Number of stages. Default: every process of the run.
+        pipeline_parallel_size: Number of stages. Default: processes / ``data_parallel_size`` (every process of the
+            run when that is not given either).
         num_microbatches: Micro-batches per batch. Default: twice the number of stages. A batch with fewer
             samples runs with one micro-batch per sample.
         schedule: ``"1f1b"`` (default), ``"gpipe"``, ``"interleaved_1f1b"``, ``"zero_bubble"`` (ZB-H1) or ``"zbv"``.
@@ -233,7 +234,11 @@ class PipelineStrategy(DDPStrategy):
     # -- layout -----------------------------------------------------------------------------------------------
     @property
     def num_stages(self) -> int:
-        return self.pipeline_parallel_size or self.world_size
+        if self.pipeline_parallel_size:
+            return self.pipeline_parallel_size
+        if self.data_parallel_size:  # only the replicas given: every replica's processes make one pipeline
+            return max(1, self.world_size // self.data_parallel_size)
+        return self.world_size
 
     @property
     def num_microbatches(self) -> int:
@@ -269,6 +274,9 @@ class PipelineStrategy(DDPStrategy):
         super().setup_environment()  # process group
         _destroy_process_group_at_exit()
         world = self.world_size
+        if self.pipeline_parallel_size is None and self.data_parallel_size and world % self.data_parallel_size:
+            raise PipelineError(f"data_parallel_size={self.data_parallel_size} does not divide the {world} processes "
+                                "of the run; choose a divisor, or change devices/num_nodes")
         pp = self.num_stages
         if world % pp != 0:
             raise PipelineError(f"pipeline_parallel_size={pp} does not divide the {world} processes of the run; "
