@@ -178,14 +178,16 @@ def transparency(rank: int, world_size: int, *, models: list[str], schedules: li
 
 
 def failing_step(rank: int, world_size: int, *, fail_rank: int, mode: str, timeout: float,
-                 background: bool | None = None) -> str:
+                 background: bool | None = None, train: bool = True, microbatches: int = 4) -> str:
     """Run 1F1B steps in which ``fail_rank`` raises (``mode="raise"``), dies (``"exit"``) or stalls (``"hang"``)
-    in the middle of the second step (``background``: as in :func:`transparency`)."""
+    in the middle of the second step (``background``: as in :func:`transparency`; ``train=False``: that step runs
+    the forwards only)."""
     model = make_model("mlp")
     mine = split_sequential(model, _balance(len(model), world_size))[rank]
-    x, y = make_batch("mlp", 0, 8)
-    micro_x, micro_y = split_microbatches(x, 4), split_microbatches(y, 4)
-    executor = PipelineExecutor(build_schedule("1f1b", num_ranks=world_size, num_microbatches=4), rank=rank,
+    x, y = make_batch("mlp", 0, 2 * microbatches)
+    micro_x, micro_y = split_microbatches(x, microbatches), split_microbatches(y, microbatches)
+    executor = PipelineExecutor(build_schedule("1f1b", num_ranks=world_size, num_microbatches=microbatches),
+                                rank=rank,
                                 transport=Transport(timeout=timeout, background=background))
     stages = ModuleStages({rank: mine}, num_stages=world_size, microbatches=micro_x, targets=micro_y,
                           loss_fn=nn.MSELoss())
@@ -202,7 +204,7 @@ def failing_step(rank: int, world_size: int, *, fail_rank: int, mode: str, timeo
 
     executor.run(stages)  # one clean step first: the failure comes in the middle of a later one
     try:
-        executor.run(forward_fn)
+        executor.run(forward_fn, train=train)
     except Exception as first:
         try:
             executor.run(stages)  # messages of the failed step may be in flight: must refuse, not mix them up

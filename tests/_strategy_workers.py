@@ -192,6 +192,12 @@ class _BadReduce(TinyGPT):
         return loss
 
 
+class _FailsInValidation(TinyGPT):
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._loss(batch)
+        raise ValueError("validation failed after the chain")  # the last stage only: the others stop at its end
+
+
 class _BlockTwice(TinyGPT):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         x = self.tok(idx) + self.pos(torch.arange(idx.shape[1]))
@@ -215,6 +221,7 @@ def bad_inputs(rank: int, world_size: int, *, cases: list[str]) -> dict[str, tup
         "block_called_twice": (_BlockTwice, {}),
         "last_stage_fails_after_the_step": (_BadReduce, {}),
         "second_trainer": (TinyGPT, {}),
+        "last_stage_fails_in_validation": (_FailsInValidation, {}),
     }
     out: dict[str, tuple[str, str]] = {}
     for case in cases:
@@ -225,7 +232,10 @@ def bad_inputs(rank: int, world_size: int, *, cases: list[str]) -> dict[str, tup
                           enable_model_summary=False, use_distributed_sampler=False)
         try:
             model = make_model()
-            trainer.fit(model, loader())
+            if case == "last_stage_fails_in_validation":  # no backward: no stage waits for a value from the last
+                trainer.validate(model, loader(), verbose=False)
+            else:
+                trainer.fit(model, loader())
             if case == "second_trainer":  # the fitted (cut) model, given to another pipeline Trainer
                 again = Trainer(accelerator="cpu", devices=world_size, strategy=PipelineStrategy(timeout=60),
                                 logger=False, enable_progress_bar=False, enable_model_summary=False)

@@ -147,6 +147,21 @@ def test_a_rank_that_raises_stops_every_other_rank_quickly(background: bool) -> 
 
 
 @pytest.mark.timeout(120)
+def test_a_last_stage_failing_in_a_forward_only_step_leaves_no_sender_waiting() -> None:
+    """Without a backward the earlier stages wait for nothing from the last one, but their sends complete only once
+    received: the failing rank receives (and drops) what was still to come, so they finish at once instead of
+    waiting for the timeout in their sends (the strategy then tells them of the failure)."""
+    timeout = 30.0
+    # 12 micro-batches: more than the failing rank had posted receives for (post_ahead: 5 at p=4).
+    outcomes = launch("tests._engine_workers.failing_step", 4, deadline=90, fail_rank=3, mode="raise",
+                      timeout=timeout, train=False, microbatches=12)
+    assert outcomes[3].error_type == "ValueError" and "injected failure" in outcomes[3].error
+    for outcome in outcomes[:3]:
+        assert outcome.unwrap() == "finished"
+        assert outcome.elapsed < timeout / 2, outcome.elapsed
+
+
+@pytest.mark.timeout(120)
 def test_a_crashed_process_is_noticed_without_waiting_for_the_timeout() -> None:
     """A rank that dies without a word (os._exit) is noticed through the closed connection."""
     timeout = 30.0

@@ -11,6 +11,7 @@ leaves the weight gradients of linear layers to the micro-batch's W (see ``weigh
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ import torch.distributed as dist
 from lightning_pipe.engine.transport import PendingRecv, Transport, differentiable
 from lightning_pipe.engine.tree import flatten, unflatten
 from lightning_pipe.engine.weightgrad import WeightGradCollector, deferring
-from lightning_pipe.errors import PipelineError
+from lightning_pipe.errors import PipelineCommError, PipelineError
 from lightning_pipe.schedules.actions import Action, ActionKind, Schedule, Transfer
 
 __all__ = ["ForwardFn", "ActionRecord", "StepResult", "PipelineExecutor"]
@@ -390,6 +391,9 @@ class PipelineExecutor:
         except BaseException as error:
             self.transport.broken = f"{type(error).__name__}: {str(error)[:200]}"
             self._notify_peers(actions, sent, error)
+            if not isinstance(error, PipelineCommError) or getattr(error, "peer_failed", False):
+                self._absorb(pending, [t for _, t, _ in receives[next_recv:]] if not self.transport.exact else
+                             [t for queue in in_send_order.values() for t in queue])
             raise
         finally:
             self._current = None
@@ -432,6 +436,32 @@ class PipelineExecutor:
                                             backward=transfer.is_gradient)
         # Let the notices leave before the process may exit (peers waiting on them have posted their receives).
         self.transport.drain(seconds=min(2.0, self.transport.timeout.total_seconds()))
+
+    def _absorb(self, pending: dict[tuple[bool, int, int], PendingRecv], unposted: Sequence[Transfer]) -> None:
+        """After a failure: receive, and drop, every value still to come to this rank in this step. A send completes
+        only once it is received (gloo, NCCL), so a peer that owes this rank values would otherwise wait in its
+        sends until the timeout; in a forward-only step the earlier stages wait for nothing else from this rank and
+        learn of its failure no other way. Each value arrives, or the failure notice of a peer that failed too.
+        Skipped after a broken connection or a timeout (the cause): waiting again would only wait as long again.
+        At most the transport's timeout in all."""
+        deadline = time.monotonic() + self.transport.timeout.total_seconds()
+        waits: list[Callable[[], Any]] = [recv.wait for recv in pending.values()]
+        waits += [functools.partial(self._post_and_wait, t) for t in unposted]
+        pending.clear()
+        for wait in waits:
+            if time.monotonic() > deadline:
+                return
+            try:
+                wait()
+            except PipelineCommError as err:
+                if not getattr(err, "peer_failed", False):  # a broken connection or a timeout: stop here
+                    return
+            except Exception:  # noqa: BLE001 - a value that does not unpack: dropped anyway
+                pass
+
+    def _post_and_wait(self, t: Transfer) -> Any:
+        return self.transport.recv(t.src_rank, _tag(t, self.schedule.num_stages), _transfer_text(t, receive=True),
+                                   channel=(t.is_gradient, t.src_stage), backward=t.is_gradient).wait()
 
     def _plan(self, train: bool) -> _Plan:
         plan = self._plan_cache.get(train)

@@ -301,8 +301,10 @@ class PendingRecv:
 
     def _raise_failure(self, text: torch.Tensor) -> None:
         message = text.cpu().numpy().tobytes().decode("utf-8", errors="replace")
-        raise PipelineCommError(f"{self._t.describe()}: pipeline rank {self.peer} failed instead of sending "
-                                f"{self.what.split(' of ', 1)[-1]}: {message}")
+        error = PipelineCommError(f"{self._t.describe()}: pipeline rank {self.peer} failed instead of sending "
+                                  f"{self.what.split(' of ', 1)[-1]}: {message}")
+        error.peer_failed = True  # type: ignore[attr-defined] # the connection itself is fine
+        raise error
 
     def _wait_exact(self) -> Any:
         t = self._t

@@ -78,6 +78,10 @@ def _destroy_process_group_at_exit() -> None:
     atexit.register(destroy_process_group)  # then frees what still refers to the groups (works, meshes)
 
 
+def _step_error(error: BaseException) -> tuple[str, str]:
+    return "error", f"{type(error).__name__}: {error}"
+
+
 def _to_device(value: Any, device: torch.device) -> Any:
     return apply_to_collection(value, torch.Tensor, lambda t: t.to(device))
 
@@ -509,6 +513,13 @@ class PipelineStrategy(DDPStrategy):
         MetricStates.stepping(True)  # a metric synced inside the step syncs among the replicas only
         try:
             result = executor.run(forward_fn, loss_weights=weights, train=train, scale_loss=scale)
+        except Exception as err:
+            # Without a backward the stages before the last one owe it nothing and wait for its payload below;
+            # a failure notice only reaches the ranks still waiting for a value. So the last stage sends its error
+            # in the payload too (its failure, or the notice of an earlier stage's), and every rank raises.
+            if not train and self.is_last_stage and self.num_stages > 1:
+                self._broadcast_step_error(err)
+            raise
         finally:
             MetricStates.stepping(False)
         if after_run is not None:
@@ -520,7 +531,7 @@ class PipelineStrategy(DDPStrategy):
                                               train=train, sizes=[batch_size_of(mb) for mb in micro])
                            + (metrics.changed(counts) if metrics is not None and counts is not None else {},)]
             except Exception as err:  # noqa: BLE001 - every stage must learn of it, not wait in the broadcast
-                payload = [("error", f"{type(err).__name__}: {err}")]
+                payload = [_step_error(err)]
                 if self.num_stages == 1:
                     raise
         if self.num_stages > 1:
@@ -541,6 +552,13 @@ class PipelineStrategy(DDPStrategy):
         if not train:
             return None, merged
         return loss.to(device=self.root_device, dtype=torch.float32), merged
+
+    def _broadcast_step_error(self, error: BaseException) -> None:
+        """The payload broadcast of :meth:`_run_step`, carrying ``error`` (best effort: a peer may be gone)."""
+        try:
+            dist.broadcast_object_list([_step_error(error)], src=self._pp_ranks[self.loss_rank], group=self._pp_group)
+        except Exception:  # noqa: BLE001 - the original error is what this rank raises
+            log.debug("could not send the step's error to the other pipeline stages", exc_info=True)
 
     @staticmethod
     def _step_payload(result: Any, recorder: LogRecorder, weights: list[float], outputs: dict[int, Any], *,
