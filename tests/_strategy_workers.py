@@ -222,6 +222,7 @@ def bad_inputs(rank: int, world_size: int, *, cases: list[str]) -> dict[str, tup
         "last_stage_fails_after_the_step": (_BadReduce, {}),
         "second_trainer": (TinyGPT, {}),
         "last_stage_fails_in_validation": (_FailsInValidation, {}),
+        "stages_see_different_batches": (TinyGPT, {}),
     }
     out: dict[str, tuple[str, str]] = {}
     for case in cases:
@@ -234,6 +235,8 @@ def bad_inputs(rank: int, world_size: int, *, cases: list[str]) -> dict[str, tup
             model = make_model()
             if case == "last_stage_fails_in_validation":  # no backward: no stage waits for a value from the last
                 trainer.validate(model, loader(), verbose=False)
+            elif case == "stages_see_different_batches":  # a dataset that depends on the rank
+                trainer.fit(model, loader(seed=rank))
             else:
                 trainer.fit(model, loader())
             if case == "second_trainer":  # the fitted (cut) model, given to another pipeline Trainer

@@ -96,6 +96,7 @@ BAD_INPUTS = {
     "last_stage_fails_after_the_step": "reduce_fx='median'",
     "second_trainer": "was already cut into pipeline stages by another Trainer's PipelineStrategy",
     "last_stage_fails_in_validation": "ValueError: validation failed after the chain",
+    "stages_see_different_batches": "the stages of this pipeline got different batches (training step, global step 0",
 }
 # The rank where the user's code raised keeps its own error; the others raise a PipelineError that relays it.
 OWN_ERRORS = {"last_stage_fails_in_validation": "ValueError"}

@@ -147,6 +147,8 @@ class StrategyConfig:
     training thread (``false``); ``null``: chosen each step from how idle the cores were."""
     guard_io_threads: Optional[bool] = None
     """Keep gloo's I/O threads from preempting the thread inside a gloo call; ``null``: on with gloo on Linux."""
+    check_batches: bool = True
+    """Before each step the stages of a pipeline compare a summary of their batches and all raise if they differ."""
     process_group_backend: Optional[str] = None
     """``"gloo"`` or ``"nccl"``; ``null``: Lightning's choice for the accelerator (NCCL on GPUs)."""
 

@@ -42,6 +42,7 @@ from lightning_pipe.engine import (
 )
 from lightning_pipe.errors import PipelineError
 from lightning_pipe.schedules import DEFAULT_VIRTUAL_STAGES, SCHEDULES, Schedule, build_schedule, stage_to_rank
+from lightning_pipe.strategy.batch_check import check_same_batch
 from lightning_pipe.strategy.chain import ChainRuntime, StageExit, find_chain, is_cut, split_chain
 from lightning_pipe.strategy.checkpoint import (
     load_optimizer_state_by_name,
@@ -136,6 +137,9 @@ class PipelineStrategy(DDPStrategy):
             on the CPU only). ``False``: never.
         guard_io_threads: Keep gloo's I/O threads from preempting the thread inside a gloo send or receive call
             (``lightning_pipe/engine/io_threads.py``). ``None`` (default): on with gloo where Linux allows it.
+        check_batches: Before each step, the stages of a pipeline compare a summary of their batches (each stage
+            reads its own copy from its DataLoader) and all raise if they differ (``strategy/batch_check.py``: one
+            small all-gather, tens of microseconds of summing). ``False`` skips it.
         **ddp_kwargs: Passed to :class:`~lightning.pytorch.strategies.DDPStrategy` (``process_group_backend``,
             ``cluster_environment``, ...).
     """
@@ -160,6 +164,7 @@ class PipelineStrategy(DDPStrategy):
         freeze_gc: bool = True,
         comm_thread: bool | None = None,
         guard_io_threads: bool | None = None,
+        check_batches: bool = True,
         **ddp_kwargs: Any,
     ) -> None:
         start_method = ddp_kwargs.pop("start_method", "popen")
@@ -186,7 +191,8 @@ class PipelineStrategy(DDPStrategy):
         if memory_budget is not None and balance not in ("time", "memory"):
             raise PipelineError(f"memory_budget={memory_budget!r} applies to balance='time' or 'memory' (got "
                                 f"balance={balance!r}): set one of them, or leave memory_budget unset")
-        for name, flag in (("early_input_grads", early_input_grads), ("freeze_gc", freeze_gc)):
+        for name, flag in (("early_input_grads", early_input_grads), ("freeze_gc", freeze_gc),
+                           ("check_batches", check_batches)):
             if not isinstance(flag, bool):
                 raise PipelineError(f"{name}={flag!r} must be True or False")
         for name, flag in (("comm_thread", comm_thread), ("guard_io_threads", guard_io_threads)):
@@ -200,6 +206,7 @@ class PipelineStrategy(DDPStrategy):
         self.schedule_name = schedule.lower()
         self.virtual_stages = virtual_stages or DEFAULT_VIRTUAL_STAGES[self.schedule_name]
         self.early_input_grads = early_input_grads
+        self.check_batches = check_batches
         self._layout: tuple[int, ...] = tuple(range(self.virtual_stages))  # stage -> pipeline rank, set up later
         self.balance = list(balance) if not isinstance(balance, str) else balance
         self.blocks = blocks
@@ -472,6 +479,10 @@ class PipelineStrategy(DDPStrategy):
         runtime = self._runtime
         assert module is not None and runtime is not None
         outside = self._outside_state  # None unless this rank holds several stages
+        if self.check_batches and self.num_stages > 1:
+            check_same_batch(args[0], device=self.root_device, group=self._pp_group, size=self.num_stages,
+                             where=f"{'training' if train else 'evaluation'} step, global step "
+                                   f"{self.lightning_module.trainer.global_step}")
         micro = self._split_batch(args[0])
         weights = microbatch_weights(micro)
         recorder = LogRecorder(module)

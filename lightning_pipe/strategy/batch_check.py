@@ -1,0 +1,83 @@
+"""Every stage of a pipeline reads the batch from its own DataLoader: the first stage takes the inputs from its copy
+and the last stage the targets from its own. If the copies differ (a sampler or an augmentation drawing from each
+process's own random state, a dataset that depends on the rank), training goes wrong without any error. A few
+numbers summarise each stage's batch; the stages of a pipeline compare them before each step, and all raise at once
+when they differ.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.utilities.apply_func import apply_to_collection
+
+from lightning_pipe.errors import PipelineError
+
+__all__ = ["batch_fingerprint", "check_same_batch"]
+
+_SAMPLE = 4096  # elements read per tensor: a strided sample, so the cost does not grow with the batch
+
+
+def batch_fingerprint(batch: Any, device: torch.device) -> torch.Tensor:
+    """``[elements, sum, position-weighted sum, tensors, checksum]`` of ``batch`` (float64, on ``device``): the
+    sums over a strided sample of each tensor, the checksum over its other leaves (numbers, strings). Equal for
+    equal batches, and different, in practice, for batches that hold other samples, in another order, or augmented
+    otherwise."""
+    rows: list[torch.Tensor] = []
+    others: list[str] = []
+    numel = 0.0
+
+    def tensor(t: torch.Tensor) -> None:
+        nonlocal numel
+        flat = t.detach().reshape(-1)
+        if flat.is_complex():
+            flat = torch.view_as_real(flat).reshape(-1)
+        numel += flat.numel()
+        sample = flat[:: max(1, flat.numel() // _SAMPLE)][:_SAMPLE].to(device=device, dtype=torch.float64)
+        # Two weightings in one product: plain, and by position (another order gives another sum); each leaf
+        # scaled by its place among the leaves.
+        rows.append(torch.nan_to_num(sample, nan=0.5, posinf=1.0, neginf=-1.0)
+                    @ _weights(device, sample.numel()) * float(len(rows) + 1))
+
+    def other(value: Any) -> None:
+        others.append(repr(value))
+
+    apply_to_collection(batch, torch.Tensor, tensor)
+    apply_to_collection(batch, (int, float, str, bytes), other)
+    sums = torch.stack(rows).sum(0) if rows else torch.zeros(2, device=device, dtype=torch.float64)
+    checksum = zlib.crc32("\x00".join(others).encode("utf-8", errors="replace"))
+    return torch.cat([sums, torch.tensor([numel, float(len(rows)), float(checksum)], device=device,
+                                         dtype=torch.float64)])
+
+
+_WEIGHTS: dict[torch.device, torch.Tensor] = {}
+
+
+def _weights(device: torch.device, n: int) -> torch.Tensor:
+    """``[[1, 1/n'], [1, 2/n'], ...]`` for the first ``n`` of ``_SAMPLE`` positions (made once per device)."""
+    table = _WEIGHTS.get(device)
+    if table is None:
+        position = torch.arange(1, _SAMPLE + 1, device=device, dtype=torch.float64) / _SAMPLE
+        table = _WEIGHTS[device] = torch.stack([torch.ones_like(position), position], dim=1)
+    return table[:n]
+
+
+def check_same_batch(batch: Any, *, device: torch.device, group: dist.ProcessGroup | None, size: int,
+                     where: str) -> None:
+    """Raise on every rank of ``group`` (one pipeline) if their batches differ (see the module docstring)."""
+    mine = batch_fingerprint(batch, device)
+    every = torch.empty(size * mine.numel(), device=device, dtype=mine.dtype)
+    dist.all_gather_into_tensor(every, mine, group=group)
+    rows = every.view(size, -1).tolist()
+    if any(row != rows[0] for row in rows[1:]):
+        differ = [i for i, row in enumerate(rows) if row != rows[0]]
+        raise PipelineError(
+            f"the stages of this pipeline got different batches ({where}; pipeline ranks {differ} differ from rank "
+            "0). Each stage reads the batch from its own DataLoader, which must give every stage of a pipeline the "
+            "same batches: the same sampler order (use_distributed_sampler=True, or a sampler seeded alike on "
+            "every stage) and the same random augmentations (seed them by the data-parallel rank, not the global "
+            "rank). PipelineStrategy(check_batches=False) turns this check off"
+        )
