@@ -221,3 +221,21 @@ def test_round_trip_to_another_copy() -> None:
     assert [c[0] for c in calls] == ["loss", "acc"]
     torch.testing.assert_close(calls[0][1], torch.tensor(2.0))
     assert calls[1][1] is other.acc
+
+
+@pytest.mark.parametrize(("given", "samples", "expected_size", "expected_value"), [
+    ((2, 2, 2, 2), (2, 2, 2, 2), 8, 2.5),      # batch_size=x.size(0): each micro-batch's own count, summed
+    ((2, 1, 1, 1), (2, 1, 1, 1), 5, 2.2),      # the same on a short last batch: values weighed by the counts
+    ((32, 32, 32, 32), (2, 2, 2, 2), 32, 2.5),  # a constant, as written on one device: passed on
+])
+def test_batch_size_as_each_micro_batchs_size_counts_samples(given: tuple[int, ...], samples: tuple[int, ...],
+                                                              expected_size: int, expected_value: float) -> None:
+    """With batches of 8 then 5 logged with batch_size=x.size(0), the epoch mean weighs them 8 and 5 as on one
+    device (passing the micro-batch size, 2, on as the batch's weighed them 2 and 5)."""
+    values = [1.0, 2.0, 3.0, 4.0]
+    recorder = record(Module(), [[("x", torch.tensor(v), {"batch_size": b, "on_epoch": True})]
+                                 for v, b in zip(values, given)])
+    weights = [s / sum(samples) for s in samples]
+    (rec,) = combine_records(recorder, weights, samples)
+    assert rec.kwargs == {"on_epoch": True, "batch_size": expected_size}
+    torch.testing.assert_close(rec.value, torch.tensor(expected_value))

@@ -68,6 +68,20 @@ def test_batch_size_of():
     assert batch_size_of(DataBatch) == -1  # a dataclass type, not an instance
 
 
+def test_batch_size_of_prefers_the_batch_tensors_to_a_per_sample_lists_entries():
+    """The tensor that the fewest lists enclose decides, whatever the order of the keys."""
+    ragged = [torch.ones(n) for n in (5, 7, 3, 6)]
+    labels = torch.arange(4)
+    assert batch_size_of({"input_ids": ragged, "labels": labels}) == 4
+    assert batch_size_of({"labels": labels, "input_ids": ragged}) == 4
+    assert batch_size_of([ragged, labels]) == 4  # default_collate's list around both
+    assert batch_size_of([torch.zeros(8, 3), torch.zeros(8)]) == 8
+    assert batch_size_of({"seqs": ragged}) == 5  # nothing else: the first entry, as before
+    mbs = split_microbatches({"input_ids": ragged, "labels": labels}, 2)
+    assert [mb["input_ids"] for mb in mbs] == [ragged[:2], ragged[2:]]
+    assert [mb["labels"].tolist() for mb in mbs] == [[0, 1], [2, 3]]
+
+
 # -- split: tensors ----------------------------------------------------------------------------------------------
 
 
@@ -178,6 +192,26 @@ def test_split_frozen_dataclass_with_per_sample_list():
 def test_split_dataclass_with_init_false_field_recomputed():
     mbs = split_microbatches(WithDerived(torch.randn(5, 2)), 2)
     assert [mb.n for mb in mbs] == [3, 2]
+
+
+@dataclasses.dataclass
+class WithMask:
+    x: torch.Tensor
+    mask: torch.Tensor = dataclasses.field(init=False)  # set after construction
+    weights: torch.Tensor | None = dataclasses.field(init=False, default=None)  # also set after, or left None
+
+
+def test_split_and_merge_keep_fields_set_after_construction():
+    batch = WithMask(torch.arange(6))
+    batch.mask = torch.arange(6) % 2 == 0
+    batch.weights = torch.arange(6.0)
+    mbs = split_microbatches(batch, 3)
+    assert [mb.mask.tolist() for mb in mbs] == [[True, False]] * 3
+    assert [mb.weights.tolist() for mb in mbs] == [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]
+    merged = merge_microbatches(mbs)
+    assert torch.equal(merged.x, batch.x) and torch.equal(merged.mask, batch.mask)
+    unset = split_microbatches(WithMask(torch.arange(4)), 2)[0]
+    assert not hasattr(unset, "mask") and unset.weights is None  # never set: as they were
 
 
 def test_split_namedtuple_keeps_type():

@@ -17,24 +17,34 @@ __all__ = ["batch_size_of", "split_microbatches", "microbatch_weights", "merge_m
 
 
 def batch_size_of(batch: Any) -> int:
-    """The size of dimension 0 of the first tensor (with at least one dimension) found in ``batch``."""
-    if isinstance(batch, torch.Tensor):
-        if batch.dim() > 0:
-            return batch.shape[0]
-        return -1
-    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
-        children: Sequence[Any] = [getattr(batch, f.name) for f in dataclasses.fields(batch)]
-    elif isinstance(batch, dict):
-        children = list(batch.values())
-    elif isinstance(batch, (list, tuple)):
-        children = batch
-    else:
-        return -1
-    for child in children:
-        size = batch_size_of(child)
-        if size >= 0:
-            return size
-    return -1
+    """The size of dimension 0 of the tensor (with at least one dimension) in ``batch`` that the fewest lists
+    enclose, the first such one in order: the batch's own tensors before the entries of a per-sample list (in
+    ``{"ids": [one tensor per sample], "labels": labels}`` the batch size is ``len(labels)``, not the first
+    sample's length); ``-1`` if there is none."""
+    best: tuple[int, int] | None = None  # (enclosing lists, size)
+
+    def visit(node: Any, lists: int) -> None:
+        nonlocal best
+        if best is not None and best[0] <= lists:
+            return  # found one enclosed by as few lists already
+        if isinstance(node, torch.Tensor):
+            if node.dim() > 0:
+                best = (lists, node.shape[0])
+            return
+        if dataclasses.is_dataclass(node) and not isinstance(node, type):
+            children: Sequence[Any] = [getattr(node, f.name) for f in dataclasses.fields(node) if hasattr(node, f.name)]
+        elif isinstance(node, dict):
+            children = list(node.values())
+        elif isinstance(node, (list, tuple)):
+            children = node
+            lists += isinstance(node, list)
+        else:
+            return
+        for child in children:
+            visit(child, lists)
+
+    visit(batch, 0)
+    return best[1] if best is not None else -1
 
 
 def _split(node: Any, batch_size: int, bounds: list[tuple[int, int]]) -> list[Any]:
@@ -44,9 +54,8 @@ def _split(node: Any, batch_size: int, bounds: list[tuple[int, int]]) -> list[An
             return [node[a:b] for a, b in bounds]
         return [node] * n  # not per-sample (a shared table, a scalar): every micro-batch gets it whole
     if dataclasses.is_dataclass(node) and not isinstance(node, type):
-        fields = [f.name for f in dataclasses.fields(node) if f.init]
-        parts = {name: _split(getattr(node, name), batch_size, bounds) for name in fields}
-        return [dataclasses.replace(node, **{name: parts[name][i] for name in fields}) for i in range(n)]
+        parts = {name: _split(getattr(node, name), batch_size, bounds) for name in _field_names(node)}
+        return [_rebuild(node, {name: value[i] for name, value in parts.items()}) for i in range(n)]
     if isinstance(node, dict):
         parts_d = {k: _split(v, batch_size, bounds) for k, v in node.items()}
         return [_like(node, ((k, parts_d[k][i]) for k in node)) for i in range(n)]
@@ -62,6 +71,24 @@ def _split(node: Any, batch_size: int, bounds: list[tuple[int, int]]) -> list[An
             return [type(node)(*r) if hasattr(node, "_fields") else tuple(r) for r in rebuilt]
         return rebuilt
     return [node] * n
+
+
+def _field_names(node: Any) -> list[str]:
+    """The fields of a dataclass instance that hold a value (a field made with ``init=False`` may have none)."""
+    return [f.name for f in dataclasses.fields(node) if hasattr(node, f.name)]
+
+
+def _rebuild(node: Any, values: dict[str, Any]) -> Any:
+    """A copy of dataclass ``node`` holding ``values``: made with its ``__init__`` fields; a field outside
+    ``__init__`` that ``__post_init__`` computed keeps the new value, one set after construction (a mask: left
+    unset, or at its default) gets its part of the old one, which ``dataclasses.replace`` alone would lose."""
+    fields = [f for f in dataclasses.fields(node) if f.name in values]
+    new = dataclasses.replace(node, **{f.name: values[f.name] for f in fields if f.init})
+    for f in fields:
+        if not f.init and (not hasattr(new, f.name) or (f.default is not dataclasses.MISSING
+                                                        and getattr(new, f.name) is f.default)):
+            object.__setattr__(new, f.name, values[f.name])  # also for a frozen dataclass
+    return new
 
 
 def _like(node: dict[Any, Any], items: Iterable[tuple[Any, Any]]) -> dict[Any, Any]:
@@ -126,9 +153,8 @@ def merge_microbatches(outputs: Sequence[Any], sizes: Sequence[int] | None = Non
     if isinstance(first, torch.Tensor):
         return torch.cat(list(outputs)) if first.dim() > 0 else torch.stack(list(outputs))
     if dataclasses.is_dataclass(first) and not isinstance(first, type):
-        names = [f.name for f in dataclasses.fields(first) if f.init]
-        return dataclasses.replace(first, **{n: merge_microbatches([getattr(o, n) for o in outputs], sizes)
-                                             for n in names})
+        return _rebuild(first, {n: merge_microbatches([getattr(o, n) for o in outputs], sizes)
+                                for n in _field_names(first)})
     if isinstance(first, dict):
         return _like(first, ((k, merge_microbatches([o[k] for o in outputs], sizes)) for k in first))
     if isinstance(first, tuple):

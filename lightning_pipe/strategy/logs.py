@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torchmetrics import Metric
@@ -93,15 +93,16 @@ def _reduce_name(reduce_fx: Any, name: str) -> str:
                          "micro-batch are combined with 'mean', 'sum', 'max' or 'min'") from None
 
 
-def combine_records(recorder: LogRecorder, weights: list[float]) -> list[LogRecord]:
-    """One record per logged name: the micro-batch values combined as the full batch would give them."""
+def combine_records(recorder: LogRecorder, weights: list[float],
+                    samples: Sequence[int] | None = None) -> list[LogRecord]:
+    """One record per logged name: the micro-batch values combined as the full batch would give them (``samples``:
+    each micro-batch's sample count, which tells ``batch_size=x.size(0)`` from a constant)."""
     records = []
     for name, calls in recorder.calls.items():
         _, last_value, kwargs, attribute = calls[-1]
         kwargs = dict(kwargs)
         # Without batch_size the relayed value stands for the whole batch and Lightning infers its size. With it,
         # see below: a constant is the batch's size; counts that differ per micro-batch weigh their values.
-        sizes = [c[2].get("batch_size") for c in calls]
         kwargs.pop("batch_size", None)
         share = {mb: weights[mb] for mb in range(len(weights))}
         if attribute is not None:
@@ -113,21 +114,24 @@ def combine_records(recorder: LogRecorder, weights: list[float]) -> list[LogReco
                 if len(caches) == len(weights) and len({mb for mb, _ in caches}) == len(weights) else None
             records.append(LogRecord(name, step_value, kwargs, attribute))
             continue
-        if any(size is not None for size in sizes) and any(size is None for size in sizes):
+        if any(c[2].get("batch_size") is not None for c in calls) and \
+                any(c[2].get("batch_size") is None for c in calls):
             raise ValueError(f"self.log({name!r}, batch_size=...) must be given in every micro-batch's call or in "
                              "none under a pipeline")
         how = _reduce_name(kwargs.get("reduce_fx", "mean"), name)
         values = [torch.as_tensor(v, dtype=torch.float64 if not isinstance(v, torch.Tensor) else None)
                   for _, v, _, _ in calls]
-        if sizes and sizes[0] is not None:
-            if len(set(sizes)) == 1:
-                # The same number in every micro-batch: a batch size written as a constant (as on one device),
-                # not a count of this micro-batch's items; the samples weigh the values, and it is passed on.
-                kwargs["batch_size"] = sizes[0]
-            else:  # counted per micro-batch (tokens, say): each value stands for its count, the step for the sum
-                total = sum(sizes)
+        given = [c[2].get("batch_size") for c in calls]
+        if given and given[0] is not None:
+            own = [samples[mb] for mb, _, _, _ in calls] if samples is not None else None
+            if len(set(given)) == 1 and given != own:
+                # The same number in every micro-batch, not each one's sample count: a batch size written as a
+                # constant (as on one device); the samples weigh the values, and it is passed on.
+                kwargs["batch_size"] = given[0]
+            else:  # counted per micro-batch (x.size(0), tokens): each value stands for its count, the step for the sum
+                total = sum(given)
                 kwargs["batch_size"] = total
-                share = {mb: size / total for (mb, _, _, _), size in zip(calls, sizes)} if total else share
+                share = {mb: size / total for (mb, _, _, _), size in zip(calls, given)} if total else share
         if how == _MEAN:
             if sorted(mb for mb, _, _, _ in calls) != list(range(len(weights))):
                 raise ValueError(f"self.log({name!r}) must be called once per micro-batch under a pipeline (it was "

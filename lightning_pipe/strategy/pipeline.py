@@ -584,7 +584,7 @@ class PipelineStrategy(DDPStrategy):
         if values and not all(v is None or (isinstance(v, dict) and not v) for v in values):
             merged = _to_device(merge_microbatches(values, sizes if len(values) == len(sizes) else None),
                                 torch.device("cpu"))
-        return ("ok", loss, combine_records(recorder, weights), merged)
+        return ("ok", loss, combine_records(recorder, weights, sizes), merged)
 
     def _loss_scale(self) -> Callable[[torch.Tensor], torch.Tensor]:
         trainer = self.lightning_module.trainer
