@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import torch
@@ -191,3 +192,22 @@ def test_sum_grads_leaves_no_gradient_where_no_stage_has_one(monkeypatch: pytest
     torch.optim.AdamW(m.parameters(), lr=0.1, weight_decay=0.1).step()
     assert torch.equal(m.tok.weight, before[0]) and torch.equal(m.aux.bias, before[2])
     assert not torch.equal(m.aux.weight, before[1])
+
+
+def test_a_rank_without_inf_flags_still_joins_the_agreement(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stage with no gradients (all frozen) records no inf flag; it must still enter the all-reduce the other
+    stages wait in, and it takes their verdict."""
+    from lightning_pipe.strategy import grads as grads_module
+
+    reduced: list[torch.Tensor] = []
+
+    def all_reduce(t: torch.Tensor, op: Any = None, group: Any = None) -> None:
+        reduced.append(t.clone())
+        t.fill_(1.0)  # another stage overflowed
+
+    monkeypatch.setattr(grads_module.dist, "all_reduce", all_reduce)
+    grads_module.agree_found_inf([], None)
+    assert [t.tolist() for t in reduced] == [[0.0]]
+    flags = [torch.zeros(1), torch.zeros(1)]  # two devices, no overflow here
+    grads_module.agree_found_inf(flags, None)
+    assert reduced[-1].tolist() == [0.0] and [f.item() for f in flags] == [1.0, 1.0]

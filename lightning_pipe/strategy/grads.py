@@ -170,14 +170,16 @@ def clip_by_global_norm(params: Sequence[nn.Parameter], max_norm: float, counted
     return total
 
 
-def agree_found_inf(found_inf: Sequence[torch.Tensor], group: dist.ProcessGroup | None) -> None:
-    """Make a GradScaler's per-device inf flags the maximum over all stages, so all stages skip the same steps."""
-    if not found_inf:
-        return
-    flags = torch.stack([f.reshape(()).float() for f in found_inf])
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
-    for f, v in zip(found_inf, flags):
-        f.copy_(v.to(f.dtype).reshape(f.shape))
+def agree_found_inf(found_inf: Sequence[torch.Tensor], group: dist.ProcessGroup | None,
+                    device: torch.device | str = "cpu") -> None:
+    """Make a GradScaler's per-device inf flags the maximum over all stages, so all stages skip the same steps.
+    One flag per rank enters the all-reduce, also from a rank with no flags (no gradients at all: a frozen stage),
+    which must not leave the others waiting in it; ``device``: where that flag lives (the scaler's)."""
+    mine = torch.stack([f.reshape(()).float() for f in found_inf]).max().reshape(1) if found_inf else \
+        torch.zeros(1, device=device)
+    dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=group)
+    for f in found_inf:
+        f.copy_(mine.to(f.device, f.dtype).reshape(f.shape))
 
 
 def make_scaler_agree(scaler: torch.amp.GradScaler, group: dist.ProcessGroup | None) -> None:
@@ -188,6 +190,6 @@ def make_scaler_agree(scaler: torch.amp.GradScaler, group: dist.ProcessGroup | N
     def unscale_and_agree(optimizer: torch.optim.Optimizer) -> None:
         unscale(optimizer)
         state = scaler._per_optimizer_states[id(optimizer)]
-        agree_found_inf(list(state["found_inf_per_device"].values()), group)
+        agree_found_inf(list(state["found_inf_per_device"].values()), group, getattr(scaler, "_device", "cpu"))
 
     scaler.unscale_ = unscale_and_agree  # type: ignore[method-assign]
