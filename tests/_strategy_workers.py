@@ -347,3 +347,32 @@ def hybrid_reference(config: dict[str, Any], replicas: int) -> dict[str, Any]:
     trainer.fit(model, torch.utils.data.DataLoader(token_data(48), batch_sampler=sampler))
     return {"params": {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)},
             "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()}}
+
+
+class _RandomTokens(torch.utils.data.Dataset):
+    """Each item drawn at random when it is read (an augmentation, a random window): from the worker's seed."""
+
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from tests._models import SEQ, VOCAB
+
+        tokens = torch.randint(0, VOCAB, (SEQ + 1,))
+        return tokens[:-1], tokens[1:]
+
+
+def random_data(rank: int, world_size: int, *, check_batches: bool = True) -> int:
+    """Two epochs over a dataset drawn at random in a DataLoader worker, shuffled by a RandomSampler (Lightning's
+    sampler replacement off); each process's global generator advanced differently after the model is made, as
+    different stages' models do. The stages of the pipeline must still read the same batches."""
+    seed_everything(0, workers=True)
+    model = TinyGPT()
+    torch.rand(rank + 1)  # each stage's own use of the global generator
+    data = torch.utils.data.DataLoader(_RandomTokens(), batch_size=8, shuffle=True, num_workers=1)
+    trainer = Trainer(accelerator="cpu", devices=world_size, strategy=PipelineStrategy(timeout=60,
+                                                                                       check_batches=check_batches),
+                      max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, use_distributed_sampler=False)
+    trainer.fit(model, data)
+    return trainer.global_step

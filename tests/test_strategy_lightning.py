@@ -237,3 +237,12 @@ def test_the_number_of_stages_follows_from_what_is_given(kwargs: dict[str, Any],
     environment.set_world_size(4)
     strategy = PipelineStrategy(cluster_environment=environment, **kwargs)
     assert strategy.num_stages == stages
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(200)
+def test_random_data_is_drawn_alike_on_every_stage() -> None:
+    """DataLoader workers seeded by seed_everything(workers=True), a RandomSampler and the epochs' base seeds draw
+    from a state the strategy makes the same on every stage of a pipeline, so its batch check passes."""
+    outcomes = launch("tests._strategy_workers.random_data", 2, deadline=150)
+    assert [o.unwrap() for o in outcomes] == [4, 4]

@@ -1,12 +1,18 @@
 """Every stage of a pipeline reads the batch from its own DataLoader: the first stage takes the inputs from its copy
 and the last stage the targets from its own. If the copies differ (a sampler or an augmentation drawing from each
-process's own random state, a dataset that depends on the rank), training goes wrong without any error. A few
-numbers summarise each stage's batch; the stages of a pipeline compare them before each step, and all raise at once
-when they differ.
+process's own random state, a dataset that depends on the rank), training goes wrong without any error.
+
+* :func:`seed_alike` makes the random state a DataLoader draws from the same on every stage of a pipeline (its
+  workers' seeds, the base seed it draws per epoch, a ``RandomSampler``'s order), and different between replicas.
+* :func:`check_same_batch`: a few numbers summarise each stage's batch; the stages of a pipeline compare them
+  before each step, and all raise at once when they differ (randomness the DataLoader does not own: a dataset
+  drawing from the process's global generator, which each stage's model consumes differently).
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import zlib
 from typing import Any
 
@@ -16,7 +22,7 @@ from lightning.fabric.utilities.apply_func import apply_to_collection
 
 from lightning_pipe.errors import PipelineError
 
-__all__ = ["batch_fingerprint", "check_same_batch"]
+__all__ = ["batch_fingerprint", "check_same_batch", "seed_alike"]
 
 _SAMPLE = 4096  # elements read per tensor: a strided sample, so the cost does not grow with the batch
 
@@ -81,3 +87,25 @@ def check_same_batch(batch: Any, *, device: torch.device, group: dist.ProcessGro
             "every stage) and the same random augmentations (seed them by the data-parallel rank, not the global "
             "rank). PipelineStrategy(check_batches=False) turns this check off"
         )
+
+
+def seed_alike(dataloader: Any, *, seed: int, replica: int) -> None:
+    """Seed ``dataloader``'s own random state from ``seed`` (the same on every rank of the pipeline) and the
+    data-parallel ``replica``, where it would otherwise come from each process's state: its base seed per epoch
+    (``generator``), the order of a ``RandomSampler`` without a generator, and, under
+    ``seed_everything(workers=True)``, its workers' seeds (Lightning derives them from the global rank, which
+    differs between the stages of a pipeline). What the user set is left alone."""
+    from lightning.fabric.utilities.seed import pl_worker_init_function
+    from torch.utils.data import DataLoader, RandomSampler
+
+    if not isinstance(dataloader, DataLoader):
+        return
+    own = seed * 1_000_003 + replica
+    if dataloader.generator is None:
+        dataloader.generator = torch.Generator().manual_seed(own)
+    samplers = [dataloader.sampler, getattr(dataloader.batch_sampler, "sampler", None)]
+    for sampler in samplers:
+        if isinstance(sampler, RandomSampler) and sampler.generator is None:
+            sampler.generator = torch.Generator().manual_seed(own + 1)
+    if int(os.environ.get("PL_SEED_WORKERS", 0)) and dataloader.worker_init_fn is None:
+        dataloader.worker_init_fn = functools.partial(pl_worker_init_function, rank=replica)

@@ -42,7 +42,7 @@ from lightning_pipe.engine import (
 )
 from lightning_pipe.errors import PipelineError
 from lightning_pipe.schedules import DEFAULT_VIRTUAL_STAGES, SCHEDULES, Schedule, build_schedule, stage_to_rank
-from lightning_pipe.strategy.batch_check import check_same_batch
+from lightning_pipe.strategy.batch_check import check_same_batch, seed_alike
 from lightning_pipe.strategy.chain import ChainRuntime, StageExit, find_chain, is_cut, split_chain
 from lightning_pipe.strategy.checkpoint import (
     load_optimizer_state_by_name,
@@ -207,6 +207,7 @@ class PipelineStrategy(DDPStrategy):
         self.virtual_stages = virtual_stages or DEFAULT_VIRTUAL_STAGES[self.schedule_name]
         self.early_input_grads = early_input_grads
         self.check_batches = check_batches
+        self._shared_seed: int | None = None  # see _data_seed
         self._layout: tuple[int, ...] = tuple(range(self.virtual_stages))  # stage -> pipeline rank, set up later
         self.balance = list(balance) if not isinstance(balance, str) else balance
         self.blocks = blocks
@@ -317,6 +318,21 @@ class PipelineStrategy(DDPStrategy):
                     self._backward_group = group
         if self.lightning_module is not None:
             self.lightning_module._device_mesh = self._mesh
+
+    @override
+    def process_dataloader(self, dataloader: object) -> object:
+        dataloader = super().process_dataloader(dataloader)
+        if self.num_stages > 1:  # every stage of a pipeline must read the same batches: see batch_check.py
+            seed_alike(dataloader, seed=self._data_seed(), replica=self.dp_rank)
+        return dataloader
+
+    def _data_seed(self) -> int:
+        """Pipeline rank 0's initial seed, the same on every stage (one broadcast, at the first DataLoader)."""
+        if self._shared_seed is None:
+            seed = torch.tensor([torch.initial_seed() % (1 << 62)], dtype=torch.int64, device=self.root_device)
+            dist.broadcast(seed, src=self._pp_ranks[0], group=self._pp_group)
+            self._shared_seed = int(seed.item())
+        return self._shared_seed
 
     @property
     @override
