@@ -119,8 +119,10 @@ class TinyGPT(LightningModule):
         self.log("val_loss", loss, prog_bar=True, sync_dist=self.sync_dist)
         self.log("val_acc", self.val_acc)
         self.log("val_rho", self.val_rho)
-        # A value that stands for batch_idx + 1 items: the epoch mean must weigh it so (not by samples).
-        self.log("val_weighted", float(batch_idx), batch_size=batch_idx + 1)
+        # A value that stands for 10 * (batch_idx + 1) items, a constant that is no micro-batch's sample count:
+        # the epoch mean must weigh it so (not by samples). (A count equal to each micro-batch's samples, as with
+        # batch_size=x.size(0), is that micro-batch's: tests/test_logs.py.)
+        self.log("val_weighted", float(batch_idx), batch_size=10 * (batch_idx + 1))
 
     def on_validation_epoch_end(self) -> None:
         # Computed by hand on every rank (the last stage updated it): the same value everywhere.

@@ -44,7 +44,7 @@ def test_metrics_loggers_callbacks_and_evaluation_match_one_device(schedule: str
     results = [o.unwrap()[0] for o in outcomes]
     ref = reference(config)
     assert {"train_loss", "val_loss", "val_acc", "val_rho", "val_weighted"} <= set(ref["metrics"])
-    assert _close(ref["metrics"]["val_weighted"], 2 / 3)  # (0 x 1 + 1 x 2) / (1 + 2): weighted by batch_size
+    assert _close(ref["metrics"]["val_weighted"], 2 / 3)  # (0 x 10 + 1 x 20) / (10 + 20): weighted by batch_size
     for rank, result in enumerate(results):
         for what in ("metrics", "logged", "progress_bar"):
             if what != "progress_bar":  # the pipeline's own figures (strategy/metrics.py), on every rank
