@@ -15,6 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.regression import SpearmanCorrCoef
 
 VOCAB, SEQ = 16, 8
+LOW_TARGETS = 5  # with ignore_low_targets, targets below this are ignored (ignore_index=-100)
 
 
 class Block(nn.Module):
@@ -50,7 +51,8 @@ class TinyGPT(LightningModule):
 
     def __init__(self, body: str = "sequential", n_layer: int = 4, d: int = 16, lr: float = 1e-2,
                  weight_decay: float = 0.1, sync_dist: bool = False, tie_blocks: bool = False,
-                 scheduler: bool = False, optimizer: str = "adamw", reads_counter: bool = False) -> None:
+                 scheduler: bool = False, optimizer: str = "adamw", reads_counter: bool = False,
+                 ignore_low_targets: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.body = body
@@ -79,6 +81,7 @@ class TinyGPT(LightningModule):
         self.input_sum = SumMetric()
         self.lr, self.weight_decay = lr, weight_decay
         self.reads_counter = reads_counter
+        self.ignore_low_targets = ignore_low_targets
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         t = idx.shape[1]
@@ -98,6 +101,8 @@ class TinyGPT(LightningModule):
     def _loss(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         idx, target = batch
         logits = self(idx)
+        if self.ignore_low_targets:  # a mean over the tokens left, whose count differs from sample to sample
+            target = target.masked_fill(target < LOW_TARGETS, -100)
         return F.cross_entropy(logits.reshape(-1, VOCAB), target.reshape(-1)), logits
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:

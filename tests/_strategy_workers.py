@@ -77,7 +77,8 @@ def _train(config: dict[str, Any], *, devices: int, strategy: Any, log_dir: str 
     seed_everything(0, workers=True)
     model = TinyGPT(body=config["body"], n_layer=config.get("n_layer", 4), sync_dist=config.get("sync_dist", False),
                     tie_blocks=config.get("tie_blocks", False), scheduler=config.get("scheduler", False),
-                    optimizer=config.get("optimizer", "adamw"), reads_counter=config.get("reads_counter", False))
+                    optimizer=config.get("optimizer", "adamw"), reads_counter=config.get("reads_counter", False),
+                    ignore_low_targets=config.get("ignore_low_targets", False))
     frozen = _SeeFrozen()
     callbacks: list[Any] = [frozen]
     extras = _SeeOutputs()
@@ -145,6 +146,13 @@ def _train(config: dict[str, Any], *, devices: int, strategy: Any, log_dir: str 
     return result
 
 
+def _tokens_left(microbatch: Any) -> torch.Tensor:
+    """What TinyGPT(ignore_low_targets=True)'s loss is a mean over."""
+    from tests._models import LOW_TARGETS
+
+    return (microbatch[1] >= LOW_TARGETS).sum()
+
+
 def pipeline_jobs(rank: int, world_size: int, *, configs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     results = []
     for config in configs:
@@ -156,7 +164,8 @@ def pipeline_jobs(rank: int, world_size: int, *, configs: list[dict[str, Any]]) 
                                     early_input_grads=config.get("early_input_grads", False),
                                     freeze_gc=config.get("freeze_gc", True),
                                     comm_thread=config.get("comm_thread"),
-                                    guard_io_threads=config.get("guard_io_threads"))
+                                    guard_io_threads=config.get("guard_io_threads"),
+                                    microbatch_weight=_tokens_left if config.get("token_weights") else None)
         results.append(train(config, devices=world_size, strategy=strategy))
     return results
 

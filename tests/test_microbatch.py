@@ -495,3 +495,20 @@ def test_merge_with_sizes_tells_per_sample_lists_from_containers() -> None:
     assert [p.shape for p in pairs] == [(4, 3), (4,)]
     preds, counts = merge_microbatches([[torch.zeros(4), torch.ones(3)], [torch.zeros(4), torch.ones(3)]], [4, 4])
     assert preds.shape == (8,) and counts.shape == (6,)
+
+
+def test_weights_by_a_count_of_the_users():
+    """Weighed by what the loss is a mean over (tokens left): sum(w_i * mean_i) is the mean over all of them."""
+    targets = torch.tensor([[1, -100, 2], [3, 4, 5], [-100, -100, 6], [7, 8, -100]])
+    mbs = split_microbatches(targets, 2)
+    weights = microbatch_weights(mbs, lambda mb: (mb != -100).sum())
+    assert weights == [5 / 8, 3 / 8]  # 5 and 3 tokens, where the samples' shares are 1/2 each
+    mbs = split_microbatches(targets, 4)
+    weights = microbatch_weights(mbs, lambda mb: (mb != -100).sum())
+    assert weights == pytest.approx([2 / 8, 3 / 8, 1 / 8, 2 / 8])
+    means = [mb[mb != -100].float().mean() for mb in mbs]
+    whole = targets[targets != -100].float().mean()
+    assert float(sum(w * m for w, m in zip(weights, means))) == pytest.approx(float(whole))
+    for bad in (lambda mb: -1.0, lambda mb: float("nan"), lambda mb: 0.0):
+        with pytest.raises(PipelineError, match="microbatch_weight gave"):
+            microbatch_weights(mbs, bad)

@@ -143,6 +143,8 @@ def test_bad_input_fails_clearly_on_every_rank(cases: list[str]) -> None:
         ({"early_input_grads": None}, "early_input_grads=None must be True or False"),
         ({"comm_thread": "auto"}, "comm_thread='auto' must be True, False or None (the default)"),
         ({"guard_io_threads": 1}, "guard_io_threads=1 must be True, False or None (the default)"),
+        ({"check_batches": None}, "check_batches=None must be True or False"),
+        ({"microbatch_weight": 3}, "microbatch_weight=3 must be a function of a micro-batch"),
     ],
 )
 def test_bad_arguments_are_rejected_at_construction(kwargs: dict[str, Any], expected: str) -> None:

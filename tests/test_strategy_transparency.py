@@ -73,6 +73,9 @@ def _configs(world_size: int) -> list[dict[str, Any]]:
          "accumulate": 2, "steps": 3, "optimizer": "sgd"},
         {"body": "sequential", "schedule": "zbv", "n_layer": 8, "tie_blocks": True, "clip": 0.05, "optimizer": "sgd"},
         {"body": "modulelist", "schedule": "zbv", "n_layer": 8, "n": 42, "steps": 6, "microbatches": 3},
+        # A loss that is a mean over the target tokens left after ignore_index (their count differs between
+        # micro-batches), the micro-batches weighed by that count.
+        {"body": "modulelist", "schedule": "1f1b", "ignore_low_targets": True, "token_weights": True, "clip": 0.05},
         # The garbage collector left alone; the transport's poster thread forced on, gloo's I/O threads unguarded.
         {"body": "sequential", "schedule": "1f1b", "freeze_gc": False, "comm_thread": True,
          "guard_io_threads": False},

@@ -6,7 +6,8 @@ Plain torch (no Lightning), so the engine can drive any training loop.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Sequence
+import math
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -122,11 +123,19 @@ def split_microbatches(batch: Any, num_microbatches: int) -> list[Any]:
     return _split(batch, size, bounds)
 
 
-def microbatch_weights(microbatches: Sequence[Any]) -> list[float]:
-    """Each micro-batch's share of the batch, so that ``sum(w_i * mean_loss_i)`` is the full batch's mean loss."""
-    sizes = [batch_size_of(mb) for mb in microbatches]
-    total = sum(sizes)
-    return [s / total for s in sizes]
+def microbatch_weights(microbatches: Sequence[Any], weigh: Callable[[Any], Any] | None = None) -> list[float]:
+    """Each micro-batch's share of the batch, so that ``sum(w_i * mean_loss_i)`` is the full batch's mean loss:
+    by samples, or by ``weigh(micro_batch)`` (what the loss is a mean over, e.g. the target tokens left after
+    ``ignore_index``: then the weighted sum is the mean over the whole batch's tokens, as on one device)."""
+    if weigh is None:
+        counts = [float(batch_size_of(mb)) for mb in microbatches]
+    else:
+        counts = [float(weigh(mb)) for mb in microbatches]
+        if not all(math.isfinite(c) and c >= 0 for c in counts) or sum(counts) <= 0:
+            raise PipelineError(f"microbatch_weight gave {counts} for the micro-batches of a batch: each must be a "
+                                "finite number >= 0 (what its loss is a mean over), and their sum positive")
+    total = sum(counts)
+    return [c / total for c in counts]
 
 
 def _per_sample(outputs: Sequence[list[Any]], sizes: Sequence[int]) -> bool:

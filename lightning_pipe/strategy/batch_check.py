@@ -28,47 +28,45 @@ _SAMPLE = 4096  # elements read per tensor: a strided sample, so the cost does n
 
 
 def batch_fingerprint(batch: Any, device: torch.device) -> torch.Tensor:
-    """``[elements, sum, position-weighted sum, tensors, checksum]`` of ``batch`` (float64, on ``device``): the
-    sums over a strided sample of each tensor, the checksum over its other leaves (numbers, strings). Equal for
-    equal batches, and different, in practice, for batches that hold other samples, in another order, or augmented
-    otherwise."""
+    """``[byte sum, position-weighted byte sum, elements, tensors, checksum]`` of ``batch`` (int64, on ``device``):
+    the sums over the bytes of a strided sample of each tensor (integers: exact, whatever the order of summing, so
+    equal batches give equal numbers on any rank), the checksum over its other leaves (numbers, strings). Batches
+    that hold other samples, in another order, or augmented otherwise give other numbers, in practice."""
     rows: list[torch.Tensor] = []
     others: list[str] = []
-    numel = 0.0
+    numel = 0
 
     def tensor(t: torch.Tensor) -> None:
         nonlocal numel
+        if t.layout != torch.strided:  # sparse: described, not sampled
+            others.append(f"{t.layout}{tuple(t.shape)}")
+            return
         flat = t.detach().reshape(-1)
-        if flat.is_complex():
-            flat = torch.view_as_real(flat).reshape(-1)
         numel += flat.numel()
-        sample = flat[:: max(1, flat.numel() // _SAMPLE)][:_SAMPLE].to(device=device, dtype=torch.float64)
-        # Two weightings in one product: plain, and by position (another order gives another sum); each leaf
-        # scaled by its place among the leaves.
-        rows.append(torch.nan_to_num(sample, nan=0.5, posinf=1.0, neginf=-1.0)
-                    @ _weights(device, sample.numel()) * float(len(rows) + 1))
+        raw = flat[:: max(1, flat.numel() // _SAMPLE)][:_SAMPLE].contiguous().view(torch.uint8).to(torch.int64)
+        position = _positions(raw.device)[: raw.numel()]
+        # Each leaf scaled by its place among the leaves: leaves in another order give other sums.
+        rows.append(torch.stack([raw.sum(), (raw * position).sum()]).to(device) * (len(rows) + 1))
 
     def other(value: Any) -> None:
         others.append(repr(value))
 
     apply_to_collection(batch, torch.Tensor, tensor)
     apply_to_collection(batch, (int, float, str, bytes), other)
-    sums = torch.stack(rows).sum(0) if rows else torch.zeros(2, device=device, dtype=torch.float64)
+    sums = torch.stack(rows).sum(0) if rows else torch.zeros(2, device=device, dtype=torch.int64)
     checksum = zlib.crc32("\x00".join(others).encode("utf-8", errors="replace"))
-    return torch.cat([sums, torch.tensor([numel, float(len(rows)), float(checksum)], device=device,
-                                         dtype=torch.float64)])
+    return torch.cat([sums, torch.tensor([numel, len(rows), checksum], device=device, dtype=torch.int64)])
 
 
-_WEIGHTS: dict[torch.device, torch.Tensor] = {}
+_POSITIONS: dict[torch.device, torch.Tensor] = {}
 
 
-def _weights(device: torch.device, n: int) -> torch.Tensor:
-    """``[[1, 1/n'], [1, 2/n'], ...]`` for the first ``n`` of ``_SAMPLE`` positions (made once per device)."""
-    table = _WEIGHTS.get(device)
+def _positions(device: torch.device) -> torch.Tensor:
+    """``1, 2, ...`` for every byte a sample may have (16 per element at most: complex128), made once per device."""
+    table = _POSITIONS.get(device)
     if table is None:
-        position = torch.arange(1, _SAMPLE + 1, device=device, dtype=torch.float64) / _SAMPLE
-        table = _WEIGHTS[device] = torch.stack([torch.ones_like(position), position], dim=1)
-    return table[:n]
+        table = _POSITIONS[device] = torch.arange(1, 16 * _SAMPLE + 1, device=device, dtype=torch.int64)
+    return table
 
 
 def check_same_batch(batch: Any, *, device: torch.device, group: dist.ProcessGroup | None, size: int,

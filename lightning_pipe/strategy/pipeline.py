@@ -140,6 +140,11 @@ class PipelineStrategy(DDPStrategy):
         check_batches: Before each step, the stages of a pipeline compare a summary of their batches (each stage
             reads its own copy from its DataLoader) and all raise if they differ (``strategy/batch_check.py``: one
             small all-gather, tens of microseconds of summing). ``False`` skips it.
+        microbatch_weight: A function of a micro-batch giving its weight in the batch's loss: what its loss is a
+            mean over, when that varies between micro-batches (``lambda mb: (mb[1] != -100).sum()`` for a mean over
+            the target tokens left after ``ignore_index``). ``None`` (default): its number of samples. The loss
+            and its gradient are then the whole batch's, as on one device; values logged per micro-batch are
+            combined with the same weights.
         **ddp_kwargs: Passed to :class:`~lightning.pytorch.strategies.DDPStrategy` (``process_group_backend``,
             ``cluster_environment``, ...).
     """
@@ -165,6 +170,7 @@ class PipelineStrategy(DDPStrategy):
         comm_thread: bool | None = None,
         guard_io_threads: bool | None = None,
         check_batches: bool = True,
+        microbatch_weight: Callable[[Any], Any] | None = None,
         **ddp_kwargs: Any,
     ) -> None:
         start_method = ddp_kwargs.pop("start_method", "popen")
@@ -198,6 +204,9 @@ class PipelineStrategy(DDPStrategy):
         for name, flag in (("comm_thread", comm_thread), ("guard_io_threads", guard_io_threads)):
             if flag is not None and not isinstance(flag, bool):
                 raise PipelineError(f"{name}={flag!r} must be True, False or None (the default)")
+        if microbatch_weight is not None and not callable(microbatch_weight):
+            raise PipelineError(f"microbatch_weight={microbatch_weight!r} must be a function of a micro-batch (or "
+                                "None: weigh micro-batches by their samples)")
         if not isinstance(timeout, timedelta):
             timeout = timedelta(seconds=float(timeout))
         super().__init__(timeout=timeout, start_method="popen", **ddp_kwargs)
@@ -207,6 +216,7 @@ class PipelineStrategy(DDPStrategy):
         self.virtual_stages = virtual_stages or DEFAULT_VIRTUAL_STAGES[self.schedule_name]
         self.early_input_grads = early_input_grads
         self.check_batches = check_batches
+        self.microbatch_weight = microbatch_weight
         self._shared_seed: int | None = None  # see _data_seed
         self._layout: tuple[int, ...] = tuple(range(self.virtual_stages))  # stage -> pipeline rank, set up later
         self.balance = list(balance) if not isinstance(balance, str) else balance
@@ -500,7 +510,7 @@ class PipelineStrategy(DDPStrategy):
                              where=f"{'training' if train else 'evaluation'} step, global step "
                                    f"{self.lightning_module.trainer.global_step}")
         micro = self._split_batch(args[0])
-        weights = microbatch_weights(micro)
+        weights = microbatch_weights(micro, self.microbatch_weight)
         recorder = LogRecorder(module)
         outputs: dict[int, Any] = {}
 
