@@ -391,7 +391,9 @@ class PipelineExecutor:
         except BaseException as error:
             self.transport.broken = f"{type(error).__name__}: {str(error)[:200]}"
             self._notify_peers(actions, sent, error)
-            if not isinstance(error, PipelineCommError) or getattr(error, "peer_failed", False):
+            # Not after Ctrl-C (a KeyboardInterrupt is no Exception): the process is meant to stop now.
+            if isinstance(error, Exception) and (not isinstance(error, PipelineCommError)
+                                                 or getattr(error, "peer_failed", False)):
                 self._absorb(pending, [t for _, t, _ in receives[next_recv:]] if not self.transport.exact else
                              [t for queue in in_send_order.values() for t in queue])
             raise
