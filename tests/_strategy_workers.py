@@ -207,6 +207,25 @@ class _FailsInValidation(TinyGPT):
         raise ValueError("validation failed after the chain")  # the last stage only: the others stop at its end
 
 
+class _RaisesInEvaluation(torch.nn.Module):
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            raise ValueError("validation failed in the first block")
+        return self.inner(x)
+
+
+class _FirstBlockFailsInValidation(TinyGPT):
+    """Fails in a forward-only step on the first stage alone (its block lives there only)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks[0] = _RaisesInEvaluation(self.blocks[0])
+
+
 class _BlockTwice(TinyGPT):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         x = self.tok(idx) + self.pos(torch.arange(idx.shape[1]))
@@ -231,6 +250,7 @@ def bad_inputs(rank: int, world_size: int, *, cases: list[str]) -> dict[str, tup
         "last_stage_fails_after_the_step": (_BadReduce, {}),
         "second_trainer": (TinyGPT, {}),
         "last_stage_fails_in_validation": (_FailsInValidation, {}),
+        "first_stage_fails_in_validation": (_FirstBlockFailsInValidation, {}),
         "stages_see_different_batches": (TinyGPT, {}),
     }
     out: dict[str, tuple[str, str]] = {}
@@ -242,7 +262,7 @@ def bad_inputs(rank: int, world_size: int, *, cases: list[str]) -> dict[str, tup
                           enable_model_summary=False, use_distributed_sampler=False)
         try:
             model = make_model()
-            if case == "last_stage_fails_in_validation":  # no backward: no stage waits for a value from the last
+            if case in ("last_stage_fails_in_validation", "first_stage_fails_in_validation"):  # no backward
                 trainer.validate(model, loader(), verbose=False)
             elif case == "stages_see_different_batches":  # a dataset that depends on the rank
                 trainer.fit(model, loader(seed=rank))
@@ -385,3 +405,29 @@ def random_data(rank: int, world_size: int, *, check_batches: bool = True) -> in
                       enable_model_summary=False, use_distributed_sampler=False)
     trainer.fit(model, data)
     return trainer.global_step
+
+
+class _MiddleBlockFailsInValidation(TinyGPT):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks[1] = _RaisesInEvaluation(self.blocks[1])
+
+
+def middle_stage_fails_in_validation(rank: int, world_size: int) -> tuple[str, str, float]:
+    """3 stages (blocks 1, 1, 2): stage 1 fails in validate. Stage 0 finishes its forwards and waits for the
+    payload; stage 2 gets the failure notice. Every rank raises, and the group stays usable: the processes go on
+    with a collective afterwards, as a program that catches the error would."""
+    seed_everything(0)
+    trainer = Trainer(accelerator="cpu", devices=world_size, strategy=PipelineStrategy(timeout=60, balance=[1, 1, 2]),
+                      logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      use_distributed_sampler=False)
+    try:
+        trainer.validate(_MiddleBlockFailsInValidation(), loader(), verbose=False)
+        kind, message = "no error", ""
+    except Exception as err:  # noqa: BLE001 - reported to the test
+        kind, message = type(err).__name__, str(err)
+    import torch.distributed as dist
+
+    after = torch.tensor([float(rank)])
+    dist.all_reduce(after)
+    return kind, message, float(after)

@@ -96,15 +96,17 @@ BAD_INPUTS = {
     "last_stage_fails_after_the_step": "reduce_fx='median'",
     "second_trainer": "was already cut into pipeline stages by another Trainer's PipelineStrategy",
     "last_stage_fails_in_validation": "ValueError: validation failed after the chain",
+    "first_stage_fails_in_validation": "ValueError: validation failed in the first block",
     "stages_see_different_batches": "the stages of this pipeline got different batches (training step, global step 0",
 }
 # The rank where the user's code raised keeps its own error; the others raise a PipelineError that relays it.
-OWN_ERRORS = {"last_stage_fails_in_validation": "ValueError"}
+OWN_ERRORS = {"last_stage_fails_in_validation": "ValueError", "first_stage_fails_in_validation": "ValueError"}
 
 
 # Set-up errors leave the process group usable, so one launch checks them all; a failure in the middle of a step
 # leaves messages of that step behind, so each of those runs in processes of its own.
-STEP_FAILURES = ("block_called_twice", "last_stage_fails_after_the_step", "last_stage_fails_in_validation")
+STEP_FAILURES = ("block_called_twice", "last_stage_fails_after_the_step", "last_stage_fails_in_validation",
+                 "first_stage_fails_in_validation")
 
 
 @pytest.mark.distributed
@@ -248,3 +250,13 @@ def test_random_data_is_drawn_alike_on_every_stage() -> None:
     from a state the strategy makes the same on every stage of a pipeline, so its batch check passes."""
     outcomes = launch("tests._strategy_workers.random_data", 2, deadline=150)
     assert [o.unwrap() for o in outcomes] == [4, 4]
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(200)
+def test_a_middle_stage_failing_in_validation_leaves_the_group_in_step() -> None:
+    outcomes = [o.unwrap() for o in launch("tests._strategy_workers.middle_stage_fails_in_validation", 3,
+                                           deadline=150)]
+    for rank, (kind, message, after) in enumerate(outcomes):
+        assert "validation failed in the first block" in message, (rank, kind, message)
+        assert after == 0 + 1 + 2, (rank, after)  # the next collective matched on every rank

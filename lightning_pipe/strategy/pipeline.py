@@ -40,7 +40,7 @@ from lightning_pipe.engine import (
     microbatch_weights,
     split_microbatches,
 )
-from lightning_pipe.errors import PipelineError
+from lightning_pipe.errors import PipelineCommError, PipelineError
 from lightning_pipe.schedules import DEFAULT_VIRTUAL_STAGES, SCHEDULES, Schedule, build_schedule, stage_to_rank
 from lightning_pipe.strategy.batch_check import check_same_batch, seed_alike
 from lightning_pipe.strategy.chain import ChainRuntime, StageExit, find_chain, is_cut, split_chain
@@ -551,11 +551,12 @@ class PipelineStrategy(DDPStrategy):
         try:
             result = executor.run(forward_fn, loss_weights=weights, train=train, scale_loss=scale)
         except Exception as err:
-            # Without a backward the stages before the last one owe it nothing and wait for its payload below;
-            # a failure notice only reaches the ranks still waiting for a value. So the last stage sends its error
-            # in the payload too (its failure, or the notice of an earlier stage's), and every rank raises.
-            if not train and self.is_last_stage and self.num_stages > 1:
-                self._broadcast_step_error(err)
+            # A failure notice reaches only the ranks still waiting for a value; the others (the earlier stages of a
+            # forward-only step, or any rank whose last value had gone) finished and wait in the payload broadcast
+            # below. So a failed rank joins it too, the last stage sending its error there, and every rank raises.
+            # Not after a timeout or a broken connection: a peer is gone or stuck, and would not join.
+            if self.num_stages > 1 and (not isinstance(err, PipelineCommError) or getattr(err, "peer_failed", False)):
+                self._join_payload_broadcast(err)
             raise
         finally:
             MetricStates.stepping(False)
@@ -590,12 +591,14 @@ class PipelineStrategy(DDPStrategy):
             return None, merged
         return loss.to(device=self.root_device, dtype=torch.float32), merged
 
-    def _broadcast_step_error(self, error: BaseException) -> None:
-        """The payload broadcast of :meth:`_run_step`, carrying ``error`` (best effort: a peer may be gone)."""
+    def _join_payload_broadcast(self, error: BaseException) -> None:
+        """The payload broadcast of :meth:`_run_step` on a rank whose step failed: the last stage sends ``error``,
+        the others take part and drop what comes (best effort: a peer may be gone)."""
         try:
-            dist.broadcast_object_list([_step_error(error)], src=self._pp_ranks[self.loss_rank], group=self._pp_group)
+            dist.broadcast_object_list([_step_error(error)] if self.is_last_stage else [None],
+                                       src=self._pp_ranks[self.loss_rank], group=self._pp_group)
         except Exception:  # noqa: BLE001 - the original error is what this rank raises
-            log.debug("could not send the step's error to the other pipeline stages", exc_info=True)
+            log.debug("the payload broadcast after a failed step failed too", exc_info=True)
 
     @staticmethod
     def _step_payload(result: Any, recorder: LogRecorder, weights: list[float], outputs: dict[int, Any], *,
