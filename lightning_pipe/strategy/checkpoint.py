@@ -309,18 +309,16 @@ def consolidate(path: str | os.PathLike[str], output: str | os.PathLike[str] | N
 def _plain_schedulers(full: dict[str, Any], by_name: list[dict[str, Any]], order: list[str]) -> None:
     """Each LR scheduler's per-group lists in the consolidated file's group order (from their name-keyed copies,
     which are kept under ``pipeline_lr_scheduler_groups`` for a resume under the pipeline)."""
+    states = full.get("lr_schedulers", [])
     groups = []
-    i = 0
-    while f"lr_scheduler_{i}" in full:
-        groups.append(saved := full.pop(f"lr_scheduler_{i}"))
-        states = full.get("lr_schedulers", [])
+    for i, state in enumerate(states):  # a scheduler with no per-group lists has no entry
+        groups.append(saved := full.pop(f"lr_scheduler_{i}", {}))
         optimizer = next((o for o in by_name if saved and next(iter(saved)) in o["hparams"]), None)
-        if i < len(states) and optimizer is not None:
+        if optimizer is not None:
             buckets = _plain_groups(optimizer, order)
             for key in {k for entry in saved.values() for k in entry}:
                 if all(key in saved.get(bucket[0], {}) for bucket in buckets):
-                    states[i][key] = [saved[bucket[0]][key] for bucket in buckets]
-        i += 1
+                    state[key] = [saved[bucket[0]][key] for bucket in buckets]
     full["pipeline_lr_scheduler_groups"] = groups
 
 
