@@ -185,6 +185,20 @@ def test_auto_microbatches_across_schedules_with_virtual_stages() -> None:
         StageCostModel((f,) * 3, (b,) * 3).spread(8)
 
 
+def test_per_rank_costs_go_to_the_stages_each_rank_holds() -> None:
+    """Uneven ranks (rank 0 ten times rank 1): under interleaving and zbv a rank's chunks are not adjacent stages,
+    so each stage takes its rank's cost. Rank 0's busy time is its whole work (120 at m = 4), as under 1F1B."""
+    from lightning_pipe.schedules import build_schedule
+    from lightning_pipe.simulate import simulate
+
+    model = StageCostModel.constant([10.0, 1.0], [20.0, 2.0])
+    for name in ("1f1b", "interleaved_1f1b", "zbv"):
+        schedule = build_schedule(name, num_ranks=2, num_microbatches=4)
+        costs = model.spread(schedule.num_stages, schedule.stage_to_rank).costs(1)
+        busy = simulate(schedule, costs).busy
+        assert [round(b, 9) for b in busy] == [120.0, 12.0], (name, busy)
+
+
 def test_auto_microbatches_on_ranks_sharing_cores() -> None:
     """4 ranks on 1 core: the core is never idle, so the step is the total work plus the per-action overhead, and the
     best m is the fewest actions, not the smallest bubble; with a core per rank the usual optimum (8) stands."""
@@ -257,3 +271,18 @@ def test_measured_timeline_starts_at_the_first_wait() -> None:
     events = [e for e in chrome_trace(timeline)["traceEvents"] if e["ph"] == "X"]
     assert min(e["ts"] for e in events) == 0.0 and all(e["dur"] >= 0 for e in events)
     assert timeline.step_time == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--cores", "0"], "--cores=0.0 must be a positive number of cores"),
+    (["--microbatches"], "--microbatches needs at least one value"),
+    (["--overhead-ms", "-1"], "--overhead-ms=-1.0 must be a finite number >= 0"),
+    (["--forward-fixed-ms", "nan"], "--forward-fixed-ms=nan must be a finite number >= 0"),
+])
+def test_tune_command_line_bad_values_are_usage_errors(args: list[str], message: str,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from lightning_pipe.tune import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

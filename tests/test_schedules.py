@@ -227,6 +227,17 @@ def test_no_microbatch_raises(gen: Generator, m: int) -> None:
         gen(4, m)
 
 
+def test_sizes_of_any_integer_type_and_no_other() -> None:
+    """numpy integers (a config read with numpy, a sweep) are integers; floats and bools are not."""
+    import numpy as np
+
+    assert build_schedule("1f1b", num_ranks=np.int64(2), num_microbatches=np.int32(3)) == one_f_one_b(2, 3)
+    for kwargs, knob in (({"num_ranks": 2, "num_microbatches": 3.0}, "num_microbatches=3.0"),
+                         ({"num_ranks": True, "num_microbatches": 3}, "pipeline_parallel_size=True")):
+        with pytest.raises(ScheduleError, match=knob):
+            build_schedule("1f1b", **kwargs)
+
+
 def test_build_schedule() -> None:
     assert {"gpipe", "1f1b"} <= set(SCHEDULES)
     assert build_schedule("GPipe", num_ranks=2, num_microbatches=3) == gpipe(2, 3)

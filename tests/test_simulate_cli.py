@@ -54,3 +54,17 @@ def test_python_dash_m_runs_without_runpy_warning() -> None:
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "step time 9;" in done.stdout and "RuntimeWarning" not in done.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--stages", "0"], "got --stages=0"),
+    (["--microbatches", "0"], "got --microbatches=0"),
+    (["--virtual-stages", "3"], "got --virtual-stages=3"),
+    (["--schedule", "zbv", "--virtual-stages", "1"], "got --virtual-stages=1"),
+    (["--forward", "inf"], "--forward=inf must be a finite number"),
+])
+def test_command_line_bad_values_are_usage_errors(args: list[str], message: str,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -297,8 +297,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="W right after each B, as PipelineStrategy(early_input_grads=True) runs it")
     parser.add_argument("--width", type=int, default=100)
     args = parser.parse_args(argv)
-    schedule = build_schedule(args.schedule, num_ranks=args.stages, num_microbatches=args.microbatches,
-                              virtual_stages=args.virtual_stages, early_input_grads=args.early_input_grads)
+    for name in ("forward", "backward", "weight", "transfer"):
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            parser.error(f"--{name}={value} must be a finite number")
+    try:
+        schedule = build_schedule(args.schedule, num_ranks=args.stages, num_microbatches=args.microbatches,
+                                  virtual_stages=args.virtual_stages, early_input_grads=args.early_input_grads)
+    except ValueError as err:  # ScheduleError: names the setting
+        parser.error(str(err).replace("pipeline_parallel_size", "--stages").replace("num_microbatches",
+                                                                                   "--microbatches")
+                     .replace("virtual_stages", "--virtual-stages"))
     chunks = schedule.num_stages // args.stages  # the per-stage costs are shared among a rank's chunks
     weight = args.backward / 2 if args.weight is None else args.weight
     costs = Costs(args.forward / chunks, args.backward / chunks, weight / chunks if schedule.split_backward else 0.0,

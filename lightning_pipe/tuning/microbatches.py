@@ -32,17 +32,24 @@ class StageCostModel:
     """Share of each backward that is weight gradient, charged to W by the schedules that split backward (the others
     ignore it). 0.5: a linear layer's input and weight gradients are matmuls of the same size."""
 
-    def spread(self, num_stages: int) -> "StageCostModel":
-        """The same costs over ``num_stages`` stages: each entry cut into ``num_stages / len(self)`` equal chunks."""
+    def spread(self, num_stages: int, stage_to_rank: Sequence[int] | None = None) -> "StageCostModel":
+        """The same costs over ``num_stages`` stages: each entry cut into ``num_stages / len(self)`` equal chunks.
+        With one entry per rank of ``stage_to_rank`` (the schedule's placement), stage ``s`` takes its share of
+        the entry of the rank that holds it (under interleaving and zbv a rank's chunks are not adjacent stages);
+        otherwise entry ``j`` covers the adjacent stages ``j*k`` to ``j*k+k-1``."""
         if num_stages == len(self.forward):
             return self
         if num_stages % len(self.forward):
             raise ValueError(f"the cost model has {len(self.forward)} stages, which do not divide the schedule's "
                              f"{num_stages}")
         k = num_stages // len(self.forward)
+        per_rank = stage_to_rank is not None and len(stage_to_rank) == num_stages and \
+            len(set(stage_to_rank)) == len(self.forward)
+        owner = list(stage_to_rank) if per_rank else [s // k for s in range(num_stages)]  # type: ignore[arg-type]
 
         def cut(lines: tuple[LinearCost, ...]) -> tuple[LinearCost, ...]:
-            return tuple(LinearCost(c.fixed / k, c.per_sample / k) for c in lines for _ in range(k))
+            return tuple(LinearCost(lines[owner[s]].fixed / k, lines[owner[s]].per_sample / k)
+                         for s in range(num_stages))
 
         return StageCostModel(cut(self.forward), cut(self.backward), self.weight_share)
 
@@ -127,8 +134,8 @@ def choose_microbatches(model: StageCostModel, batch_size: int, *, num_ranks: in
                 failures.append(f"{name} m={m}: {err}")
                 continue
             size = math.ceil(batch_size / m)  # the largest micro-batch sets the pace
-            costs = model.spread(schedule.num_stages).costs(size, overhead=overhead, transfer=transfer,
-                                                            split=schedule.split_backward)
+            costs = model.spread(schedule.num_stages, schedule.stage_to_rank).costs(
+                size, overhead=overhead, transfer=transfer, split=schedule.split_backward)
             result = simulate(schedule, costs, cores=cores)
             rows.append(Candidate(name, m, size, result.step_time,
                                   sum(result.bubble_fraction) / len(result.bubble_fraction),
@@ -170,10 +177,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown schedule(s) {unknown}; choose from {sorted(SCHEDULES)}")
     if args.microbatches is not None:
+        if not args.microbatches:
+            parser.error("--microbatches needs at least one value (leave it out to try the default candidates)")
         wrong = [m for m in args.microbatches if not 1 <= m <= args.batch_size]
         if wrong:
             parser.error(f"--microbatches {wrong}: each must be between 1 and --batch-size ({args.batch_size})")
         args.microbatches = sorted(set(args.microbatches))
+    for name in ("forward_fixed_ms", "forward_per_sample_ms", "backward_factor", "overhead_ms", "transfer_ms"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value >= 0):
+            parser.error(f"--{name.replace('_', '-')}={value} must be a finite number >= 0")
+    if args.cores is not None and not (math.isfinite(args.cores) and args.cores > 0):
+        parser.error(f"--cores={args.cores} must be a positive number of cores (leave it out: a core per rank)")
     f = LinearCost(args.forward_fixed_ms / 1e3, args.forward_per_sample_ms / 1e3)
     b = LinearCost(f.fixed * args.backward_factor, f.per_sample * args.backward_factor)
     model = StageCostModel((f,) * args.stages, (b,) * args.stages)  # per rank; spread over virtual stages
