@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+import pytest
 import torch
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -40,3 +41,12 @@ def assert_same(a: Any, b: Any) -> None:
             assert_same(u, v)
     else:
         assert a == b
+
+
+def assert_usage_error(main: Callable[[list[str]], int], args: list[str], message: str,
+                       capsys: pytest.CaptureFixture[str]) -> None:
+    """``main(args)`` exits as argparse does on bad values (status 2), with ``message`` on stderr."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+

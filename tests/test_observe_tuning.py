@@ -19,6 +19,7 @@ from lightning_pipe.tuning import (
     LinearCost, StageCostModel, choose_microbatches, greedy_partition, memory_partition, min_max_partition,
     profile_chain, time_partition,
 )
+from tests._helpers import assert_usage_error
 from tests._observe_workers import SLEEPS, SleepBlock
 
 
@@ -283,6 +284,4 @@ def test_tune_command_line_bad_values_are_usage_errors(args: list[str], message:
                                                        capsys: pytest.CaptureFixture[str]) -> None:
     from lightning_pipe.tune import main
 
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert_usage_error(main, args, message, capsys)

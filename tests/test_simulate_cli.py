@@ -6,6 +6,7 @@ import pytest
 
 from lightning_pipe.schedules import gpipe, one_f_one_b
 from lightning_pipe.simulate import Costs, format_timeline, main, simulate
+from tests._helpers import assert_usage_error
 
 
 def test_timeline_has_one_row_per_rank_with_every_action() -> None:
@@ -65,6 +66,4 @@ def test_python_dash_m_runs_without_runpy_warning() -> None:
 ])
 def test_command_line_bad_values_are_usage_errors(args: list[str], message: str,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert_usage_error(main, args, message, capsys)
