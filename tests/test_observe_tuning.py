@@ -285,3 +285,14 @@ def test_tune_command_line_bad_values_are_usage_errors(args: list[str], message:
     from lightning_pipe.tune import main
 
     assert_usage_error(main, args, message, capsys)
+
+
+def test_peak_activations_count_micro_batches_whatever_the_chunks() -> None:
+    """zbv holds 2p half-stage chunks at its peak: p micro-batches' activations, as 1F1B. A cap of p keeps it."""
+    model = StageCostModel.constant([0.01, 0.01], [0.02, 0.02])
+    result = choose_microbatches(model, 16, num_ranks=2, schedules=["1f1b", "zbv", "interleaved_1f1b"],
+                                 candidates=[4], max_activations=2)
+    peaks = {c.schedule: c.peak_activations for c in result.candidates}
+    assert peaks == {"1f1b": 2, "zbv": 2, "interleaved_1f1b": 2.5}
+    assert result.chosen.schedule in ("1f1b", "zbv")  # interleaved is over the cap
+    assert "interleaved_1f1b" not in {c.schedule for c in result.candidates if c.peak_activations <= 2}

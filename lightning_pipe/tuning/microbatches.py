@@ -78,8 +78,9 @@ class Candidate:
     """Predicted seconds per step."""
     bubble: float
     """Predicted mean idle share over the ranks."""
-    peak_activations: int
-    """Most micro-batches held at once on any rank."""
+    peak_activations: float
+    """Most micro-batches' activations held at once on any rank: a chunk of a rank holding ``v`` counts ``1/v`` of
+    a micro-batch (its share of the rank's layers), so the schedules compare in one unit."""
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ class TuneResult:
         for c in self.candidates:
             mark = "*" if c == self.chosen else " "
             lines.append(f"{mark} {c.schedule:16} {c.microbatches:>4} {c.microbatch_size:>7} "
-                         f"{1e3 * c.step_time:>10.2f} {100 * c.bubble:>6.1f}% {c.peak_activations:>8} "
+                         f"{1e3 * c.step_time:>10.2f} {100 * c.bubble:>6.1f}% {c.peak_activations:>8g} "
                          f"{self.batch_size / c.step_time if c.step_time > 0 else math.inf:>10.1f}")
         lines.append(f"chosen: schedule={self.chosen.schedule!r}, num_microbatches={self.chosen.microbatches} "
                      f"(predicted step {1e3 * self.chosen.step_time:.2f} ms, bubble {100 * self.chosen.bubble:.1f}%)")
@@ -115,12 +116,13 @@ def candidate_microbatches(batch_size: int, *, limit: int = 256) -> list[int]:
 def choose_microbatches(model: StageCostModel, batch_size: int, *, num_ranks: int,
                         schedules: Sequence[str] = ("1f1b",), candidates: Sequence[int] | None = None,
                         overhead: float = 0.0, transfer: float = 0.0,
-                        max_activations: int | None = None, virtual_stages: int | None = None,
+                        max_activations: float | None = None, virtual_stages: int | None = None,
                         cores: float | None = None, early_input_grads: bool = False) -> TuneResult:
-    """Predict every ``(schedule, m)`` and choose the fastest; ``max_activations`` drops candidates that would
-    hold more micro-batches at once on a rank (a memory cap); ``cores``: the ranks share this many cores of one
-    host, the costs being each rank's alone (see :func:`~lightning_pipe.simulate.simulate`);
-    ``early_input_grads``: the schedules as :func:`~lightning_pipe.schedules.with_early_input_grads` makes them."""
+    """Predict every ``(schedule, m)`` and choose the fastest. ``max_activations`` drops candidates that would
+    hold more micro-batches' activations at once on a rank (a memory cap; see :attr:`Candidate.peak_activations`).
+    ``cores``: the ranks share this many cores of one host, the costs being each rank's alone (see
+    :func:`~lightning_pipe.simulate.simulate`). ``early_input_grads``: the schedules as
+    :func:`~lightning_pipe.schedules.with_early_input_grads` makes them."""
     rows: list[Candidate] = []
     failures: list[str] = []
     for name in schedules:
@@ -137,9 +139,10 @@ def choose_microbatches(model: StageCostModel, batch_size: int, *, num_ranks: in
             costs = model.spread(schedule.num_stages, schedule.stage_to_rank).costs(
                 size, overhead=overhead, transfer=transfer, split=schedule.split_backward)
             result = simulate(schedule, costs, cores=cores)
+            chunks_per_rank = schedule.num_stages / schedule.num_ranks
             rows.append(Candidate(name, m, size, result.step_time,
                                   sum(result.bubble_fraction) / len(result.bubble_fraction),
-                                  max(result.peak_activations)))
+                                  max(result.peak_activations) / chunks_per_rank))
     allowed = [r for r in rows if max_activations is None or r.peak_activations <= max_activations]
     if not allowed:
         raise ValueError("no candidate (schedule, num_microbatches) fits: " +
