@@ -121,18 +121,14 @@ def _consolidate_on_rank_zero(trainer: Any, ckpt_path: str) -> None:
     """``<final checkpoint>.consolidated.ckpt``, written by rank 0 (replacing one a run in the same output directory
     left: it belongs to the checkpoint just replaced); a failure there raises on every rank."""
     from lightning_pipe import consolidate
+    from lightning_pipe.errors import on_every_rank
 
     trainer.strategy.barrier()
-    error: Exception | None = None
-    if trainer.is_global_zero:
-        try:
-            consolidate(ckpt_path, f"{ckpt_path}.consolidated.ckpt", overwrite=True)
-        except Exception as err:  # noqa: BLE001 - raised below, on every rank
-            error = err
-    if trainer.strategy.reduce_boolean_decision(error is not None, all=False):
-        if error is not None:
-            raise error
-        raise RuntimeError(f"rank 0 failed to consolidate {ckpt_path} (checkpoint.consolidate=true; see its error)")
+    on_every_rank(
+        (lambda: consolidate(ckpt_path, f"{ckpt_path}.consolidated.ckpt", overwrite=True))
+        if trainer.is_global_zero else None,
+        any_rank=lambda failed: trainer.strategy.reduce_boolean_decision(failed, all=False),
+        elsewhere=f"rank 0 failed to consolidate {ckpt_path} (checkpoint.consolidate=true; see its error)")
 
 
 # ---------------------------------------------------------------------------------------------------- builders

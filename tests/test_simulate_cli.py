@@ -62,7 +62,7 @@ def test_python_dash_m_runs_without_runpy_warning() -> None:
     (["--microbatches", "0"], "got --microbatches=0"),
     (["--virtual-stages", "3"], "got --virtual-stages=3"),
     (["--schedule", "zbv", "--virtual-stages", "1"], "got --virtual-stages=1"),
-    (["--forward", "inf"], "--forward=inf must be a finite number"),
+    (["--forward", "inf"], "--forward must be non-negative and finite, got [inf, inf, inf, inf]"),
 ])
 def test_command_line_bad_values_are_usage_errors(args: list[str], message: str,
                                                   capsys: pytest.CaptureFixture[str]) -> None:

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from lightning_pipe.engine.transport import PendingRecv, Transport, differentiable
 from lightning_pipe.engine.tree import flatten, unflatten
 from lightning_pipe.engine.weightgrad import WeightGradCollector, deferring
-from lightning_pipe.errors import PipelineCommError, PipelineError
+from lightning_pipe.errors import PipelineCommError, PipelineError, peers_reachable
 from lightning_pipe.schedules.actions import Action, ActionKind, Schedule, Transfer
 
 __all__ = ["ForwardFn", "ActionRecord", "StepResult", "PipelineExecutor"]
@@ -392,8 +392,7 @@ class PipelineExecutor:
             self.transport.broken = f"{type(error).__name__}: {str(error)[:200]}"
             self._notify_peers(actions, sent, error)
             # Not after Ctrl-C (a KeyboardInterrupt is no Exception): the process is meant to stop now.
-            if isinstance(error, Exception) and (not isinstance(error, PipelineCommError)
-                                                 or getattr(error, "peer_failed", False)):
+            if isinstance(error, Exception) and peers_reachable(error):
                 self._absorb(pending, [t for _, t, _ in receives[next_recv:]] if not self.transport.exact else
                              [t for queue in in_send_order.values() for t in queue])
             raise
@@ -456,7 +455,7 @@ class PipelineExecutor:
             try:
                 wait()
             except PipelineCommError as err:
-                if not getattr(err, "peer_failed", False):  # a broken connection or a timeout: stop here
+                if not peers_reachable(err):  # a broken connection or a timeout: stop here
                     return
             except Exception:  # noqa: BLE001 - a value that does not unpack: dropped anyway
                 pass

@@ -303,7 +303,7 @@ class PendingRecv:
         message = text.cpu().numpy().tobytes().decode("utf-8", errors="replace")
         error = PipelineCommError(f"{self._t.describe()}: pipeline rank {self.peer} failed instead of sending "
                                   f"{self.what.split(' of ', 1)[-1]}: {message}")
-        error.peer_failed = True  # type: ignore[attr-defined] # the connection itself is fine
+        error.peer_failed = True
         raise error
 
     def _wait_exact(self) -> Any:

@@ -47,8 +47,8 @@ class Costs:
 
         tf, tb, tw = expand(self.forward, "forward"), expand(self.backward, "backward"), expand(self.weight, "weight")
         for what, values in (("forward", tf), ("backward", tb), ("weight", tw), ("transfer", [self.transfer])):
-            if any(not v >= 0 for v in values):  # also NaN
-                raise ValueError(f"Costs.{what} must be non-negative, got {values}")
+            if any(not (math.isfinite(v) and v >= 0) for v in values):  # also NaN and inf
+                raise ValueError(f"Costs.{what} must be non-negative and finite, got {values}")
         for s, (b, w) in enumerate(zip(tb, tw)):
             if w > b * (1 + 1e-9):
                 raise ValueError(f"Costs.weight ({w:g}) is the part of backward ({b:g}) that is weight gradient: "
@@ -297,10 +297,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="W right after each B, as PipelineStrategy(early_input_grads=True) runs it")
     parser.add_argument("--width", type=int, default=100)
     args = parser.parse_args(argv)
-    for name in ("forward", "backward", "weight", "transfer"):
-        value = getattr(args, name)
-        if value is not None and not math.isfinite(value):
-            parser.error(f"--{name}={value} must be a finite number")
     try:
         schedule = build_schedule(args.schedule, num_ranks=args.stages, num_microbatches=args.microbatches,
                                   virtual_stages=args.virtual_stages, early_input_grads=args.early_input_grads)

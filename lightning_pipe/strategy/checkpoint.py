@@ -25,7 +25,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
-from lightning_pipe.errors import PipelineError
+from lightning_pipe.errors import PipelineError, on_every_rank
 
 __all__ = [
     "META_FILE", "optimizer_state_by_name", "load_optimizer_state_by_name", "save_sharded", "load_sharded",
@@ -158,18 +158,18 @@ def save_sharded(path: Path, *, state: dict[str, Any], meta: dict[str, Any] | No
         tmp.mkdir(parents=True)
     barrier()
     dcp.save(state, checkpoint_id=tmp)
-    error: Exception | None = None
-    if is_rank_zero:
+    kept = f"the previous checkpoint at {path} is kept" if path.exists() else "nothing was written"
+
+    def write_meta() -> None:
         try:
             torch.save(meta, tmp / META_FILE)
-        except Exception as err:  # noqa: BLE001 - raised below, on every rank
-            error = err
-    if any_rank(error is not None):  # also: every rank has written, the new checkpoint is complete
-        kept = f"the previous checkpoint at {path} is kept" if path.exists() else "nothing was written"
-        if error is not None:
+        except Exception as err:
             raise PipelineError(f"writing {tmp / META_FILE} (loops, callbacks, hyper-parameters) failed: "
-                                f"{type(error).__name__}: {error}; {kept}") from error
-        raise PipelineError(f"rank 0 failed to write {META_FILE} of {path} (see its error); {kept}")
+                                f"{type(err).__name__}: {err}; {kept}") from err
+
+    # Also: every rank has written, so the new checkpoint is complete.
+    on_every_rank(write_meta if is_rank_zero else None, any_rank=any_rank,
+                  elsewhere=f"rank 0 failed to write {META_FILE} of {path} (see its error); {kept}")
     if is_rank_zero:
         shutil.rmtree(old, ignore_errors=True)
         if path.is_file():

@@ -40,7 +40,7 @@ from lightning_pipe.engine import (
     microbatch_weights,
     split_microbatches,
 )
-from lightning_pipe.errors import PipelineCommError, PipelineError
+from lightning_pipe.errors import PipelineError, on_every_rank, peers_reachable
 from lightning_pipe.schedules import DEFAULT_VIRTUAL_STAGES, SCHEDULES, Schedule, build_schedule, stage_to_rank
 from lightning_pipe.strategy.batch_check import check_same_batch, seed_alike
 from lightning_pipe.strategy.chain import ChainRuntime, StageExit, find_chain, is_cut, split_chain
@@ -510,6 +510,7 @@ class PipelineStrategy(DDPStrategy):
                              where=f"{'training' if train else 'evaluation'} step, global step "
                                    f"{self.lightning_module.trainer.global_step}")
         micro = self._split_batch(args[0])
+        sizes = [batch_size_of(mb) for mb in micro]
         weights = microbatch_weights(micro, self.microbatch_weight)
         recorder = LogRecorder(module)
         outputs: dict[int, Any] = {}
@@ -555,7 +556,7 @@ class PipelineStrategy(DDPStrategy):
             # forward-only step, or any rank whose last value had gone) finished and wait in the payload broadcast
             # below. So a failed rank joins it too, the last stage sending its error there, and every rank raises.
             # Not after a timeout or a broken connection: a peer is gone or stuck, and would not join.
-            if self.num_stages > 1 and (not isinstance(err, PipelineCommError) or getattr(err, "peer_failed", False)):
+            if self.num_stages > 1 and peers_reachable(err):
                 self._join_payload_broadcast(err)
             raise
         finally:
@@ -566,7 +567,7 @@ class PipelineStrategy(DDPStrategy):
         if self.is_last_stage:
             try:
                 payload = [self._step_payload(result, recorder, weights, outputs if train else result.outputs,
-                                              train=train, sizes=[batch_size_of(mb) for mb in micro])
+                                              train=train, sizes=sizes)
                            + (metrics.changed(counts) if metrics is not None and counts is not None else {},)]
             except Exception as err:  # noqa: BLE001 - every stage must learn of it, not wait in the broadcast
                 payload = [_step_error(err)]
@@ -585,7 +586,7 @@ class PipelineStrategy(DDPStrategy):
             self.pipeline_metrics.after_step(module=module, result=result, batch=args[0], schedule=executor.schedule,
                                              group=self._pp_group, num_ranks=self.num_stages,
                                              replicas=self.data_parallel_size or 1, is_global_zero=self.is_global_zero,
-                                             samples=sum(batch_size_of(mb) for mb in micro))
+                                             samples=sum(sizes))
         merged = _to_device(merged, self.root_device)
         if not train:
             return None, merged
@@ -852,7 +853,8 @@ class PipelineStrategy(DDPStrategy):
                                     f"{missing[:3]}")
             module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
 
-        self._on_every_rank(load, "loading the checkpoint's weights")
+        on_every_rank(load, any_rank=self._any_rank,
+                      elsewhere="loading the checkpoint's weights failed on another rank (see its error)")
 
     @override
     def load_optimizer_state_dict(self, checkpoint: Any) -> None:
@@ -865,23 +867,11 @@ class PipelineStrategy(DDPStrategy):
                 load_optimizer_state_by_name(optimizer, names, saved)
                 _optimizers_to_device([optimizer], self.root_device)
 
-        self._on_every_rank(load, "loading the checkpoint's optimizer states")
+        on_every_rank(load, any_rank=self._any_rank,
+                      elsewhere="loading the checkpoint's optimizer states failed on another rank (see its error)")
 
     def _any_rank(self, flag: bool) -> bool:
         return self.reduce_boolean_decision(flag, all=False)
-
-    def _on_every_rank(self, work: Callable[[], None], what: str) -> None:
-        """``work()``; if it fails on one rank (what it checks differs by stage), every rank raises, instead of the
-        others going on to wait for it in the next collective."""
-        error: Exception | None = None
-        try:
-            work()
-        except Exception as err:  # noqa: BLE001 - re-raised below, after every rank learnt of it
-            error = err
-        if self._any_rank(error is not None):
-            if error is not None:
-                raise error
-            raise PipelineError(f"{what} failed on another rank (see its error)")
 
     @override
     def remove_checkpoint(self, filepath: Any) -> None:
