@@ -278,8 +278,10 @@ def bad_inputs(rank: int, world_size: int, *, cases: list[str]) -> dict[str, tup
     return out
 
 
-def scaler_agreement(rank: int, world_size: int, *, agree: bool) -> tuple[list[float], float]:
-    """One GradScaler step where only the last rank's gradient overflows."""
+def scaler_agreement(rank: int, world_size: int, *, agree: bool,
+                     frozen_first: bool = False) -> tuple[list[float], float]:
+    """One GradScaler step where only the last rank's gradient overflows; ``frozen_first``: rank 0's parameter
+    gets no gradient (a frozen stage)."""
     from lightning_pipe.strategy.grads import make_scaler_agree
 
     param = torch.nn.Parameter(torch.ones(3))
@@ -287,13 +289,57 @@ def scaler_agreement(rank: int, world_size: int, *, agree: bool) -> tuple[list[f
     scaler = torch.amp.GradScaler("cpu", init_scale=16.0)
     if agree:
         make_scaler_agree(scaler, None)
-    scaler.scale(param.sum()).backward()
+    if not (frozen_first and rank == 0):
+        scaler.scale(param.sum()).backward()
     if rank == world_size - 1:
         param.grad[0] = float("inf")
     scaler.unscale_(optimizer)
     scaler.step(optimizer)
     scaler.update()
     return param.detach().tolist(), scaler.get_scale()
+
+
+class _SeeScale(Callback):
+    """The GradScaler's scale after every step."""
+
+    def __init__(self, scaler: torch.amp.GradScaler) -> None:
+        self.scaler, self.scales = scaler, []  # type: list[float]
+
+    def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        self.scales.append(self.scaler.get_scale())
+
+
+def fp16_fit(config: dict[str, Any], *, devices: int, strategy: Any) -> dict[str, Any]:
+    """Fit TinyGPT under 16-mixed with a real GradScaler (on the CPU, through Lightning's MixedPrecision plugin):
+    its parameters held here, the scale after each step, and the names of the trainable parameters held here.
+    ``config["frozen"]``: the embeddings (tied with the head), the final norm (held by every stage) and that many
+    leading blocks are frozen."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    seed_everything(0, workers=True)
+    model = TinyGPT(body="modulelist", n_layer=config.get("n_layer", 4), optimizer="sgd")
+    frozen = config.get("frozen", 0)
+    if frozen:
+        for module in (model.tok, model.pos, model.ln_f, *model.layers[:frozen]):
+            module.requires_grad_(False)
+    # init_scale 2**20 overflows float16 in the first steps: those are skipped and the scale halves until it fits
+    # (where, differs from one device: a weight gradient's float16 sum runs over a micro-batch, not the batch).
+    scaler = torch.amp.GradScaler("cpu", init_scale=config.get("init_scale", 2.0**8), growth_interval=3)
+    seen = _SeeScale(scaler)
+    trainer = Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=config.get("steps", 8),
+                      plugins=[MixedPrecision("16-mixed", "cpu", scaler)], gradient_clip_val=config.get("clip"),
+                      callbacks=[seen], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, use_distributed_sampler=False)
+    trainer.fit(model, loader(8, 64))
+    return {"params": {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)},
+            "scales": seen.scales, "loss": float(trainer.callback_metrics["train_loss"]),
+            "trainable_here": [n for n, p in model.named_parameters() if p.requires_grad]}
+
+
+def fp16_jobs(rank: int, world_size: int, *, configs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [fp16_fit(config, devices=world_size,
+                     strategy=PipelineStrategy(schedule=config.get("schedule", "1f1b"), timeout=60))
+            for config in configs]
 
 
 class GlobalBatchSampler(torch.utils.data.Sampler):

@@ -17,6 +17,10 @@ METRICS_CONFIG: dict[str, Any] = {
     "csv": True, "predict": True, "validate": True, "callbacks": True, "sync_dist": True, "extras": True,
 }
 
+# 16-mixed: matmuls in float16 (11 significant bits, relative rounding 2**-11 = 5e-4) whose shapes, hence rounding,
+# change with the micro-batches; with SGD (lr 1e-2) over 8 steps the weights differ by about 2e-4 (measured).
+FP16_TOLERANCE = 1e-3
+
 
 def _close(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=1e-5, abs_tol=TOLERANCE)
@@ -201,6 +205,54 @@ def test_gradient_scaler_inf_check_is_agreed_across_stages(agree: bool) -> None:
         assert params0 == [1.0, 1.0, 1.0] and scale0 == 8.0
     else:
         assert params0 != [1.0, 1.0, 1.0] and scale0 == 16.0
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(240)
+def test_16_mixed_with_a_gradient_scaler_matches_one_device() -> None:
+    """16-mixed through Lightning's MixedPrecision plugin with a real GradScaler (on the CPU). Only the stage computing
+    the loss calls scaler.scale(); the others must still unscale their gradients by the same factor, also where
+    they hold no trainable parameter (a frozen stage), and every stage must skip the same steps."""
+    from tests._strategy_workers import fp16_fit
+
+    configs: list[dict[str, Any]] = [
+        {},
+        # Rank 0's part is frozen under 1F1B (its optimizer sees no gradient); under zbv rank 0 computes the loss
+        # and rank 1's part is frozen (blocks 1 and 2 of 4 chunks).
+        {"frozen": 3, "clip": 0.05},
+        {"frozen": 3, "schedule": "zbv"},
+        # Overflows in the first steps: skipped on every stage alike.
+        {"init_scale": 2.0**20},
+    ]
+    outcomes = launch("tests._strategy_workers.fp16_jobs", 2, deadline=200, configs=configs)
+    results = [o.unwrap() for o in outcomes]
+    for i, config in enumerate(configs):
+        here = [results[rank][i] for rank in range(2)]
+        assert here[0]["scales"] == here[1]["scales"], config
+        if config.get("frozen"):
+            assert [bool(r["trainable_here"]) for r in here].count(False) == 1, (config, "one stage is all frozen")
+        if "init_scale" in config:
+            scales = here[0]["scales"]
+            assert any(b < a for a, b in zip(scales, scales[1:])) or scales[0] < config["init_scale"], scales
+            continue  # where the float16 sums overflow differs from one device (a micro-batch's, not the batch's)
+        ref = fp16_fit(config, devices=1, strategy="auto")
+        assert here[0]["scales"] == ref["scales"], config
+        for rank, result in enumerate(here):
+            diff, name = max(((value - ref["params"][n]).abs().max().item(), n)
+                             for n, value in result["params"].items())
+            assert diff <= FP16_TOLERANCE, f"{config} rank {rank}: {name} differs by {diff:.3g}"
+            assert math.isclose(result["loss"], ref["loss"], rel_tol=1e-3), config
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(120)
+def test_gradient_scaler_on_a_frozen_stage_skips_and_rescales_with_the_others() -> None:
+    """A stage with no gradient (frozen) records no inf check, so torch's GradScaler.step would raise "No inf checks
+    were recorded" on that stage alone and the others would wait for it. It must take the agreed flag instead."""
+    outcomes = launch("tests._strategy_workers.scaler_agreement", 2, deadline=90, agree=True, frozen_first=True)
+    (params0, scale0), (params1, scale1) = (o.unwrap() for o in outcomes)
+    assert (params0, scale0) == ([1.0, 1.0, 1.0], 8.0)  # skipped with the overflowing stage, scale halved alike
+    assert (params1, scale1) == ([1.0, 1.0, 1.0], 8.0)
 
 
 @pytest.mark.distributed

@@ -188,8 +188,22 @@ def make_scaler_agree(scaler: torch.amp.GradScaler, group: dist.ProcessGroup | N
     unscale = scaler.unscale_
 
     def unscale_and_agree(optimizer: torch.optim.Optimizer) -> None:
+        if not scaler.is_enabled():  # alike on every rank
+            unscale(optimizer)
+            return
+        if scaler._scale is None:
+            # Only the stage computing the loss calls scale(), which creates the scale on first use; the others
+            # received gradients scaled by the same factor (every rank's scaler starts at init_scale and, with the
+            # inf flags agreed, updates alike), so they make theirs the same way before unscaling.
+            scaler.scale(torch.zeros((), device=getattr(scaler, "_device", "cpu")))
         unscale(optimizer)
-        state = scaler._per_optimizer_states[id(optimizer)]
-        agree_found_inf(list(state["found_inf_per_device"].values()), group, getattr(scaler, "_device", "cpu"))
+        found_inf = scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
+        if not found_inf:
+            # No gradient on this stage (frozen): the scaler recorded no check, and its step() and update() would
+            # raise "No inf checks were recorded" here alone. Record the agreed flag instead, so this stage skips
+            # and rescales with the others (stepping an optimizer without gradients changes nothing).
+            assert scaler._scale is not None
+            found_inf[scaler._scale.device] = torch.zeros(1, device=scaler._scale.device)
+        agree_found_inf(list(found_inf.values()), group)
 
     scaler.unscale_ = unscale_and_agree  # type: ignore[method-assign]
