@@ -154,6 +154,8 @@ class TinyGPT(LightningModule):
                                            {"params": matrices, "weight_decay": self.weight_decay}], lr=self.lr)
         elif self.optimizer_name == "layerwise":  # a learning rate per layer, and a schedule that uses them
             return self._layerwise()
+        elif self.optimizer_name == "fused_adamw":  # unscales inside its step (a GradScaler does not call unscale_)
+            optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay, fused=True)
         else:
             optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         if not self.scheduler:

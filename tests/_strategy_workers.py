@@ -317,7 +317,7 @@ def fp16_fit(config: dict[str, Any], *, devices: int, strategy: Any) -> dict[str
     from lightning.pytorch.plugins import MixedPrecision
 
     seed_everything(0, workers=True)
-    model = TinyGPT(body="modulelist", n_layer=config.get("n_layer", 4), optimizer="sgd")
+    model = TinyGPT(body="modulelist", n_layer=config.get("n_layer", 4), optimizer=config.get("optimizer", "sgd"))
     frozen = config.get("frozen", 0)
     if frozen:
         for module in (model.tok, model.pos, model.ln_f, *model.layers[:frozen]):

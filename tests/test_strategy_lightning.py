@@ -211,8 +211,9 @@ def test_gradient_scaler_inf_check_is_agreed_across_stages(agree: bool) -> None:
 @pytest.mark.timeout(240)
 def test_16_mixed_with_a_gradient_scaler_matches_one_device() -> None:
     """16-mixed through Lightning's MixedPrecision plugin with a real GradScaler (on the CPU). Only the stage computing
-    the loss calls scaler.scale(); the others must still unscale their gradients by the same factor, also where
-    they hold no trainable parameter (a frozen stage), and every stage must skip the same steps."""
+    the loss calls scaler.scale(); the others must still unscale their gradients by the same factor (in unscale_, or
+    inside a fused optimizer's step), also where they hold no trainable parameter (a frozen stage), and every stage
+    must skip the same steps."""
     from tests._strategy_workers import fp16_fit
 
     configs: list[dict[str, Any]] = [
@@ -223,6 +224,9 @@ def test_16_mixed_with_a_gradient_scaler_matches_one_device() -> None:
         {"frozen": 3, "schedule": "zbv"},
         # Overflows in the first steps: skipped on every stage alike.
         {"init_scale": 2.0**20},
+        # An optimizer that unscales inside its own step: the scaler checks the flags in step(), not unscale_().
+        {"optimizer": "fused_adamw", "frozen": 3},
+        {"optimizer": "fused_adamw", "init_scale": 2.0**20},
     ]
     outcomes = launch("tests._strategy_workers.fp16_jobs", 2, deadline=200, configs=configs)
     results = [o.unwrap() for o in outcomes]

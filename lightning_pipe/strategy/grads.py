@@ -3,7 +3,7 @@ of parameters held by several stages, the global gradient norm, and agreeing on 
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -183,20 +183,19 @@ def agree_found_inf(found_inf: Sequence[torch.Tensor], group: dist.ProcessGroup 
 
 
 def make_scaler_agree(scaler: torch.amp.GradScaler, group: dist.ProcessGroup | None) -> None:
-    """Wrap ``scaler.unscale_`` so that, after unscaling, its inf flags are agreed over ``group``: a stage whose
-    gradients overflowed makes every stage skip the step and lower the scale alike."""
-    unscale = scaler.unscale_
+    """Make a GradScaler work on a pipeline stage: its inf flags are agreed over ``group`` once it has checked them
+    (in ``unscale_``, or in ``step`` for an optimizer that unscales inside its own step, such as fused AdamW), so a
+    stage whose gradients overflowed makes every stage skip the step and lower the scale alike."""
+    unscale, step, check = scaler.unscale_, scaler.step, scaler._check_inf_per_device
 
-    def unscale_and_agree(optimizer: torch.optim.Optimizer) -> None:
-        if not scaler.is_enabled():  # alike on every rank
-            unscale(optimizer)
-            return
-        if scaler._scale is None:
+    def make_scale() -> None:
+        if scaler.is_enabled() and scaler._scale is None:
             # Only the stage computing the loss calls scale(), which creates the scale on first use; the others
             # received gradients scaled by the same factor (every rank's scaler starts at init_scale and, with the
-            # inf flags agreed, updates alike), so they make theirs the same way before unscaling.
+            # inf flags agreed, updates alike), so they make theirs the same way.
             scaler.scale(torch.zeros((), device=getattr(scaler, "_device", "cpu")))
-        unscale(optimizer)
+
+    def agree(optimizer: torch.optim.Optimizer) -> None:
         found_inf = scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
         if not found_inf:
             # No gradient on this stage (frozen): the scaler recorded no check, and its step() and update() would
@@ -206,4 +205,21 @@ def make_scaler_agree(scaler: torch.amp.GradScaler, group: dist.ProcessGroup | N
             found_inf[scaler._scale.device] = torch.zeros(1, device=scaler._scale.device)
         agree_found_inf(list(found_inf.values()), group)
 
+    def unscale_and_agree(optimizer: torch.optim.Optimizer) -> None:
+        make_scale()
+        unscale(optimizer)
+        if scaler.is_enabled():  # alike on every rank
+            agree(optimizer)
+
+    def check_and_agree(optimizer: torch.optim.Optimizer) -> dict[Any, torch.Tensor]:
+        found_inf = check(optimizer)
+        agree(optimizer)
+        return found_inf
+
+    def make_scale_and_step(optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+        make_scale()
+        return step(optimizer, *args, **kwargs)
+
     scaler.unscale_ = unscale_and_agree  # type: ignore[method-assign]
+    scaler._check_inf_per_device = check_and_agree  # type: ignore[method-assign]
+    scaler.step = make_scale_and_step  # type: ignore[method-assign]
