@@ -252,6 +252,8 @@ def bad_inputs(rank: int, world_size: int, *, cases: list[str]) -> dict[str, tup
         "last_stage_fails_in_validation": (_FailsInValidation, {}),
         "first_stage_fails_in_validation": (_FirstBlockFailsInValidation, {}),
         "stages_see_different_batches": (TinyGPT, {}),
+        "memory_budget_too_small": (TinyGPT, {"schedule": "interleaved_1f1b", "virtual_stages": 2, "balance": "memory",
+                                              "memory_budget": 1000.0}),
     }
     out: dict[str, tuple[str, str]] = {}
     for case in cases:

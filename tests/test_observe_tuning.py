@@ -84,6 +84,14 @@ def test_memory_partition_uses_held_activations_and_budget() -> None:
     # No cut fits: the error names the knob and the least budget that would do (the memory-optimal cut's 480).
     with pytest.raises(PipelineError, match="fits memory_budget=479 bytes: the cut with the least memory needs 480"):
         time_partition([1.0] * 6, [2.0] * 6, 3, memory=mem, memory_budget=479)
+    # A device holding two stages gives each half of its budget.
+    assert time_partition([1.0] * 6, [2.0] * 6, 3, memory=mem, memory_budget=1000, stages_per_device=2).counts \
+        == [1, 2, 3]
+    with pytest.raises(PipelineError, match="each device holds 2 stages: each stage may use 1/2 of the budget"):
+        time_partition([1.0] * 6, [2.0] * 6, 3, memory=mem, memory_budget=959, stages_per_device=2)
+    memory_partition(params, acts, [3, 2, 1], memory_budget=2 * result.bottleneck, stages_per_device=2)
+    with pytest.raises(PipelineError, match="each device holds 2 stages"):
+        memory_partition(params, acts, [3, 2, 1], memory_budget=2 * result.bottleneck - 1, stages_per_device=2)
 
 
 def test_partition_is_exact_for_tiny_costs() -> None:

@@ -51,6 +51,39 @@ def test_peak_activations(p: int, m: int) -> None:
     assert simulate(gpipe(p, m), costs).peak_activations == (m,) * p
 
 
+@PROPERTY
+@given(p=stages, m=microbatches, v=st.integers(min_value=1, max_value=4),
+       name=st.sampled_from(["1f1b", "gpipe", "interleaved_1f1b", "zero_bubble", "zbv"]))
+def test_stage_peaks_bound_their_rank_peak(p: int, m: int, v: int, name: str) -> None:
+    """Each stage's peak is at most its rank's, and the rank's stages' peaks add up to at least the rank's (the
+    memory plan's bound); with one stage per rank they are the rank's."""
+    from lightning_pipe.schedules import build_schedule
+
+    if name == "zbv":
+        v = 2
+    elif name in ("1f1b", "gpipe"):
+        v = 1
+    try:
+        schedule = build_schedule(name, num_ranks=p, num_microbatches=m, virtual_stages=v)
+    except ValueError:  # a shape this schedule does not take (its message is tested with the schedules)
+        return
+    result = simulate(schedule, Costs())
+    for r, peak in enumerate(result.peak_activations):
+        mine = [result.stage_peak_activations[s] for s in range(schedule.num_stages) if schedule.stage_to_rank[s] == r]
+        assert max(mine) <= peak <= sum(mine)
+        if v == 1:
+            assert mine == [peak]
+
+
+def test_stage_peaks_of_interleaved_1f1b() -> None:
+    """p=4, m=8, v=2: rank 0 holds at most 11 chunks at once, 8 of stage 0 and 4 of stage 4 at their own peaks."""
+    from lightning_pipe.schedules import build_schedule
+
+    result = simulate(build_schedule("interleaved_1f1b", num_ranks=4, num_microbatches=8, virtual_stages=2), Costs())
+    assert result.peak_activations == (11, 9, 7, 5)
+    assert result.stage_peak_activations == (8, 8, 7, 5, 4, 4, 3, 1)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The timeline is as-soon-as-possible, checked against the schedule directly.
 

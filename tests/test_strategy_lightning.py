@@ -102,6 +102,7 @@ BAD_INPUTS = {
     "last_stage_fails_in_validation": "ValueError: validation failed after the chain",
     "first_stage_fails_in_validation": "ValueError: validation failed in the first block",
     "stages_see_different_batches": "the stages of this pipeline got different batches (training step, global step 0",
+    "memory_budget_too_small": "MiB per device (each device holds 2 stages: each stage may use 1/2 of the budget)",
 }
 # The rank where the user's code raised keeps its own error; the others raise a PipelineError that relays it.
 OWN_ERRORS = {"last_stage_fails_in_validation": "ValueError", "first_stage_fails_in_validation": "ValueError"}

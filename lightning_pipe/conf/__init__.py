@@ -131,9 +131,10 @@ class StrategyConfig:
     timeout: float = 1800.0
     """Longest wait, in seconds, for any transfer or collective before the run fails."""
     memory_budget: Optional[float] = None
-    """Bytes a stage may hold (parameters, optimizer state, activations, estimated from the profile at the default
-    micro-batch count): with ``balance: time`` only cuts that fit are considered, with ``balance: memory`` the cut
-    must fit; ``null``: no limit. (``num_microbatches: auto`` chooses by time only.)"""
+    """Bytes a device may hold (parameters, optimizer state, activations, estimated from the profile at the default
+    micro-batch count; each of a device's ``virtual_stages`` stages may use its share): with ``balance: time`` only
+    cuts that fit are considered, with ``balance: memory`` the cut must fit; ``null``: no limit.
+    (``num_microbatches: auto`` chooses by time only.)"""
     timeline_steps: List[int] = field(default_factory=list)
     """Optimizer steps whose measured timeline is saved (``step<N>.trace.json`` for Chrome/Perfetto and
     ``step<N>.png``); empty: none."""

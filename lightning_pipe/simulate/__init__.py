@@ -71,6 +71,9 @@ class SimulationResult:
     """Per rank, the idle share of the step: ``1 - busy / step_time``."""
     peak_activations: tuple[int, ...]
     """Per rank, the most micro-batches whose activations are held at once (from F until B, or W if split)."""
+    stage_peak_activations: tuple[int, ...] = ()
+    """Per stage, the most of its micro-batches held at once. A rank's stages may peak at different times, so the
+    sum over a rank's stages bounds that rank's peak from above (under 1F1B, v = 1, the two are equal)."""
 
     @property
     def max_bubble_fraction(self) -> float:
@@ -177,6 +180,9 @@ def _result(schedule: Schedule, starts: list[list[float]], ends: list[list[float
         busy=busy,
         bubble_fraction=bubble,
         peak_activations=tuple(_peak_activations(acts, split) for acts in schedule.actions),
+        stage_peak_activations=tuple(
+            _peak_activations([a for a in schedule.actions[schedule.stage_to_rank[s]] if a.stage == s], split)
+            for s in range(schedule.num_stages)),
     )
 
 

@@ -123,7 +123,8 @@ class PipelineStrategy(DDPStrategy):
             takes ``p - 1`` weight-gradient times of a stage off the ideal step of ``"gpipe"`` and ``"1f1b"`` (of a
             chunk for ``"interleaved_1f1b"``). ``False`` (default): the textbook schedules.
             The zero-bubble schedules split their backwards anyway.
-        memory_budget: Bytes a stage may hold, for ``balance="time"`` or ``"memory"`` (``None``: no limit).
+        memory_budget: Bytes a device may hold, for ``balance="time"`` or ``"memory"`` (``None``: no limit); each
+            of a device's ``virtual_stages`` stages may use its share.
         timeline_steps: Optimizer steps whose measured timeline is saved (Perfetto trace and PNG).
         timeline_dir: Where those timelines go (``None``: ``<default_root_dir>/pipeline_timelines``).
         freeze_gc: When a run starts (fit, validate, test, predict), collect garbage once and freeze the objects

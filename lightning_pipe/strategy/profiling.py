@@ -197,8 +197,10 @@ def _decide(strategy: Any, module: Any, chain: nn.Module, fallback: Any, overhea
             m.distributed_available_fn = fn
     held_m = m_default
     schedule = strategy.schedule_for(held_m)
-    held = list(simulate(schedule, Costs()).peak_activations)
-    held_per_stage = [held[schedule.stage_to_rank[s]] for s in range(schedule.num_stages)]
+    # Each stage's own peak, not its rank's: a rank holding v chunks peaks on all of them together (the sum of its
+    # stages' costs bounds it), so each stage is held to 1/v of the budget per device.
+    held_per_stage = list(simulate(schedule, Costs()).stage_peak_activations)
+    per_device = strategy.virtual_stages
     mem = memory_cost(main.param_bytes, main.activation_bytes, held_per_stage,
                       first_extra=main.pre_activation_bytes * held_per_stage[0],
                       last_extra=main.post_activation_bytes * held_per_stage[-1])
@@ -206,14 +208,15 @@ def _decide(strategy: Any, module: Any, chain: nn.Module, fallback: Any, overhea
     if balance == "time":
         part = time_partition(main.forward, main.backward, p, first_extra=main.pre_backward,
                               last_extra=main.post_forward + main.post_backward, every_extra=main.pre_forward,
-                              memory=mem, memory_budget=budget)
+                              memory=mem, memory_budget=budget, stages_per_device=per_device)
         counts = part.counts
         lines.append(f"balance='time': blocks per stage {counts}; stage forward+backward "
                      f"{[round(1e3 * c, 2) for c in part.stage_costs]} ms on micro-batches of {main.samples}")
     elif balance == "memory":
         part = memory_partition(main.param_bytes, main.activation_bytes, held_per_stage,
                                 first_extra=main.pre_activation_bytes * held_per_stage[0],
-                                last_extra=main.post_activation_bytes * held_per_stage[-1], memory_budget=budget)
+                                last_extra=main.post_activation_bytes * held_per_stage[-1], memory_budget=budget,
+                                stages_per_device=per_device)
         counts = part.counts
         lines.append(f"balance='memory': blocks per stage {counts}; stage memory "
                      f"{[round(c / 2**20, 2) for c in part.stage_costs]} MiB")

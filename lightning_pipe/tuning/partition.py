@@ -88,21 +88,23 @@ def _prefix(values: Sequence[float]) -> list[float]:
 def time_partition(forward: Sequence[float], backward: Sequence[float], num_stages: int, *,
                    first_extra: float = 0.0, last_extra: float = 0.0, every_extra: float = 0.0,
                    memory: Callable[[int, int, int], float] | None = None,
-                   memory_budget: float | None = None) -> PartitionResult:
+                   memory_budget: float | None = None, stages_per_device: int = 1) -> PartitionResult:
     """Cut blocks with per-block ``forward`` + ``backward`` times so that the slowest stage is fastest.
 
     ``first_extra``/``last_extra``: work outside the chain done only on the first/last stage (embedding
     backward; head, loss and their backward); ``every_extra``: work every stage does (code before the chain runs
-    on every stage). With ``memory`` (a stage cost like :func:`memory_partition`'s) and ``memory_budget``, only
-    cuts whose every stage fits the budget are considered.
+    on every stage). With ``memory`` (a stage cost like :func:`memory_partition`'s) and ``memory_budget`` (bytes
+    per device), only cuts whose every stage fits its share of the budget (``1 / stages_per_device``) are
+    considered.
     """
     if len(forward) != len(backward):
         raise ValueError("forward and backward need one entry per block")
     pre = _prefix([f + b for f, b in zip(forward, backward)])
     last = num_stages - 1
+    share = memory_budget / stages_per_device if memory_budget is not None else None
 
     def cost(s: int, j: int, i: int) -> float:
-        if memory is not None and memory_budget is not None and memory(s, j, i) > memory_budget:
+        if memory is not None and share is not None and memory(s, j, i) > share:
             return math.inf
         return pre[i] - pre[j] + every_extra + (first_extra if s == 0 else 0.0) + (last_extra if s == last else 0.0)
 
@@ -115,8 +117,14 @@ def time_partition(forward: Sequence[float], backward: Sequence[float], num_stag
         least = min_max_partition(len(forward), num_stages, memory).bottleneck
         raise PipelineError(f"balance='time': no cut of {len(forward)} blocks into {num_stages} stages fits "
                             f"memory_budget={memory_budget:.4g} bytes: the cut with the least memory needs "
-                            f"{least:.4g} bytes on its largest stage. Raise memory_budget, use more stages or "
-                            "fewer micro-batches in flight (1f1b)") from None
+                            f"{least:.4g} bytes on its largest stage{_per_stage(stages_per_device)}. Raise "
+                            "memory_budget, use more stages or fewer micro-batches in flight (1f1b)") from None
+
+
+def _per_stage(stages_per_device: int) -> str:
+    if stages_per_device == 1:
+        return ""
+    return f" (each device holds {stages_per_device} stages: each stage may use 1/{stages_per_device} of the budget)"
 
 
 def memory_cost(param_bytes: Sequence[float], activation_bytes: Sequence[float], held: Sequence[int], *,
@@ -124,7 +132,8 @@ def memory_cost(param_bytes: Sequence[float], activation_bytes: Sequence[float],
                 every_extra: float = 0.0) -> Callable[[int, int, int], float]:
     """Bytes a stage needs: its blocks' parameters x (1 + ``state_factor``: gradient + Adam's two moments by
     default) + their saved activations per micro-batch x ``held[stage]`` micro-batches in flight (from the
-    schedule: ``SimulationResult.peak_activations``), plus the stage's share of what lies outside the chain."""
+    schedule: ``SimulationResult.stage_peak_activations``), plus the stage's share of what lies outside the chain.
+    A device's stages together need at most the sum of their costs."""
     pp, pa = _prefix(param_bytes), _prefix(activation_bytes)
     last = len(held) - 1
 
@@ -137,16 +146,19 @@ def memory_cost(param_bytes: Sequence[float], activation_bytes: Sequence[float],
 
 def memory_partition(param_bytes: Sequence[float], activation_bytes: Sequence[float], held: Sequence[int], *,
                      state_factor: float = 3.0, first_extra: float = 0.0, last_extra: float = 0.0,
-                     every_extra: float = 0.0, memory_budget: float | None = None) -> PartitionResult:
-    """The cut that minimises the largest stage's memory (see :func:`memory_cost`); with ``memory_budget``,
+                     every_extra: float = 0.0, memory_budget: float | None = None,
+                     stages_per_device: int = 1) -> PartitionResult:
+    """The cut that minimises the largest stage's memory (see :func:`memory_cost`); with ``memory_budget`` (bytes
+    per device, of which each of a device's ``stages_per_device`` stages may use its share),
     :class:`PipelineError` if even that cut does not fit."""
     cost = memory_cost(param_bytes, activation_bytes, held, state_factor=state_factor, first_extra=first_extra,
                        last_extra=last_extra, every_extra=every_extra)
     result = min_max_partition(len(param_bytes), len(held), cost)
-    if memory_budget is not None and result.bottleneck > memory_budget:
+    if memory_budget is not None and result.bottleneck > memory_budget / stages_per_device:
         raise PipelineError(f"balance='memory': the best cut {result.counts} needs {result.bottleneck / 2**20:.1f} "
                             f"MiB on its largest stage, over the budget of {memory_budget / 2**20:.1f} MiB per "
-                            "device; use more stages, fewer micro-batches in flight (1f1b) or a larger budget")
+                            f"device{_per_stage(stages_per_device)}; use more stages, fewer micro-batches in flight "
+                            "(1f1b) or a larger budget")
     return result
 
 
