@@ -171,11 +171,18 @@ def meta_fails(rank: int, world_size: int, *, path: str) -> tuple[str, str]:
 
 
 def damaged(rank: int, world_size: int, *, cases: dict[str, str]) -> dict[str, tuple[str, str]]:
-    """Resume from each damaged checkpoint in ``cases`` (name -> path); return each error's type and message."""
+    """Resume from each damaged checkpoint in ``cases`` (name -> path); return each error's type and message.
+    ``meta_missing_on_rank_1``: rank 1 looks for ``unseen.pt`` instead of ``meta.pt``."""
+    from unittest import mock
+
+    from lightning_pipe.strategy import checkpoint
+
     out = {}
     for case, path in cases.items():
+        meta = "unseen.pt" if case == "meta_missing_on_rank_1" and rank == 1 else checkpoint.META_FILE
         try:
-            job(rank, world_size, pp=world_size, steps=12, ckpt_in=path, corrupt=case)
+            with mock.patch.object(checkpoint, "META_FILE", meta):
+                job(rank, world_size, pp=world_size, steps=12, ckpt_in=path, corrupt=case)
             out[case] = ("no error", "")
         except Exception as err:  # noqa: BLE001 - reported to the test
             out[case] = (type(err).__name__, str(err))

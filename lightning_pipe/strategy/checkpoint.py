@@ -201,29 +201,35 @@ def load_sharded(path: Path, *, model_state: dict[str, torch.Tensor], optimizer_
     parameters of each scheduler's optimizer).
     """
     scheduler_names = scheduler_names or []
-    if not (path / META_FILE).is_file():
-        raise PipelineError(f"{path} has no {META_FILE}: not a checkpoint written by PipelineStrategy (or the save "
-                            "was interrupted)")
-    metadata = _read_metadata(path)
-    entries = metadata.state_dict_metadata
     request: dict[str, Any] = {}
-    problems = []
-    for name, tensor in model_state.items():
-        key = f"state_dict.{name}"
-        saved = entries.get(key)
-        if saved is None:
-            problems.append(f"`{name}` is missing")
-        elif isinstance(saved, TensorStorageMetadata) and tuple(saved.size) != tuple(tensor.shape):
-            problems.append(f"`{name}` has shape {tuple(saved.size)} in the checkpoint but {tuple(tensor.shape)} "
-                            "in the model")
-        else:
-            request[key] = tensor
-    if any_rank(bool(problems)):
-        if not problems:
-            raise PipelineError(f"cannot load {path} into this model: the parts another rank holds do not fit (see "
-                                "that rank's error)")
-        raise PipelineError(f"cannot load {path} into this model: " + "; ".join(problems[:5])
-                            + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
+    found: list[Any] = []
+
+    def check() -> None:
+        # Each rank checks its own part; what fails on one (also a directory another node cannot see) must raise
+        # on all before any enters DCP's collectives.
+        if not (path / META_FILE).is_file():
+            raise PipelineError(f"{path} has no {META_FILE}: not a checkpoint written by PipelineStrategy (or the "
+                                "save was interrupted)")
+        entries = _read_metadata(path).state_dict_metadata
+        found.append(entries)
+        problems = []
+        for name, tensor in model_state.items():
+            key = f"state_dict.{name}"
+            saved = entries.get(key)
+            if saved is None:
+                problems.append(f"`{name}` is missing")
+            elif isinstance(saved, TensorStorageMetadata) and tuple(saved.size) != tuple(tensor.shape):
+                problems.append(f"`{name}` has shape {tuple(saved.size)} in the checkpoint but "
+                                f"{tuple(tensor.shape)} in the model")
+            else:
+                request[key] = tensor
+        if problems:
+            raise PipelineError(f"cannot load {path} into this model: " + "; ".join(problems[:5])
+                                + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
+
+    on_every_rank(check, any_rank=any_rank, elsewhere=f"cannot load {path} into this model: the part another rank "
+                                                       "holds does not load (see that rank's error)")
+    (entries,) = found
     # Optimizer entries grouped by "optimizer_<i>.<part>.<name>" once, instead of a scan of every entry per name.
     by_owner: dict[str, list[str]] = {}
     for key in entries:
