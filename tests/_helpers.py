@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import pytest
@@ -31,7 +33,7 @@ def assert_same(a: Any, b: Any) -> None:
     elif dataclasses.is_dataclass(a):
         for f in dataclasses.fields(a):
             assert_same(getattr(a, f.name), getattr(b, f.name))
-    elif isinstance(a, dict):
+    elif isinstance(a, Mapping):
         assert list(a.keys()) == list(b.keys())
         for k in a:
             assert_same(a[k], b[k])
@@ -50,3 +52,17 @@ def assert_usage_error(main: Callable[[list[str]], int], args: list[str], messag
         main(args)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
+
+
+class Encoding(collections.UserDict):  # type: ignore[type-arg]
+    """Like a tokenizer's ``BatchEncoding``: a ``UserDict`` (not a ``dict``) whose keys are also attributes."""
+
+    def __init__(self, data: Any = None, encoding: Any = None) -> None:
+        super().__init__(data)
+        self._encodings = encoding
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.data[name]
+        except KeyError:
+            raise AttributeError(name) from None

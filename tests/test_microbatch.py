@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests._helpers import assert_same
+from tests._helpers import Encoding, assert_same
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -160,6 +160,17 @@ def test_split_dict_keeps_keys_and_order():
         assert type(mb) is dict and list(mb) == ["labels", "input_ids", "mask"]
     for k, v in batch.items():
         assert torch.equal(torch.cat([mb[k] for mb in mbs]), v)
+
+
+def test_split_and_merge_a_user_dict_batch():
+    """A tokenizer's BatchEncoding is a UserDict, not a dict: split by its tensors, rebuilt with its class."""
+    batch = Encoding({"input_ids": torch.arange(12).reshape(6, 2), "attention_mask": torch.ones(6, 2)})
+    assert batch_size_of(batch) == 6
+    mbs = split_microbatches(batch, 4)
+    assert sizes(mbs) == [2, 2, 1, 1]
+    assert all(type(mb) is Encoding and list(mb) == ["input_ids", "attention_mask"] for mb in mbs)
+    assert torch.equal(mbs[1].input_ids, batch["input_ids"][2:4])
+    assert_same(merge_microbatches(mbs), batch)
 
 
 def test_split_nested_dict_of_tuples():

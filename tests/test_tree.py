@@ -11,7 +11,7 @@ from typing import Any, NamedTuple, Optional
 import pytest
 import torch
 
-from tests._helpers import assert_same
+from tests._helpers import Encoding, assert_same
 
 from lightning_pipe.engine.tree import TreeSpec, flatten, unflatten
 
@@ -81,6 +81,15 @@ def test_dict_round_trip_keeps_key_order():
     out = round_trip(value)
     assert type(out) is dict
     assert list(out.keys()) == ["zeta", "alpha", 3, "mid"]
+    assert_same(out, value)
+
+
+def test_user_dict_round_trip_keeps_class_and_keys():
+    value = Encoding({"input_ids": torch.arange(4), "offsets": [1, 2], "mask": torch.ones(4)})
+    tensors, spec = flatten(value)
+    assert len(tensors) == 2
+    out = unflatten(tensors, spec)
+    assert type(out) is Encoding and out.input_ids is value["input_ids"]
     assert_same(out, value)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -34,7 +35,7 @@ def batch_size_of(batch: Any) -> int:
             return
         if dataclasses.is_dataclass(node) and not isinstance(node, type):
             children: Sequence[Any] = [getattr(node, f.name) for f in dataclasses.fields(node) if hasattr(node, f.name)]
-        elif isinstance(node, dict):
+        elif isinstance(node, Mapping):  # dicts, and UserDicts such as a tokenizer's BatchEncoding
             children = list(node.values())
         elif isinstance(node, (list, tuple)):
             children = node
@@ -57,7 +58,7 @@ def _split(node: Any, batch_size: int, bounds: list[tuple[int, int]]) -> list[An
     if dataclasses.is_dataclass(node) and not isinstance(node, type):
         parts = {name: _split(getattr(node, name), batch_size, bounds) for name in _field_names(node)}
         return [_rebuild(node, {name: value[i] for name, value in parts.items()}) for i in range(n)]
-    if isinstance(node, dict):
+    if isinstance(node, Mapping):
         parts_d = {k: _split(v, batch_size, bounds) for k, v in node.items()}
         return [_like(node, ((k, parts_d[k][i]) for k in node)) for i in range(n)]
     if isinstance(node, (list, tuple)):
@@ -92,8 +93,8 @@ def _rebuild(node: Any, values: dict[str, Any]) -> Any:
     return new
 
 
-def _like(node: dict[Any, Any], items: Iterable[tuple[Any, Any]]) -> dict[Any, Any]:
-    """A dict of ``node``'s class (a ``defaultdict`` with its factory) holding ``items``."""
+def _like(node: Mapping[Any, Any], items: Iterable[tuple[Any, Any]]) -> Mapping[Any, Any]:
+    """A mapping of ``node``'s class (a ``defaultdict`` with its factory) holding ``items``."""
     return make_dict(type(node), list(items), getattr(node, "default_factory", None))
 
 
@@ -103,7 +104,7 @@ def split_microbatches(batch: Any, num_microbatches: int) -> list[Any]:
     Tensors whose first dimension is the batch size are sliced (the first ``size % n`` chunks get one sample more,
     as :func:`torch.tensor_split` does); other tensors and non-tensor leaves are given whole to every micro-batch;
     a list as long as the batch none of whose entries holds a batch-sized tensor is taken as per-sample and sliced.
-    Tuples, named tuples, lists, dicts and dataclasses are rebuilt with the same type.
+    Tuples, named tuples, lists, mappings (dicts, UserDicts) and dataclasses are rebuilt with the same type.
     """
     if num_microbatches < 1:
         raise PipelineError(f"num_microbatches must be at least 1, got {num_microbatches}")
@@ -152,7 +153,7 @@ def merge_microbatches(outputs: Sequence[Any], sizes: Sequence[int] | None = Non
 
     Tensors with a batch dimension are concatenated; scalar tensors are stacked; lists are joined when they are
     per-sample lists (ragged sequences, strings), else merged entry by entry; other leaves are returned as a list
-    with one entry per micro-batch. Dicts keep their class. ``sizes``, each micro-batch's sample count, tells
+    with one entry per micro-batch. Mappings keep their class. ``sizes``, each micro-batch's sample count, tells
     per-sample lists apart exactly (one entry per sample, not all batch-long tensors); without it a list is taken
     as per-sample when it holds no tensor or the lengths differ between micro-batches.
     """
@@ -164,7 +165,7 @@ def merge_microbatches(outputs: Sequence[Any], sizes: Sequence[int] | None = Non
     if dataclasses.is_dataclass(first) and not isinstance(first, type):
         return _rebuild(first, {n: merge_microbatches([getattr(o, n) for o in outputs], sizes)
                                 for n in _field_names(first)})
-    if isinstance(first, dict):
+    if isinstance(first, Mapping):
         return _like(first, ((k, merge_microbatches([o[k] for o in outputs], sizes)) for k in first))
     if isinstance(first, tuple):
         merged = [merge_microbatches([o[i] for o in outputs], sizes) for i in range(len(first))]

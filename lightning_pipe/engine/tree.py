@@ -2,15 +2,16 @@
 other leaves.
 
 The structure and the non-tensor leaves travel as metadata; the tensors travel as one payload. Containers come back
-with their own class: named tuples, dataclasses (rebuilt from their fields) and dict subclasses (an ``OrderedDict``,
-a ``ModelOutput``-like dict whose keys are also attributes; a ``defaultdict`` keeps its ``default_factory``, which
-must then pickle to cross processes).
+with their own class: named tuples, dataclasses (rebuilt from their fields) and mappings (an ``OrderedDict``, a
+``UserDict``, a ``ModelOutput``-like dict whose keys are also attributes; a ``defaultdict`` keeps its
+``default_factory``, which must then pickle to cross processes).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,12 +38,15 @@ class TreeSpec:
 _TENSOR = TreeSpec("tensor")
 
 
-def make_dict(cls: type, items: list[tuple[Any, Any]], factory: Any = None) -> dict[Any, Any]:
-    """A dict of class ``cls`` (a subclass of ``dict``) holding ``items``; a ``defaultdict`` gets ``factory``."""
+def make_dict(cls: type, items: list[tuple[Any, Any]], factory: Any = None) -> Mapping[Any, Any]:
+    """A mapping of class ``cls`` (a ``dict`` subclass, or a ``UserDict`` such as a tokenizer's ``BatchEncoding``)
+    holding ``items``; a ``defaultdict`` gets ``factory``."""
     if cls is dict:
         return dict(items)
     if issubclass(cls, collections.defaultdict):
         return cls(factory, items)
+    if issubclass(cls, collections.UserDict):
+        return cls(dict(items))
     try:
         return cls(items)
     except TypeError:  # a constructor taking keywords only (EasyDict-style)
@@ -65,7 +69,7 @@ def flatten(value: Any) -> tuple[list[torch.Tensor], TreeSpec]:
             names = tuple(f.name for f in fields if f.init) + tuple(f.name for f in fields if not f.init)
             inits = sum(1 for f in fields if f.init)
             return TreeSpec("dataclass", (type(node), names, inits), tuple(walk(getattr(node, n)) for n in names))
-        if isinstance(node, dict):
+        if isinstance(node, Mapping):  # dicts, and UserDicts such as a tokenizer's BatchEncoding
             keys = tuple(node.keys())
             children = tuple(walk(node[k]) for k in keys)
             if type(node) is dict:

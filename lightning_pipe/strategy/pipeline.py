@@ -13,6 +13,7 @@ import functools
 import logging
 import shutil
 import warnings
+from collections.abc import Mapping
 from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
@@ -536,7 +537,7 @@ class PipelineStrategy(DDPStrategy):
             runtime.check_finished()
             if not train:
                 return out
-            loss = out.get("loss") if isinstance(out, dict) else out
+            loss = out.get("loss") if isinstance(out, Mapping) else out
             if not isinstance(loss, torch.Tensor):
                 raise PipelineError("training_step must return the loss (a tensor, or a dict with 'loss') under "
                                     "PipelineStrategy; skipping a step by returning None is not supported")
@@ -611,8 +612,8 @@ class PipelineStrategy(DDPStrategy):
         merged = None
         values = [outputs[i] for i in sorted(outputs)]
         if train:
-            values = [{k: v for k, v in out.items() if k != "loss"} for out in values if isinstance(out, dict)]
-        if values and not all(v is None or (isinstance(v, dict) and not v) for v in values):
+            values = [{k: v for k, v in out.items() if k != "loss"} for out in values if isinstance(out, Mapping)]
+        if values and not all(v is None or (isinstance(v, Mapping) and not v) for v in values):
             merged = _to_device(merge_microbatches(values, sizes if len(values) == len(sizes) else None),
                                 torch.device("cpu"))
         return ("ok", loss, combine_records(recorder, weights, sizes), merged)
@@ -643,7 +644,7 @@ class PipelineStrategy(DDPStrategy):
         assert loss is not None
         # Lightning needs a loss on every rank; backward() below installs the gradients the step computed.
         loss = loss.detach().requires_grad_(True)
-        return {"loss": loss, **extras} if isinstance(extras, dict) else loss
+        return {"loss": loss, **extras} if isinstance(extras, Mapping) else loss
 
     @override
     def backward(self, closure_loss: torch.Tensor, optimizer: Optimizer | None, *args: Any,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import statistics
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,7 +104,7 @@ def _profile(module: Any, chain: nn.Module, micro: Any, device: torch.device) ->
         with recorder.capture(0):
             out = module.training_step(micro, 0)
         recorder.calls.clear()
-        loss = out.get("loss") if isinstance(out, dict) else out
+        loss = out.get("loss") if isinstance(out, Mapping) else out
         if not isinstance(loss, torch.Tensor):
             raise PipelineError("training_step must return the loss to profile the model")
         return loss
