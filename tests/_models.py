@@ -115,6 +115,9 @@ class TinyGPT(LightningModule):
         # A Metric object logged on step (Lightning's default in training_step): the batch's value, every rank.
         self.train_acc(logits.argmax(-1).reshape(-1), batch[1].reshape(-1))
         self.log("train_acc", self.train_acc)
+        # Logged twice in one step, valid on one device: the last call shows on step, both count in the epoch mean.
+        self.log("train_twice", loss.detach(), on_epoch=True)
+        self.log("train_twice", 2 * loss.detach(), on_epoch=True)
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:

@@ -177,16 +177,33 @@ def test_unknown_reduce_fx() -> None:
         combine_records(recorder, [1.0])
 
 
-def test_mean_logged_wrong_number_of_times() -> None:
-    recorder = record(Module(), [[("x", torch.tensor(1.0), {})], []])
-    with pytest.raises(ValueError, match="called 1 times for 2 micro-batches"):
-        combine_records(recorder, [0.5, 0.5])
+def test_a_name_logged_by_some_micro_batches_combines_those() -> None:
+    """Logged under a condition on the data: the micro-batches that logged it, weighted among themselves (3:1),
+    stand for their samples (4 of 6)."""
+    recorder = record(Module(), [[("x", torch.tensor(1.0), {})], [], [("x", torch.tensor(3.0), {"reduce_fx": "mean"})]])
+    (rec,) = combine_records(recorder, [0.5, 1 / 3, 1 / 6], samples=[3, 2, 1])
+    torch.testing.assert_close(rec.value, torch.tensor(1.5))
+    assert rec.kwargs == {"reduce_fx": "mean", "batch_size": 4}
+    # Without the sample counts Lightning infers the size, as for a name every micro-batch logs.
+    (rec,) = combine_records(recorder, [0.5, 1 / 3, 1 / 6])
+    assert rec.kwargs == {"reduce_fx": "mean"}
+    # A sum adds what was logged.
+    recorder = record(Module(), [[("n", 2.0, {"reduce_fx": "sum"})], [], [("n", 5.0, {"reduce_fx": "sum"})]])
+    (rec,) = combine_records(recorder, [0.5, 1 / 3, 1 / 6])
+    assert float(rec.value) == 7.0
 
 
-def test_mean_logged_twice_in_one_microbatch_none_in_other() -> None:
-    recorder = record(Module(), [[("x", torch.tensor(1.0), {}), ("x", torch.tensor(2.0), {})], []])
-    with pytest.raises(ValueError, match="micro-batches"):
-        combine_records(recorder, [0.5, 0.5])
+def test_a_name_logged_twice_gives_a_record_per_call() -> None:
+    """As on one device, where the last call shows on step and both count in the epoch value: the k-th record
+    combines each micro-batch's k-th call (here the second call only in micro-batch 0)."""
+    recorder = record(Module(), [[("x", torch.tensor(1.0), {}), ("x", torch.tensor(2.0), {})],
+                                 [("x", torch.tensor(3.0), {})]])
+    first, second = combine_records(recorder, [0.5, 0.5], samples=[2, 2])
+    assert first.name == second.name == "x"
+    torch.testing.assert_close(first.value, torch.tensor(2.0))
+    assert first.kwargs == {}
+    torch.testing.assert_close(second.value, torch.tensor(2.0))
+    assert second.kwargs == {"batch_size": 2}
 
 
 # --- replay --------------------------------------------------------------------------------------------------

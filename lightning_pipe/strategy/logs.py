@@ -95,57 +95,89 @@ def _reduce_name(reduce_fx: Any, name: str) -> str:
 
 def combine_records(recorder: LogRecorder, weights: list[float],
                     samples: Sequence[int] | None = None) -> list[LogRecord]:
-    """One record per logged name: the micro-batch values combined as the full batch would give them (``samples``:
-    each micro-batch's sample count, which tells ``batch_size=x.size(0)`` from a constant)."""
+    """The records to log for the step: per name, the micro-batch values combined as the full batch would give them
+    (``samples``: each micro-batch's sample count, which tells ``batch_size=x.size(0)`` from a constant).
+
+    A name logged several times in a step (as on one device: the last call shows on step, every call counts in the
+    epoch value) gives one record per call, the k-th combining each micro-batch's k-th call. A name logged by some
+    micro-batches only (under a condition on the data) combines those, weighted among themselves.
+    """
     records = []
     for name, calls in recorder.calls.items():
-        _, last_value, kwargs, attribute = calls[-1]
-        kwargs = dict(kwargs)
-        # Without batch_size the relayed value stands for the whole batch and Lightning infers its size. With it,
-        # see below: a constant is the batch's size; counts that differ per micro-batch weigh their values.
-        kwargs.pop("batch_size", None)
-        share = {mb: weights[mb] for mb in range(len(weights))}
+        attribute = calls[-1][3]
         if attribute is not None:
-            # A Metric: the value it shows on step is the micro-batches' forward values, weighted by their share
-            # of the batch (exact for accuracies and means, not for sums or maxima); its epoch value is computed
-            # from the last stage's state.
-            caches = [(mb, v) for mb, v, _, _ in calls if isinstance(v, torch.Tensor)]
-            step_value = sum(share[mb] * v.double() for mb, v in caches).to(caches[0][1].dtype).cpu() \
-                if len(caches) == len(weights) and len({mb for mb, _ in caches}) == len(weights) else None
-            records.append(LogRecord(name, step_value, kwargs, attribute))
+            records.append(_combine_metric(name, calls, weights))
             continue
-        if any(c[2].get("batch_size") is not None for c in calls) and \
-                any(c[2].get("batch_size") is None for c in calls):
-            raise ValueError(f"self.log({name!r}, batch_size=...) must be given in every micro-batch's call or in "
-                             "none under a pipeline")
-        how = _reduce_name(kwargs.get("reduce_fx", "mean"), name)
-        values = [torch.as_tensor(v, dtype=torch.float64 if not isinstance(v, torch.Tensor) else None)
-                  for _, v, _, _ in calls]
-        given = [c[2].get("batch_size") for c in calls]
-        if given and given[0] is not None:
-            own = [samples[mb] for mb, _, _, _ in calls] if samples is not None else None
-            if len(set(given)) == 1 and given != own:
-                # The same number in every micro-batch, not each one's sample count: a batch size written as a
-                # constant (as on one device); the samples weigh the values, and it is passed on.
-                kwargs["batch_size"] = given[0]
-            else:  # counted per micro-batch (x.size(0), tokens): each value stands for its count, the step for the sum
-                total = sum(given)
-                kwargs["batch_size"] = total
-                share = {mb: size / total for (mb, _, _, _), size in zip(calls, given)} if total else share
-        if how == _MEAN:
-            if sorted(mb for mb, _, _, _ in calls) != list(range(len(weights))):
-                raise ValueError(f"self.log({name!r}) must be called once per micro-batch under a pipeline (it was "
-                                 f"called {len(calls)} times for {len(weights)} micro-batches)")
-            value: Any = sum(share[mb] * v for (mb, _, _, _), v in zip(calls, values))
-        elif how == _SUM:
-            value = sum(values)
-        else:
-            stacked = torch.stack([v.to(values[0].dtype) for v in values])
-            value = stacked.max(0).values if how == _MAX else stacked.min(0).values
-        if isinstance(last_value, torch.Tensor):
-            value = value.to(last_value.dtype)
-        records.append(LogRecord(name, value.cpu() if isinstance(value, torch.Tensor) else value, kwargs))
+        rounds: list[list[tuple[int, Any, dict[str, Any], str | None]]] = []
+        made: dict[int, int] = {}
+        for call in calls:
+            k = made[call[0]] = made.get(call[0], -1) + 1
+            if k == len(rounds):
+                rounds.append([])
+            rounds[k].append(call)
+        records += [_combine(name, r, weights, samples) for r in rounds]
     return records
+
+
+def _combine_metric(name: str, calls: list[tuple[int, Any, dict[str, Any], str | None]],
+                    weights: list[float]) -> LogRecord:
+    """A Metric: the value it shows on step is the micro-batches' forward values, weighted by their share of the
+    batch (exact for accuracies and means, not for sums or maxima); its epoch value is computed from the last
+    stage's state."""
+    kwargs = dict(calls[-1][2])
+    kwargs.pop("batch_size", None)
+    caches = [(mb, v) for mb, v, _, _ in calls if isinstance(v, torch.Tensor)]
+    step_value = sum(weights[mb] * v.double() for mb, v in caches).to(caches[0][1].dtype).cpu() \
+        if len(caches) == len(weights) and len({mb for mb, _ in caches}) == len(weights) else None
+    return LogRecord(name, step_value, kwargs, calls[-1][3])
+
+
+def _combine(name: str, calls: list[tuple[int, Any, dict[str, Any], str | None]], weights: list[float],
+             samples: Sequence[int] | None) -> LogRecord:
+    """One record from one call per micro-batch (of all micro-batches, or of those that made it)."""
+    _, last_value, kwargs, _ = calls[-1]
+    kwargs = dict(kwargs)
+    # Without batch_size the relayed value stands for the whole batch and Lightning infers its size (for some
+    # micro-batches only: their samples are passed). With it, see below: a constant is the batch's size; counts that
+    # differ per micro-batch weigh their values.
+    kwargs.pop("batch_size", None)
+    present = [mb for mb, _, _, _ in calls]
+    every = sorted(present) == list(range(len(weights)))
+    if every:
+        share = {mb: weights[mb] for mb in present}
+    else:  # the micro-batches that logged it, weighted among themselves
+        total_weight = sum(weights[mb] for mb in present)
+        share = {mb: (weights[mb] / total_weight if total_weight > 0 else 1.0 / len(present)) for mb in present}
+    if any(c[2].get("batch_size") is not None for c in calls) and \
+            any(c[2].get("batch_size") is None for c in calls):
+        raise ValueError(f"self.log({name!r}, batch_size=...) must be given in every micro-batch's call or in "
+                         "none under a pipeline")
+    how = _reduce_name(kwargs.get("reduce_fx", "mean"), name)
+    values = [torch.as_tensor(v, dtype=torch.float64 if not isinstance(v, torch.Tensor) else None)
+              for _, v, _, _ in calls]
+    given = [c[2].get("batch_size") for c in calls]
+    if given[0] is not None:
+        own = [samples[mb] for mb in present] if samples is not None else None
+        if len(set(given)) == 1 and given != own:
+            # The same number in every micro-batch, not each one's sample count: a batch size written as a
+            # constant (as on one device); the samples weigh the values, and it is passed on.
+            kwargs["batch_size"] = given[0]
+        else:  # counted per micro-batch (x.size(0), tokens): each value stands for its count, the step for the sum
+            total = sum(given)
+            kwargs["batch_size"] = total
+            share = {mb: size / total for mb, size in zip(present, given)} if total else share
+    elif not every and samples is not None:
+        kwargs["batch_size"] = sum(samples[mb] for mb in present)
+    if how == _MEAN:
+        value: Any = sum(share[mb] * v for mb, v in zip(present, values))
+    elif how == _SUM:
+        value = sum(values)
+    else:
+        stacked = torch.stack([v.to(values[0].dtype) for v in values])
+        value = stacked.max(0).values if how == _MAX else stacked.min(0).values
+    if isinstance(last_value, torch.Tensor):
+        value = value.to(last_value.dtype)
+    return LogRecord(name, value.cpu() if isinstance(value, torch.Tensor) else value, kwargs)
 
 
 def replay(module: Any, records: list[LogRecord], device: torch.device,
