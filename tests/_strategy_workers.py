@@ -439,10 +439,31 @@ class _RandomTokens(torch.utils.data.Dataset):
         return tokens[:-1], tokens[1:]
 
 
-def random_data(rank: int, world_size: int, *, check_batches: bool = True) -> int:
+class _FirstBatches(Callback):
+    """The first batch of every training epoch."""
+
+    def __init__(self) -> None:
+        self.seen: list[torch.Tensor] = []
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if batch_idx == 0:
+            self.seen.append(batch[0].clone())
+
+
+class _Reloaded(TinyGPT):
+    """Makes its shuffled DataLoader anew at every reload (``reload_dataloaders_every_n_epochs``)."""
+
+    def train_dataloader(self) -> Any:
+        from tests._models import token_data
+
+        return torch.utils.data.DataLoader(token_data(32), batch_size=8, shuffle=True)
+
+
+def random_data(rank: int, world_size: int, *, check_batches: bool = True) -> tuple[int, list[torch.Tensor]]:
     """Two epochs over a dataset drawn at random in a DataLoader worker, shuffled by a RandomSampler (Lightning's
     sampler replacement off); each process's global generator advanced differently after the model is made, as
-    different stages' models do. The stages of the pipeline must still read the same batches."""
+    different stages' models do. The stages of the pipeline must still read the same batches. Then three epochs
+    over a shuffled DataLoader made anew each epoch: the first batch of each (their order must change)."""
     seed_everything(0, workers=True)
     model = TinyGPT()
     torch.rand(rank + 1)  # each stage's own use of the global generator
@@ -452,7 +473,13 @@ def random_data(rank: int, world_size: int, *, check_batches: bool = True) -> in
                       max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False, use_distributed_sampler=False)
     trainer.fit(model, data)
-    return trainer.global_step
+    first = _FirstBatches()
+    reloading = Trainer(accelerator="cpu", devices=world_size, strategy=PipelineStrategy(timeout=60),
+                        max_epochs=3, limit_train_batches=1, reload_dataloaders_every_n_epochs=1, callbacks=[first],
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, use_distributed_sampler=False)
+    reloading.fit(_Reloaded())
+    return trainer.global_step, first.seen
 
 
 class _MiddleBlockFailsInValidation(TinyGPT):

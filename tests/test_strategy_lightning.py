@@ -306,7 +306,12 @@ def test_random_data_is_drawn_alike_on_every_stage() -> None:
     """DataLoader workers seeded by seed_everything(workers=True), a RandomSampler and the epochs' base seeds draw
     from a state the strategy makes the same on every stage of a pipeline, so its batch check passes."""
     outcomes = launch("tests._strategy_workers.random_data", 2, deadline=150)
-    assert [o.unwrap() for o in outcomes] == [4, 4]
+    results = [o.unwrap() for o in outcomes]
+    assert [steps for steps, _ in results] == [4, 4]
+    # A shuffled DataLoader made anew each epoch: a new order each epoch (seeded by the epoch too), alike on both
+    # stages (the batch check passed).
+    firsts = results[0][1]
+    assert len(firsts) == 3 and not any(torch.equal(firsts[i], firsts[j]) for i in range(3) for j in range(i))
 
 
 @pytest.mark.distributed

@@ -87,18 +87,20 @@ def check_same_batch(batch: Any, *, device: torch.device, group: dist.ProcessGro
         )
 
 
-def seed_alike(dataloader: Any, *, seed: int, replica: int) -> None:
-    """Seed ``dataloader``'s own random state from ``seed`` (the same on every rank of the pipeline) and the
-    data-parallel ``replica``, where it would otherwise come from each process's state: its base seed per epoch
-    (``generator``), the order of a ``RandomSampler`` without a generator, and, under
+def seed_alike(dataloader: Any, *, seed: int, replica: int, epoch: int = 0) -> None:
+    """Seed ``dataloader``'s own random state from ``seed`` (the same on every rank of the pipeline), the
+    data-parallel ``replica`` and the ``epoch`` it is made for, where it would otherwise come from each process's
+    state: its base seed per epoch (``generator``), the order of a ``RandomSampler`` without a generator, and, under
     ``seed_everything(workers=True)``, its workers' seeds (Lightning derives them from the global rank, which
-    differs between the stages of a pipeline). What the user set is left alone."""
+    differs between the stages of a pipeline). The epoch makes a loader made anew each epoch
+    (``reload_dataloaders_every_n_epochs``), or on resuming, draw a new order, as one device's would from its
+    advancing global generator. What the user set is left alone."""
     from lightning.fabric.utilities.seed import pl_worker_init_function
     from torch.utils.data import DataLoader, RandomSampler
 
     if not isinstance(dataloader, DataLoader):
         return
-    own = seed * 1_000_003 + replica
+    own = ((seed * 1_000_003 + replica) * 1_000_033 + epoch) % (1 << 63)
     if dataloader.generator is None:
         dataloader.generator = torch.Generator().manual_seed(own)
     samplers = [dataloader.sampler, getattr(dataloader.batch_sampler, "sampler", None)]

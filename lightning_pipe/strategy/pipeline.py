@@ -335,7 +335,9 @@ class PipelineStrategy(DDPStrategy):
     def process_dataloader(self, dataloader: object) -> object:
         dataloader = super().process_dataloader(dataloader)
         if self.num_stages > 1:  # every stage of a pipeline must read the same batches: see batch_check.py
-            seed_alike(dataloader, seed=self._data_seed(), replica=self.dp_rank)
+            trainer = getattr(self.lightning_module, "_trainer", None)
+            seed_alike(dataloader, seed=self._data_seed(), replica=self.dp_rank,
+                       epoch=trainer.current_epoch if trainer is not None else 0)
         return dataloader
 
     def _data_seed(self) -> int:
