@@ -194,6 +194,24 @@ class _Manual(TinyGPT):
         self.automatic_optimization = False
 
 
+class _LineSearch(TinyGPT):
+    def configure_optimizers(self) -> Any:
+        return torch.optim.LBFGS(self.parameters(), lr=0.5, max_iter=5)
+
+
+class _TwoClosureSGD(torch.optim.SGD):
+    """Calls the closure twice per step, as sharpness-aware minimisation does."""
+
+    def step(self, closure: Any = None) -> Any:
+        closure()
+        return super().step(closure)
+
+
+class _TwoClosures(TinyGPT):
+    def configure_optimizers(self) -> Any:
+        return _TwoClosureSGD(self.parameters(), lr=0.1)
+
+
 class _BadReduce(TinyGPT):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss, _ = self._loss(batch)
@@ -246,6 +264,8 @@ def bad_inputs(rank: int, world_size: int, *, cases: list[str]) -> dict[str, tup
         "balance_list_wrong_sum": (TinyGPT, {"balance": [1, 2]}),
         "blocks_path_unknown": (TinyGPT, {"blocks": "body.layers"}),
         "manual_optimization": (_Manual, {}),
+        "line_search_optimizer": (_LineSearch, {}),
+        "closure_called_twice": (_TwoClosures, {}),
         "block_called_twice": (_BlockTwice, {}),
         "last_stage_fails_after_the_step": (_BadReduce, {}),
         "second_trainer": (TinyGPT, {}),

@@ -96,6 +96,8 @@ BAD_INPUTS = {
     "balance_list_wrong_sum": "balance=[1, 2] must be positive block counts that sum to the chain's 4 blocks",
     "blocks_path_unknown": "blocks='body.layers' names no submodule",
     "manual_optimization": "automatic optimization only",
+    "line_search_optimizer": "LBFGS calls the training closure more than once per step",
+    "closure_called_twice": "_TwoClosureSGD calls the training closure more than once per step",
     "block_called_twice": "must each be called once per step, in order",
     "last_stage_fails_after_the_step": "reduce_fx='median'",
     "second_trainer": "was already cut into pipeline stages by another Trainer's PipelineStrategy",

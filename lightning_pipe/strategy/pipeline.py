@@ -394,6 +394,9 @@ class PipelineStrategy(DDPStrategy):
             self._sync_initial_params()
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
+            for optimizer in self.optimizers:  # the same classes on every rank: every rank raises
+                if isinstance(optimizer, torch.optim.LBFGS):
+                    raise PipelineError(_closure_calls_message(optimizer))
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
@@ -665,7 +668,13 @@ class PipelineStrategy(DDPStrategy):
     @override
     def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any],
                        model: LightningModule | torch.nn.Module | None = None, **kwargs: Any) -> Any:
+        calls = 0
+
         def closure_then_sync() -> Any:
+            nonlocal calls
+            calls += 1
+            if calls > 1:  # SAM-like optimizers: every rank makes the second call, so every rank raises here
+                raise PipelineError(_closure_calls_message(optimizer))
             out = closure()
             self._reduce_gradients()
             return out
@@ -894,3 +903,10 @@ class PipelineStrategy(DDPStrategy):
             self._transport.close()  # its poster thread, if one was started
         self._transport = None
         super().teardown()
+
+
+def _closure_calls_message(optimizer: Optimizer) -> str:
+    return (f"{type(optimizer).__name__} calls the training closure more than once per step (a line search, "
+            "sharpness-aware minimisation), which PipelineStrategy does not support: each stage's optimizer sees "
+            "only its own stage's parameters and gradients, so such decisions would differ between stages. Use an "
+            "optimizer that calls the closure once per step (SGD, Adam, AdamW, ...)")
