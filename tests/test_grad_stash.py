@@ -194,6 +194,42 @@ def test_sum_grads_leaves_no_gradient_where_no_stage_has_one(monkeypatch: pytest
     assert not torch.equal(m.aux.weight, before[1])
 
 
+def test_sum_grads_keeps_each_gradient_in_its_own_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bf16 embedding listed first beside fp32 parameters: the fp32 gradients are summed in fp32, not rounded to
+    bf16 (one all-reduce per dtype); a rank not holding a parameter learns its dtype from the ranks that do."""
+    from lightning_pipe.strategy import grads as grads_module
+
+    def module() -> nn.Module:
+        m = nn.Module()
+        m.tok, m.aux = nn.Embedding(4, 3).to(torch.bfloat16), nn.Linear(3, 3)
+        return m
+
+    aliases = [["tok.weight"], ["aux.weight"], ["aux.bias"]]
+    shapes = [torch.Size([4, 3]), torch.Size([3, 3]), torch.Size([3])]
+    m = module()
+    fine = 1.0 + 2.0**-20  # rounds to 1.0 in bf16
+    m.aux.weight.grad = torch.full((3, 3), fine)
+    m.aux.bias.grad = torch.full((3,), fine)
+    m.tok.weight.grad = torch.ones(4, 3, dtype=torch.bfloat16)
+    table = ReplicatedParams(aliases, shapes, [[0, 1]] * 3, 0, m)
+    elsewhere = ReplicatedParams(aliases, shapes, [[0, 1]] * 3, 1, nn.Module())  # holds none of them
+    assert elsewhere.dtypes == [torch.float32] * 3
+    codes: list[torch.Tensor] = []
+    monkeypatch.setattr(grads_module.dist, "all_reduce", lambda t, op=None, group=None: codes.append(t.clone()))
+    table.agree_dtypes(None, torch.device("cpu"))  # the holder's codes, as sent
+    assert table.dtypes == [torch.bfloat16, torch.float32, torch.float32]
+    monkeypatch.setattr(grads_module.dist, "all_reduce",
+                        lambda t, op=None, group=None: t.copy_(torch.maximum(t, codes[0])))
+    elsewhere.agree_dtypes(None, torch.device("cpu"))
+    assert elsewhere.dtypes == table.dtypes
+    reduced: list[torch.Tensor] = []
+    monkeypatch.setattr(grads_module.dist, "all_reduce", lambda t, group=None: reduced.append(t.clone()))
+    table.sum_grads(None)
+    assert sorted(str(t.dtype) for t in reduced) == ["torch.bfloat16", "torch.float32"]
+    assert torch.equal(m.aux.weight.grad, torch.full((3, 3), fine)) and m.aux.weight.grad.dtype == torch.float32
+    assert m.tok.weight.grad.dtype == torch.bfloat16
+
+
 def test_a_rank_without_inf_flags_still_joins_the_agreement(monkeypatch: pytest.MonkeyPatch) -> None:
     """A stage with no gradients (all frozen) records no inf flag; it must still enter the all-reduce the other
     stages wait in, and it takes their verdict."""

@@ -114,37 +114,58 @@ class ReplicatedParams:
         # A parameter tied between blocks of two stages is found under whichever of its names this rank kept.
         self.params: list[nn.Parameter | None] = [next((held[n] for n in a if n in held), None) for a in aliases]
         self.count_here = [min(o) == stage for o in owners]
+        # Each parameter's dtype, also where this rank does not hold it (see agree_dtypes).
+        self.dtypes = [p.dtype if p is not None else torch.float32 for p in self.params]
 
     def __len__(self) -> int:
         return len(self.names)
 
+    def agree_dtypes(self, group: dist.ProcessGroup | None, device: torch.device) -> None:
+        """Learn the dtype of each parameter from the ranks holding it (after the precision plugin converted the
+        module), so that every rank sums and broadcasts it in its own dtype: one small all-reduce."""
+        if not self.names:
+            return
+        codes = torch.tensor([_DTYPES.index(p.dtype) if p is not None else -1 for p in self.params],
+                             dtype=torch.int64, device=device)
+        dist.all_reduce(codes, op=dist.ReduceOp.MAX, group=group)
+        self.dtypes = [_DTYPES[c] for c in codes.tolist()]
+
     def sum_grads(self, group: dist.ProcessGroup | None) -> None:
-        """Sum each replicated parameter's gradient over the stages, in one all-reduce. A parameter that no stage
-        has a gradient for (frozen, or unused in this step) keeps ``grad = None``, as on one device: optimizers skip
-        it then, where a zero gradient would still get weight decay and momentum."""
+        """Sum each replicated parameter's gradient over the stages, in one all-reduce per dtype (each in its own:
+        an fp32 gradient beside a bf16 embedding is not rounded to bf16). A parameter that no stage has a gradient
+        for (frozen, or unused in this step) keeps ``grad = None``, as on one device: optimizers skip it then, where
+        a zero gradient would still get weight decay and momentum."""
         if not self.names:
             return
         device = next((p.device for p in self.params if p is not None), torch.device("cpu"))
-        dtype = next((p.dtype for p in self.params if p is not None), torch.float32)
-        flats, flags = [], []
-        for p, shape in zip(self.params, self.shapes):
-            has_grad = p is not None and p.grad is not None
-            flats.append(p.grad.reshape(-1).to(dtype) if has_grad else  # type: ignore[union-attr]
-                         torch.zeros(shape.numel(), device=device, dtype=dtype))
-            flags.append(float(has_grad))
-        flats.append(torch.tensor(flags, device=device, dtype=dtype))  # how many stages had each gradient
-        buffer = torch.cat(flats)
-        dist.all_reduce(buffer, group=group)
-        had = buffer[-len(flags):].tolist()
-        offset = 0
+        flags = [float(p is not None and p.grad is not None) for p in self.params]
+        kinds = sorted(set(self.dtypes), key=str)
+        summed: list[tuple[list[int], torch.Tensor]] = []
+        for dtype in kinds:
+            members = [i for i, d in enumerate(self.dtypes) if d == dtype]
+            flats = [self.params[i].grad.reshape(-1).to(dtype) if flags[i]  # type: ignore[union-attr]
+                     else torch.zeros(self.shapes[i].numel(), device=device, dtype=dtype) for i in members]
+            if dtype is kinds[0]:  # how many stages had each gradient (small integers: exact in any dtype)
+                flats.append(torch.tensor(flags, device=device, dtype=dtype))
+            buffer = torch.cat(flats)
+            dist.all_reduce(buffer, group=group)
+            summed.append((members, buffer))
+        had = summed[0][1][-len(flags):].tolist()
         seen: set[int] = set()
-        for p, shape, count in zip(self.params, self.shapes, had):
-            n = shape.numel()
-            if p is not None and id(p) not in seen and count > 0:
-                seen.add(id(p))
-                grad = buffer[offset : offset + n].view(shape).to(p.dtype)
-                p.grad = grad.clone() if p.grad is None else p.grad.copy_(grad)
-            offset += n
+        for members, buffer in summed:
+            offset = 0
+            for i in members:
+                p, shape = self.params[i], self.shapes[i]
+                n = shape.numel()
+                if p is not None and id(p) not in seen and had[i] > 0:
+                    seen.add(id(p))
+                    grad = buffer[offset : offset + n].view(shape).to(p.dtype)
+                    p.grad = grad.clone() if p.grad is None else p.grad.copy_(grad)
+                offset += n
+
+
+# Every dtype torch has, in a fixed order (the same on every rank): codes for agree_dtypes.
+_DTYPES = sorted({v for v in vars(torch).values() if isinstance(v, torch.dtype)}, key=str)
 
 
 def global_grad_norm(params: Iterable[nn.Parameter], counted: set[int],

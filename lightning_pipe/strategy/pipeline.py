@@ -464,10 +464,10 @@ class PipelineStrategy(DDPStrategy):
         of a stage from replica 0 (what DDP does when it wraps a model)."""
         assert self._replicated is not None
         module = self.lightning_module
-        dtype = next(module.parameters()).dtype
+        self._replicated.agree_dtypes(self._pp_group, self.root_device)
         with torch.no_grad():
-            for param, shape, owners in zip(self._replicated.params, self._replicated.shapes,
-                                            self._replicated.owners):
+            for param, shape, owners, dtype in zip(self._replicated.params, self._replicated.shapes,
+                                                   self._replicated.owners, self._replicated.dtypes):
                 buffer = param.data if param is not None else torch.empty(shape, device=self.root_device,
                                                                           dtype=dtype)
                 dist.broadcast(buffer, src=self._pp_ranks[owners[0]], group=self._pp_group)
