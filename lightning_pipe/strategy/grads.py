@@ -168,16 +168,27 @@ class ReplicatedParams:
 _DTYPES = sorted({v for v in vars(torch).values() if isinstance(v, torch.dtype)}, key=str)
 
 
+# Where torch's clip_grad_norm_ leaves the total norm: in the gradients' dtype (widest of those present).
+_NORM_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
 def global_grad_norm(params: Iterable[nn.Parameter], counted: set[int],
                      group: dist.ProcessGroup | None) -> torch.Tensor:
     """The 2-norm of every stage's gradients together (what Lightning's norm clipping uses); ``counted`` holds the ids
-    of the parameters this rank counts."""
+    of the parameters this rank counts. As ``torch.nn.utils.clip_grad_norm_`` on one device: each gradient's norm in
+    its own dtype, the total in the gradients' dtype (float64 for a float64 model, bfloat16 for a bfloat16 one),
+    summed here in float64 over the stages so that only that last rounding is left."""
     grads = [p.grad for p in params if p.grad is not None and id(p) in counted]
     device = grads[0].device if grads else torch.device("cpu")
-    norms = [torch.linalg.vector_norm(g.detach()).float() for g in grads]
-    local = torch.stack(norms).pow(2).sum() if norms else torch.zeros((), device=device)
-    dist.all_reduce(local, group=group)
-    return local.sqrt()
+    # One float64 all-reduce: the sum of squares, and how many gradients of each dtype there are (the widest
+    # present on any rank is the total's dtype, the same on every rank).
+    packed = torch.zeros(1 + len(_NORM_DTYPES), dtype=torch.float64, device=device)
+    for g in grads:
+        packed[0] += torch.linalg.vector_norm(g.detach()).double() ** 2
+        packed[1 + (_NORM_DTYPES.index(g.dtype) if g.dtype in _NORM_DTYPES else 2)] += 1
+    dist.all_reduce(packed, group=group)
+    present = [i for i, n in enumerate(packed[1:].tolist()) if n > 0]
+    return packed[0].sqrt().to(_NORM_DTYPES[max(present, default=2)])
 
 
 def clip_by_global_norm(params: Sequence[nn.Parameter], max_norm: float, counted: set[int],
