@@ -331,6 +331,22 @@ class _SeeScale(Callback):
         self.scales.append(self.scaler.get_scale())
 
 
+class _SeesAutocast(torch.autograd.Function):
+    """Identity that records whether autocast is on in its backward (on one device Lightning runs backward outside
+    it; a custom backward computing in float32 relies on that)."""
+
+    seen: list[bool] = []
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        _SeesAutocast.seen.append(torch.is_autocast_enabled("cpu"))
+        return grad
+
+
 def fp16_fit(config: dict[str, Any], *, devices: int, strategy: Any) -> dict[str, Any]:
     """Fit TinyGPT under 16-mixed with a real GradScaler (on the CPU, through Lightning's MixedPrecision plugin):
     its parameters held here, the scale after each step, and the names of the trainable parameters held here.
@@ -347,6 +363,9 @@ def fp16_fit(config: dict[str, Any], *, devices: int, strategy: Any) -> dict[str
     # init_scale 2**20 overflows float16 in the first steps: those are skipped and the scale halves until it fits
     # (where, differs from one device: a weight gradient's float16 sum runs over a micro-batch, not the batch).
     scaler = torch.amp.GradScaler("cpu", init_scale=config.get("init_scale", 2.0**8), growth_interval=3)
+    for block in model.layers:
+        block.register_forward_hook(lambda module, args, out: _SeesAutocast.apply(out))
+    _SeesAutocast.seen.clear()
     seen = _SeeScale(scaler)
     trainer = Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=config.get("steps", 8),
                       plugins=[MixedPrecision("16-mixed", "cpu", scaler)], gradient_clip_val=config.get("clip"),
@@ -355,6 +374,7 @@ def fp16_fit(config: dict[str, Any], *, devices: int, strategy: Any) -> dict[str
     trainer.fit(model, loader(8, 64))
     return {"params": {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)},
             "scales": seen.scales, "loss": float(trainer.callback_metrics["train_loss"]),
+            "autocast_in_backward": list(_SeesAutocast.seen),
             "trainable_here": [n for n, p in model.named_parameters() if p.requires_grad]}
 
 

@@ -236,6 +236,11 @@ def test_16_mixed_with_a_gradient_scaler_matches_one_device() -> None:
     for i, config in enumerate(configs):
         here = [results[rank][i] for rank in range(2)]
         assert here[0]["scales"] == here[1]["scales"], config
+        # Backward runs outside autocast, as on one device (the stages' blocks record it; frozen ones do not run it).
+        for rank, result in enumerate(here):
+            assert not any(result["autocast_in_backward"]), (config, rank)
+        if not config.get("frozen"):
+            assert all(r["autocast_in_backward"] for r in here), config  # recorded on every stage
         if config.get("frozen"):
             assert [bool(r["trainable_here"]) for r in here].count(False) == 1, (config, "one stage is all frozen")
         if "init_scale" in config:

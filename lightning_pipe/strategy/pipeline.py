@@ -505,9 +505,11 @@ class PipelineStrategy(DDPStrategy):
         return micro
 
     def _run_step(self, hook: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], *, train: bool,
-                  after_run: Callable[[], None] | None = None) -> tuple[torch.Tensor | None, Any]:
+                  after_run: Callable[[], None] | None = None,
+                  forward_context: Callable[[], Any] = nullcontext) -> tuple[torch.Tensor | None, Any]:
         """Run ``hook`` over the micro-batches of ``args[0]``; relay the loss, the logged values and the outputs
-        (merged over micro-batches) from the last stage to every stage."""
+        (merged over micro-batches) from the last stage to every stage. ``forward_context``: entered around each
+        run of the hook (the precision plugin's autocast), not around the backwards, as on one device."""
         module = self.lightning_module
         runtime = self._runtime
         assert module is not None and runtime is not None
@@ -530,7 +532,8 @@ class PipelineStrategy(DDPStrategy):
             # (side_effects.py).
             logs = recorder if stage == runtime.last_stage else LogRecorder(module)
             try:
-                with logs.capture(microbatch), outside.running(stage) if outside is not None else nullcontext():
+                with logs.capture(microbatch), outside.running(stage) if outside is not None else nullcontext(), \
+                        forward_context():
                     out = hook(micro[microbatch], *args[1:], **kwargs)
             except StageExit as done:
                 return done.output
@@ -641,9 +644,10 @@ class PipelineStrategy(DDPStrategy):
         params = [p for p in module.parameters() if p.requires_grad]
         before = self._stash.begin(params)
         try:
-            with self.precision_plugin.train_step_context():
-                loss, extras = self._run_step(module.training_step, args, kwargs, train=True,
-                                              after_run=lambda: self._start_data_parallel_average(params, before))
+            # Autocast around each forward only: on one device Lightning runs backward outside it.
+            loss, extras = self._run_step(module.training_step, args, kwargs, train=True,
+                                          after_run=lambda: self._start_data_parallel_average(params, before),
+                                          forward_context=self.precision_plugin.train_step_context)
         finally:
             self._stash.end(params, before)
         assert loss is not None
