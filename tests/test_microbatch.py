@@ -351,6 +351,11 @@ def test_weights_of_structured_micro_batches():
     assert microbatch_weights(mbs) == pytest.approx([4 / 7, 3 / 7])
 
 
+def test_weights_from_counted_sizes_equal_the_counted_ones():
+    mbs = split_microbatches(torch.randn(7, 2), 3)
+    assert microbatch_weights(mbs, sizes=[3, 2, 2]) == microbatch_weights(mbs) == [3 / 7, 2 / 7, 2 / 7]
+
+
 def test_weights_single_micro_batch():
     assert microbatch_weights([torch.randn(5)]) == [1.0]
 

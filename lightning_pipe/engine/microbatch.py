@@ -124,12 +124,15 @@ def split_microbatches(batch: Any, num_microbatches: int) -> list[Any]:
     return _split(batch, size, bounds)
 
 
-def microbatch_weights(microbatches: Sequence[Any], weigh: Callable[[Any], Any] | None = None) -> list[float]:
+def microbatch_weights(microbatches: Sequence[Any], weigh: Callable[[Any], Any] | None = None, *,
+                       sizes: Sequence[int] | None = None) -> list[float]:
     """Each micro-batch's share of the batch, so that ``sum(w_i * mean_loss_i)`` is the full batch's mean loss:
-    by samples, or by ``weigh(micro_batch)`` (what the loss is a mean over, e.g. the target tokens left after
-    ``ignore_index``: then the weighted sum is the mean over the whole batch's tokens, as on one device)."""
+    by samples (``sizes``, if already counted), or by ``weigh(micro_batch)`` (what the loss is a mean over, e.g.
+    the target tokens left after ``ignore_index``: then the weighted sum is the mean over the whole batch's tokens,
+    as on one device)."""
     if weigh is None:
-        counts = [float(batch_size_of(mb)) for mb in microbatches]
+        counts = [float(n) for n in sizes] if sizes is not None else \
+            [float(batch_size_of(mb)) for mb in microbatches]
     else:
         counts = [float(weigh(mb)) for mb in microbatches]
         if not all(math.isfinite(c) and c >= 0 for c in counts) or sum(counts) <= 0:

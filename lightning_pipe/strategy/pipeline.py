@@ -520,7 +520,7 @@ class PipelineStrategy(DDPStrategy):
                                    f"{self.lightning_module.trainer.global_step}")
         micro = self._split_batch(args[0])
         sizes = [batch_size_of(mb) for mb in micro]
-        weights = microbatch_weights(micro, self.microbatch_weight)
+        weights = microbatch_weights(micro, self.microbatch_weight, sizes=sizes)
         recorder = LogRecorder(module)
         outputs: dict[int, Any] = {}
 
