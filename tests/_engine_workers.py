@@ -119,17 +119,17 @@ def transparency(rank: int, world_size: int, *, models: list[str], schedules: li
 
     ``unweighted=True`` sums the micro-batch losses instead of weighting them: a control that must show a
     difference, so the comparison is known to be able to fail. ``post_ahead``: receives gloo keeps posted ahead.
-    ``one_group`` (with ``exact``): no group of their own for gradients. ``background``: the gloo transport's
-    poster thread on (True), off (False) or chosen each step (None, as by default).
+    ``one_group`` (with ``exact``): no group of their own for messages to lower ranks. ``background``: the gloo
+    transport's poster thread on (True), off (False) or chosen each step (None, as by default).
     """
     loss_fn = nn.MSELoss()
     report: dict[str, float] = {}
-    # exact=True: the protocol used with NCCL (exact sizes, receives posted just in time, gradients on a group of
-    # their own), run here over gloo.
-    # one_group: the exact protocol with activations and gradients on one group (what PipelineExecutor builds
-    # for NCCL when given no transport): matched by order across both kinds.
-    backward_group = None if one_group else dist.new_group(list(range(world_size))) if exact else None
-    transport = Transport(exact=True, backward_group=backward_group, timeout=60) if exact \
+    # exact=True: the protocol used with NCCL (exact sizes, receives posted just in time, messages to lower ranks on
+    # a group of their own), run here over gloo.
+    # one_group: the exact protocol with both directions on one group (allowed over gloo only): matched by order
+    # across both.
+    reverse_group = None if one_group else dist.new_group(list(range(world_size))) if exact else None
+    transport = Transport(exact=True, reverse_group=reverse_group, timeout=60) if exact \
         else Transport(timeout=60, background=background)
     for kind in models:
         reference = make_model(kind)
@@ -175,6 +175,62 @@ def transparency(rank: int, world_size: int, *, models: list[str], schedules: li
                         worst = max(worst, (p.grad - ref_grads[step][names[id(p)]]).abs().max().item())
                 report[f"{kind}/{spec}/m={m}"] = worst
     return report
+
+
+def _record_ops(transport: Transport, ops: list[tuple[Any, ...]]) -> None:
+    """Log the transport's raw operations as tests/_nccl_model.py reads them (the group by name: "group" or
+    "reverse"); the works are kept so that their ids stay theirs."""
+    isend, irecv, wait = transport._isend, transport._irecv, transport._wait
+    index: dict[int, int] = {}
+    works: list[Any] = []
+
+    def name(pg: Any) -> str:
+        return "reverse" if transport.reverse_group is not None and pg is transport.reverse_group else "group"
+
+    def traced_isend(tensor: torch.Tensor, peer: int, tag: int) -> Any:
+        work = isend(tensor, peer, tag)
+        works.append(work)
+        index[id(work)] = len(ops)
+        ops.append(("send", name(transport._pg[peer < transport._rank]), peer))
+        return work
+
+    def traced_irecv(tensor: torch.Tensor, peer: int, tag: int) -> Any:
+        work = irecv(tensor, peer, tag)
+        works.append(work)
+        index[id(work)] = len(ops)
+        ops.append(("recv", name(transport._pg[peer > transport._rank]), peer))
+        return work
+
+    def traced_wait(work: Any, peer: int, what: str) -> None:
+        ops.append(("wait", index[id(work)]))
+        wait(work, peer, what)
+
+    transport._isend, transport._irecv, transport._wait = traced_isend, traced_irecv, traced_wait  # type: ignore
+
+
+def exact_traces(rank: int, world_size: int, *, schedules: list[str], m: int) -> dict[str, list[tuple[Any, ...]]]:
+    """One training step per schedule with the exact (NCCL) protocol over gloo, messages to lower ranks on a group
+    of their own: this rank's raw transport operations, for tests/_nccl_model.py."""
+    reverse = dist.new_group(list(range(world_size)))
+    traces = {}
+    for spec in schedules:
+        name, _, v_text = spec.partition(":")
+        v = int(v_text) if v_text else None
+        name, early = name.removesuffix("+early"), name.endswith("+early")
+        layout = stage_to_rank(name, num_ranks=world_size, virtual_stages=v)
+        model = make_model("mlp")
+        pieces = split_sequential(model, _balance(len(model), len(layout)))
+        held = {s: pieces[s] for s, r in enumerate(layout) if r == rank}
+        x, y = make_batch("mlp", 0, 2 * m)
+        micro_x, micro_y = split_microbatches(x, m), split_microbatches(y, m)
+        transport = Transport(exact=True, reverse_group=reverse, timeout=60)
+        traces[spec] = ops = []
+        _record_ops(transport, ops)
+        schedule = build_schedule(name, num_ranks=world_size, num_microbatches=m, virtual_stages=v,
+                                  early_input_grads=early)
+        PipelineExecutor(schedule, rank=rank, timeout=60, transport=transport).run(
+            ModuleStages(held, num_stages=len(layout), microbatches=micro_x, targets=micro_y, loss_fn=nn.MSELoss()))
+    return traces
 
 
 def failing_step(rank: int, world_size: int, *, fail_rank: int, mode: str, timeout: float,
@@ -230,7 +286,7 @@ def out_of_order(rank: int, world_size: int, *, exact: bool) -> tuple[float, int
     model = make_model("mlp")
     names = {id(p): n for n, p in model.named_parameters()}
     mine = split_sequential(model, _balance(len(model), 2))[rank]
-    transport = Transport(exact=True, backward_group=dist.new_group([0, 1]), timeout=60) if exact else None
+    transport = Transport(exact=True, reverse_group=dist.new_group([0, 1]), timeout=60) if exact else None
     executor = PipelineExecutor(schedule, rank=rank, timeout=60, transport=transport)
     micro_x, micro_y = split_microbatches(x, 2), split_microbatches(y, 2)
     stages = ModuleStages({rank: mine}, num_stages=2, microbatches=micro_x, targets=micro_y, loss_fn=loss_fn)

@@ -38,7 +38,8 @@ def test_transparency_against_one_process(world_size: int) -> None:
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_exact_size_protocol_matches_one_process(world_size: int) -> None:
-    """The NCCL wire protocol (exact sizes, just-in-time receives, gradients on their own group), run over gloo."""
+    """The NCCL wire protocol (exact sizes, just-in-time receives, messages to lower ranks on a group of their own),
+    run over gloo."""
     ms = [1, 2 * world_size + 1]
     outcomes = launch("tests._engine_workers.transparency", world_size, deadline=200,
                       models=["mlp", "transformer"], schedules=["gpipe", "1f1b", "zero_bubble:2", "zbv", "gpipe+early"],
@@ -49,10 +50,48 @@ def test_exact_size_protocol_matches_one_process(world_size: int) -> None:
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_exact_protocol_cannot_hang_under_nccl_stream_order(world_size: int) -> None:
+    """NCCL runs a pair's sends and receives of one group in order on one stream, and a send may wait there for its
+    receive. The operations the exact protocol makes (recorded over gloo) complete under that model for every
+    schedule, with messages to lower ranks on a group of their own; on one group they would hang (the control: all
+    but GPipe, whose messages go one way at a time)."""
+    from tests._nccl_model import find_hang
+
+    outcomes = launch("tests._engine_workers.exact_traces", world_size, deadline=200, schedules=SCHEDULES,
+                      m=2 * world_size + 1)
+    traces = [o.unwrap() for o in outcomes]
+    for spec in SCHEDULES:
+        mine = [t[spec] for t in traces]
+        assert all(any(op[0] == "send" for op in t) for t in mine), spec
+        assert find_hang(mine) is None, (spec, find_hang(mine))
+        one_group = [[(op[0], "group", op[2]) if op[0] != "wait" else op for op in t] for t in mine]
+        assert (find_hang(one_group) is None) == (spec == "gpipe"), spec
+
+
+def test_the_nccl_model_finds_a_pair_sending_both_ways_on_one_stream() -> None:
+    from tests._nccl_model import find_hang
+
+    # Each rank sends to the other, then receives: on one group both sends head their streams and wait forever.
+    both = [[("send", "g", 1), ("recv", "g", 1), ("wait", 1)], [("send", "g", 0), ("recv", "g", 0), ("wait", 1)]]
+    assert "heads its stream" in (find_hang(both) or "")
+    # One group per direction: each send meets its receive.
+    split = [[("send", "up", 1), ("recv", "down", 1), ("wait", 1)],
+             [("send", "down", 0), ("recv", "up", 0), ("wait", 1)]]
+    assert find_hang(split) is None
+    # A host waiting for a receive that its peer sends only after waiting for this host's later send.
+    crossed = [[("recv", "down", 1), ("wait", 0), ("send", "up", 1)], [("recv", "up", 0), ("wait", 0),
+                                                                      ("send", "down", 0)]]
+    assert "rank 0 at ('wait', 0)" in (find_hang(crossed) or "")
+    # A receive nobody sends.
+    assert find_hang([[("recv", "g", 1), ("wait", 0)], []]) is not None
+
+
+@pytest.mark.timeout(240)
 def test_exact_size_protocol_on_one_group_matches_one_process() -> None:
-    """The exact protocol without a group for gradients (what the executor builds for NCCL by default): activations
-    and gradients between two ranks are matched by one order, which the interleaved and V schedules exercise (both
-    kinds flow each way). The dataclass model also sends dataclasses and complex tensors."""
+    """The exact protocol with both directions on one group (allowed over gloo): activations and gradients between
+    two ranks are matched by one order, which the interleaved and V schedules exercise (both kinds flow each way).
+    The dataclass model also sends dataclasses and complex tensors."""
     outcomes = launch("tests._engine_workers.transparency", 2, deadline=200, models=["transformer", "dataclass"],
                       schedules=["interleaved_1f1b", "zero_bubble:2", "zbv"], ms=[1, 5], exact=True, one_group=True)
     for outcome in outcomes:

@@ -183,7 +183,7 @@ class PipelineExecutor:
         self.schedule = schedule
         self.rank = rank
         self.post_ahead = post_ahead
-        self._send_order_cache: dict[bool, dict[tuple[int, bool], tuple[Transfer, ...]]] = {}
+        self._send_order_cache: dict[bool, dict[int, tuple[Transfer, ...]]] = {}
         self._plan_cache: dict[bool, _Plan] = {}
         self._current: Action | None = None
         if transport is None:
@@ -265,7 +265,7 @@ class PipelineExecutor:
 
         def post(t: Transfer, what: str) -> None:
             pending[t.key] = self.transport.recv(t.src_rank, _tag(t, sched.num_stages), what,
-                                                 channel=(t.is_gradient, t.src_stage), backward=t.is_gradient)
+                                                 channel=(t.is_gradient, t.src_stage))
 
         def post_until(limit: int) -> None:
             nonlocal next_recv
@@ -288,7 +288,7 @@ class PipelineExecutor:
             if key not in pending and not self.transport.exact:
                 post_until(next_recv + 1)  # gloo, first action or post_ahead=0: taken in order, so this is the next
             if key not in pending:  # exact-size protocol: received now, after what its sender sent before it
-                queue = in_send_order[self._order_key(sched.stage_to_rank[src_stage], is_gradient)]
+                queue = in_send_order[sched.stage_to_rank[src_stage]]
                 while (t := queue.popleft()).key != key:
                     post(t, _transfer_text(t, receive=True))
                     early[t.key] = pending.pop(t.key).wait()
@@ -306,8 +306,7 @@ class PipelineExecutor:
             else:
                 transfer, tag, what = out
                 posted = time.perf_counter()
-                self.transport.send(value, transfer.dst_rank, tag, what, channel=(is_gradient, transfer.src_stage),
-                                    backward=is_gradient)
+                self.transport.send(value, transfer.dst_rank, tag, what, channel=(is_gradient, transfer.src_stage))
                 send_time[0] = time.perf_counter() - posted
                 sent.add(transfer.key)
 
@@ -406,25 +405,20 @@ class PipelineExecutor:
                                 f"weight gradients={sorted(deferred)})")
         return result
 
-    def _send_orders(self, train: bool) -> dict[tuple[int, bool], tuple[Transfer, ...]]:
-        """Per (peer, is_gradient), the values that peer sends to this rank, in the order it sends them. NCCL matches
-        a pair's messages by order alone, and a schedule may need values in another order than they are sent.
-        Without a ``backward_group`` activations and gradients share one order per peer (key ``(peer, False)``).
-        Derived from the schedule once per kind of run (training or forward-only), not every step."""
+    def _send_orders(self, train: bool) -> dict[int, tuple[Transfer, ...]]:
+        """Per peer, the values that peer sends to this rank, in the order it sends them (activations and gradients
+        alike: all of them travel on the one group of their direction). NCCL matches a pair's messages by order
+        alone, and a schedule may need values in another order than they are sent. Derived from the schedule once
+        per kind of run (training or forward-only), not every step."""
         orders = self._send_order_cache.get(train)
         if orders is None:
             sched, lists = self.schedule, {}
             for src in range(sched.num_ranks):
                 for j, t in sched.sends(src):
                     if t.dst_rank == self.rank and (train or sched.actions[src][j].kind is _F):
-                        lists.setdefault(self._order_key(src, t.is_gradient), []).append(t)
+                        lists.setdefault(src, []).append(t)
             orders = self._send_order_cache[train] = {pair: tuple(ts) for pair, ts in lists.items()}
         return orders
-
-    def _order_key(self, peer: int, is_gradient: bool) -> tuple[int, bool]:
-        """The key of the order in which ``peer``'s messages of this kind are matched: one per kind when gradients
-        have a group of their own, else one for both (``(peer, False)``)."""
-        return peer, is_gradient and self.transport.backward_group is not None
 
     def _notify_peers(self, actions: Sequence[Action], sent: set[tuple[bool, int, int]],
                       error: BaseException) -> None:
@@ -433,8 +427,7 @@ class PipelineExecutor:
         for action in actions:
             transfer = self.schedule.outgoing(action)
             if transfer is not None and transfer.key not in sent:
-                self.transport.send_failure(error, transfer.dst_rank, _tag(transfer, self.schedule.num_stages),
-                                            backward=transfer.is_gradient)
+                self.transport.send_failure(error, transfer.dst_rank, _tag(transfer, self.schedule.num_stages))
         # Let the notices leave before the process may exit (peers waiting on them have posted their receives).
         self.transport.drain(seconds=min(2.0, self.transport.timeout.total_seconds()))
 
@@ -462,7 +455,7 @@ class PipelineExecutor:
 
     def _post_and_wait(self, t: Transfer) -> Any:
         return self.transport.recv(t.src_rank, _tag(t, self.schedule.num_stages), _transfer_text(t, receive=True),
-                                   channel=(t.is_gradient, t.src_stage), backward=t.is_gradient).wait()
+                                   channel=(t.is_gradient, t.src_stage)).wait()
 
     def _plan(self, train: bool) -> _Plan:
         plan = self._plan_cache.get(train)

@@ -9,7 +9,9 @@ shapes and dtypes may change from one message to the next. Two wire protocols:
   a short overflow message and sent whole on an overflow tag. Receives are posted ahead of need.
 * **exact** (NCCL and other backends that need equal send and receive sizes): a fixed-size header, then the
   metadata if it did not fit, then the payload, each posted when needed and in the same order on both ends.
-  Messages are matched by their order between two ranks alone, as NCCL does (tags are not used, on gloo either).
+  Messages are matched by their order between two ranks alone, as NCCL does (tags are not used, on gloo either);
+  messages to a lower rank travel on a second group (``reverse_group``), so that one direction never waits in line
+  behind the other on NCCL's stream of the pair.
 
 Every wait is bounded by the timeout and fails with :class:`PipelineCommError` naming rank, action and peer. On
 gloo, gloo's I/O threads may not preempt the caller during a send or receive call (see ``io_threads.py``), and the
@@ -219,13 +221,12 @@ class _Sent:
 class PendingRecv:
     """A value being received from ``peer``; :meth:`wait` returns it."""
 
-    def __init__(self, transport: "Transport", peer: int, tag: int, channel: Hashable, what: str,
-                 backward: bool) -> None:
+    def __init__(self, transport: "Transport", peer: int, tag: int, channel: Hashable, what: str) -> None:
         self._t = transport
-        self.peer, self.tag, self.channel, self.what, self.backward = peer, tag, channel, what, backward
+        self.peer, self.tag, self.channel, self.what = peer, tag, channel, what
         if transport.exact:
             self._buffer = torch.empty(HEADER_BYTES, dtype=torch.uint8, device=transport.device)
-            self._work = transport._irecv(self._buffer, peer, tag * 3, backward)
+            self._work = transport._irecv(self._buffer, peer, tag * 3)
             self._expected = None
         else:
             self._posted: threading.Event | None = None
@@ -239,7 +240,7 @@ class PendingRecv:
 
     def _post(self, capacity: int, expected: _Expected | None) -> None:
         self._buffer = torch.empty(capacity, dtype=torch.uint8, device=self._t.device)
-        self._work = self._t._irecv(self._buffer, self.peer, self.tag * 2, self.backward)
+        self._work = self._t._irecv(self._buffer, self.peer, self.tag * 2)
         self._expected = self._prebuild(expected)
 
     def _post_catching(self, capacity: int, expected: _Expected | None) -> None:
@@ -285,7 +286,7 @@ class PendingRecv:
             self._raise_failure(buffer[_PREFIX : _PREFIX + length])
         if meta_len == _OVERFLOW:  # the whole message follows on the overflow tag
             buffer = torch.empty(length, dtype=torch.uint8, device=t.device)
-            t._wait(t._in_order(lambda: t._irecv(buffer, self.peer, self.tag * 2 + 1, self.backward), self.peer,
+            t._wait(t._in_order(lambda: t._irecv(buffer, self.peer, self.tag * 2 + 1), self.peer,
                               self.what), self.peer, self.what)
             head = _host_view(buffer)
             meta_len, length = struct.unpack_from("<qq", head)
@@ -315,12 +316,12 @@ class PendingRecv:
             raw = self._buffer[8 : 8 + n].cpu().numpy().tobytes()
         else:
             long_meta = torch.empty(n, dtype=torch.uint8, device=t.device)
-            t._wait(t._irecv(long_meta, self.peer, self.tag * 3 + 1, self.backward), self.peer, self.what)
+            t._wait(t._irecv(long_meta, self.peer, self.tag * 3 + 1), self.peer, self.what)
             raw = long_meta.cpu().numpy().tobytes()
         meta = t.decode(raw)
         payload = torch.empty(meta[2], dtype=torch.uint8, device=t.device)
         if meta[2]:
-            t._wait(t._irecv(payload, self.peer, self.tag * 3 + 2, self.backward), self.peer, self.what)
+            t._wait(t._irecv(payload, self.peer, self.tag * 3 + 2), self.peer, self.what)
         return _unpack(payload, meta, 0)
 
 
@@ -333,9 +334,12 @@ class Transport:
         timeout: Seconds any single wait may take.
         describe: Returns where the caller is (rank, stage, action), for error messages.
         exact: Use the exact-size protocol (default: for every backend but gloo).
-        backward_group: A second group over the same ranks for gradients. NCCL runs the sends and receives between
-            two ranks in order on one stream: with activations going one way and gradients the other on separate
-            communicators, a send waiting for its receive never holds up the transfer going the other way.
+        reverse_group: A second group over the same ranks, for messages to a lower rank (``group`` carries those
+            to a higher one). NCCL runs the sends and receives between two ranks of a group in order on one stream,
+            and a send may wait there for its receive: with each direction on a communicator of its own, a send
+            waiting in one direction never holds up a transfer going the other way, whatever the schedule sends
+            which way (zbv and interleaved schedules send activations and gradients both ways). Required by the
+            exact protocol on backends other than gloo (whose sends do not wait in line).
         guard_io_threads: Keep gloo's I/O threads from preempting this thread during each send and receive call
             (see ``io_threads.py``; default: on with gloo, where the platform allows it).
         background: Make the gloo protocol's sends and receive posts on a thread of the transport's own, so that
@@ -352,21 +356,28 @@ class Transport:
         timeout: float = 300.0,
         describe: Callable[[], str] = lambda: "",
         exact: bool | None = None,
-        backward_group: dist.ProcessGroup | None = None,
+        reverse_group: dist.ProcessGroup | None = None,
         guard_io_threads: bool | None = None,
         background: bool | None = None,
     ) -> None:
         self.group = group
-        self.backward_group = backward_group
+        self.reverse_group = reverse_group
         # The process groups themselves: their send/recv skip the argument checks of dist.isend/irecv, which cost
         # tens of microseconds on the critical path of every transfer (messages here are always uint8 tensors).
         world = group if group is not None else dist.group.WORLD
-        self._pg = {False: world, True: backward_group if backward_group is not None else world}
+        # By direction: messages to a higher rank on ``group``, to a lower one on ``reverse_group``.
+        self._pg = {False: world, True: reverse_group if reverse_group is not None else world}
         self.device = torch.device(device)
         self.timeout = datetime.timedelta(seconds=timeout)
         self.describe = describe
         gloo = dist.get_backend(group) == "gloo"
         self.exact = not gloo if exact is None else exact
+        if self.exact and not gloo and reverse_group is None and dist.get_world_size(group) > 1:
+            raise PipelineError(f"Transport on a {dist.get_backend(group)} group needs reverse_group: a second group "
+                                "over the same ranks (dist.new_group(ranks), made on every rank), for the messages "
+                                "to lower ranks; without it a send waiting for its receive can hold up the transfer "
+                                "going the other way, and the pipeline hangs. PipelineExecutor: pass "
+                                "transport=Transport(group=..., device=..., reverse_group=...)")
         # The groups exist by now, so their I/O threads do: found once, not on every call.
         self.io_guard = IoThreadGuard() if (gloo if guard_io_threads is None else guard_io_threads) \
             else IoThreadGuard([])
@@ -444,9 +455,9 @@ class Transport:
         self._meter = None
 
     # -- raw operations --------------------------------------------------------------------------------------
-    def _irecv(self, tensor: torch.Tensor, peer: int, tag: int, backward: bool) -> dist.Work:
-        with self.io_guard:
-            return self._pg[backward].recv([tensor], peer, 0 if self.exact else tag)
+    def _irecv(self, tensor: torch.Tensor, peer: int, tag: int) -> dist.Work:
+        with self.io_guard:  # from a higher rank: that rank sent it on reverse_group
+            return self._pg[peer > self._rank].recv([tensor], peer, 0 if self.exact else tag)
 
     def _in_order(self, call: Callable[[], Any], peer: int, what: str) -> Any:
         """``call()`` now, on the poster thread after what was queued before it when one is in use (gloo calls are
@@ -467,11 +478,11 @@ class Transport:
             raise box[0]
         return box[0]
 
-    def _isend(self, tensor: torch.Tensor, peer: int, tag: int, backward: bool) -> dist.Work:
+    def _isend(self, tensor: torch.Tensor, peer: int, tag: int) -> dist.Work:
         # The exact protocol matches messages by order alone, as NCCL does (it ignores tags): over gloo too, so that
         # the tests run the same matching as NCCL would.
         with self.io_guard:
-            return self._pg[backward].send([tensor], peer, 0 if self.exact else tag)
+            return self._pg[peer < self._rank].send([tensor], peer, 0 if self.exact else tag)
 
     def _wait(self, work: dist.Work, peer: int, what: str) -> None:
         try:
@@ -496,19 +507,17 @@ class Transport:
                 f"Check the logs of rank {peer}: it may have crashed. Cause: {cause.strip().splitlines()[0][:300]}")
 
     # -- public API ------------------------------------------------------------------------------------------
-    def recv(self, peer: int, tag: int, what: str, channel: Hashable = None, *, backward: bool = False) -> PendingRecv:
+    def recv(self, peer: int, tag: int, what: str, channel: Hashable = None) -> PendingRecv:
         """Post the receive of the value that ``peer`` sends on ``tag``; ``channel`` groups messages that share
-        a receive capacity (the same key must be given to :meth:`send` on the other end); ``backward`` marks
-        gradients (sent on ``backward_group`` when there is one)."""
-        return PendingRecv(self, peer, tag, (peer, channel), what, backward)
+        a receive capacity (the same key must be given to :meth:`send` on the other end)."""
+        return PendingRecv(self, peer, tag, (peer, channel), what)
 
-    def send(self, value: Any, peer: int, tag: int, what: str, channel: Hashable = None, *,
-             backward: bool = False) -> None:
+    def send(self, value: Any, peer: int, tag: int, what: str, channel: Hashable = None) -> None:
         """Start sending ``value`` to ``peer`` on ``tag``; the buffers are kept until :meth:`flush`."""
         tensors, layout = _message_layout(value, self._layouts)
         meta, base = layout.meta, layout.base
         if self.exact:
-            self._send_exact(tensors, meta, layout.raw, peer, tag, what, backward)
+            self._send_exact(tensors, meta, layout.raw, peer, tag, what)
             return
         channel = (self._rank, channel)
         self.observe(channel, base + meta[2])
@@ -537,10 +546,9 @@ class Transport:
             return message if device.type == "cpu" else message.to(device)
 
         tags = [tag * 2] if size <= self.capacity(channel) else [tag * 2, tag * 2 + 1]
-        self._start(build, size, tags, peer, what, backward)
+        self._start(build, size, tags, peer, what)
 
-    def _start(self, build: Callable[[], torch.Tensor], size: int, tags: list[int], peer: int, what: str,
-               backward: bool) -> None:
+    def _start(self, build: Callable[[], torch.Tensor], size: int, tags: list[int], peer: int, what: str) -> None:
         """Send the message that ``build()`` makes (``size`` bytes) to ``peer``: on ``tags[0]``, or when it is larger
         than the receiver's buffer a notice of its size on ``tags[0]`` and the message on ``tags[1]``. Made on the
         poster thread when one is in use (the copy into the message too: the caller then goes on at once)."""
@@ -553,7 +561,7 @@ class Transport:
             sent[-1].buffer = message
             for entry, tag in zip(sent, tags):
                 assert entry.buffer is not None
-                entry.work = self._isend(entry.buffer, peer, tag, backward)
+                entry.work = self._isend(entry.buffer, peer, tag)
 
         if self._poster is None:
             post()
@@ -570,7 +578,7 @@ class Transport:
                 if sent[0].work is None:  # nothing went out: tell the receiver why, or it waits for the timeout
                     try:
                         sent[0].buffer = self._failure_message(err)
-                        sent[0].work = self._isend(sent[0].buffer, peer, tags[0], backward)
+                        sent[0].work = self._isend(sent[0].buffer, peer, tags[0])
                     except BaseException:  # noqa: BLE001 - best effort, as send_failure; the peer may be gone
                         pass
 
@@ -578,7 +586,7 @@ class Transport:
         self._poster.submit(post_catching)
 
     def _send_exact(self, tensors: list[torch.Tensor], meta: _Meta, raw: bytes, peer: int, tag: int,
-                    what: str, backward: bool) -> None:
+                    what: str) -> None:
         header = torch.zeros(HEADER_BYTES, dtype=torch.uint8)
         header[:8].view(torch.int64)[0] = len(raw)
         parts = []
@@ -596,10 +604,10 @@ class Transport:
             parts.append((payload, 2))
         for tensor, part in parts:
             entry = _Sent(peer, what)
-            entry.buffer, entry.work = tensor, self._isend(tensor, peer, tag * 3 + part, backward)
+            entry.buffer, entry.work = tensor, self._isend(tensor, peer, tag * 3 + part)
             self._sends.append(entry)
 
-    def send_failure(self, error: BaseException, peer: int, tag: int, *, backward: bool = False) -> None:
+    def send_failure(self, error: BaseException, peer: int, tag: int) -> None:
         """Tell ``peer``, waiting for a value on ``tag``, that this rank failed (best effort, never blocks).
 
         The receiver raises :class:`PipelineCommError` with ``error``'s type and message, and passes it on in turn,
@@ -607,11 +615,11 @@ class Transport:
         """
         message = self._failure_message(error)
         if self._poster is not None:  # on the thread of the other gloo calls, after the sends queued before it
-            self._start(lambda: message, message.numel(), [tag * 2], peer, "failure notice", backward)
+            self._start(lambda: message, message.numel(), [tag * 2], peer, "failure notice")
             return
         entry = _Sent(peer, "failure notice")
         try:
-            entry.work = self._isend(message, peer, tag * (3 if self.exact else 2), backward)
+            entry.work = self._isend(message, peer, tag * (3 if self.exact else 2))
         except RuntimeError:  # the peer may be gone already
             return
         entry.buffer = message

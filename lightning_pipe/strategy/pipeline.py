@@ -238,7 +238,7 @@ class PipelineStrategy(DDPStrategy):
         self._chain_path = ""
         self._metric_states: MetricStates | None = None
         self._outside_state: OutsideState | None = None  # a rank holding several stages: see side_effects.py
-        self._backward_group: dist.ProcessGroup | None = None
+        self._reverse_group: dist.ProcessGroup | None = None
         self._runtime: ChainRuntime | None = None
         self._replicated: ReplicatedParams | None = None
         self._counted: set[int] = set()
@@ -319,15 +319,16 @@ class PipelineStrategy(DDPStrategy):
         self._layout = stage_to_rank(self.schedule_name, num_ranks=pp, virtual_stages=self.virtual_stages)
         self.dp_rank = self._mesh.get_local_rank("dp")
         self._pp_ranks = dist.get_process_group_ranks(self._pp_group)
-        self._backward_group = None
+        self._reverse_group = None
         backend = dist.get_backend(self._pp_group)
         _check_comm_thread(self.comm_thread, backend, device_type)  # the same on every rank: all raise, none waits
         if backend != "gloo":
-            # Gradients get communicators of their own (see Transport): every rank creates every replica's group.
+            # Messages to lower ranks get communicators of their own (see Transport): every rank creates every
+            # replica's group.
             for ranks in self._mesh.mesh.tolist():
                 group = dist.new_group(ranks)
                 if self.global_rank in ranks:
-                    self._backward_group = group
+                    self._reverse_group = group
         if self.lightning_module is not None:
             self.lightning_module._device_mesh = self._mesh
 
@@ -369,7 +370,7 @@ class PipelineStrategy(DDPStrategy):
         ``guard_io_threads`` (the caller closes it)."""
         return Transport(group=self._pp_group, device=self.root_device,
                          timeout=self._timeout.total_seconds() if self._timeout else 1800.0,
-                         backward_group=self._backward_group, guard_io_threads=self.guard_io_threads,
+                         reverse_group=self._reverse_group, guard_io_threads=self.guard_io_threads,
                          background=self.comm_thread)
 
     # -- model surgery ----------------------------------------------------------------------------------------
