@@ -57,8 +57,9 @@ class AsyncGradAverage:
         self._size = 1
 
     def start(self, params: Sequence[nn.Parameter], earlier: Sequence[torch.Tensor | None],
-              group: dist.ProcessGroup | None, size: int) -> None:
-        """Start summing ``earlier + p.grad`` (the whole window's gradient) over ``group``."""
+              group: dist.ProcessGroup | None, size: int, *, device: torch.device = torch.device("cpu")) -> None:
+        """Start summing ``earlier + p.grad`` (the whole window's gradient) over ``group`` (``device``: the
+        process group's, for the flags of a stage without parameters)."""
         buckets: dict[torch.dtype, list[tuple[nn.Parameter, torch.Tensor]]] = {}
         flags = []
         for p, before in zip(params, earlier):
@@ -77,8 +78,7 @@ class AsyncGradAverage:
                 layout.append((p, offset))
                 offset += t.numel()
             self._pending.append((dist.all_reduce(flat, group=group, async_op=True), flat, layout))
-        device = params[0].device if params else torch.device("cpu")
-        flag_tensor = torch.tensor(flags, device=device)
+        flag_tensor = torch.tensor(flags, device=params[0].device if params else device)
         self._flags = (dist.all_reduce(flag_tensor, group=group, async_op=True), flag_tensor, list(params))
 
     def finish(self) -> bool:
@@ -114,8 +114,10 @@ class ReplicatedParams:
         # A parameter tied between blocks of two stages is found under whichever of its names this rank kept.
         self.params: list[nn.Parameter | None] = [next((held[n] for n in a if n in held), None) for a in aliases]
         self.count_here = [min(o) == stage for o in owners]
-        # Each parameter's dtype, also where this rank does not hold it (see agree_dtypes).
+        # Each parameter's dtype, also where this rank does not hold it, and the device of the all-reduce (a rank
+        # holding none of them must still enter it with a tensor of the group's device): see agree_dtypes.
         self.dtypes = [p.dtype if p is not None else torch.float32 for p in self.params]
+        self.device = next((p.device for p in self.params if p is not None), torch.device("cpu"))
 
     def __len__(self) -> int:
         return len(self.names)
@@ -129,6 +131,7 @@ class ReplicatedParams:
                              dtype=torch.int64, device=device)
         dist.all_reduce(codes, op=dist.ReduceOp.MAX, group=group)
         self.dtypes = [_DTYPES[c] for c in codes.tolist()]
+        self.device = torch.device(device)
 
     def sum_grads(self, group: dist.ProcessGroup | None) -> None:
         """Sum each replicated parameter's gradient over the stages, in one all-reduce per dtype (each in its own:
@@ -137,7 +140,7 @@ class ReplicatedParams:
         a zero gradient would still get weight decay and momentum."""
         if not self.names:
             return
-        device = next((p.device for p in self.params if p is not None), torch.device("cpu"))
+        device = self.device
         flags = [float(p is not None and p.grad is not None) for p in self.params]
         kinds = sorted(set(self.dtypes), key=str)
         summed: list[tuple[list[int], torch.Tensor]] = []
@@ -172,14 +175,16 @@ _DTYPES = sorted({v for v in vars(torch).values() if isinstance(v, torch.dtype)}
 _NORM_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 
-def global_grad_norm(params: Iterable[nn.Parameter], counted: set[int],
-                     group: dist.ProcessGroup | None) -> torch.Tensor:
+def global_grad_norm(params: Iterable[nn.Parameter], counted: set[int], group: dist.ProcessGroup | None, *,
+                     device: torch.device | None = None) -> torch.Tensor:
     """The 2-norm of every stage's gradients together (what Lightning's norm clipping uses); ``counted`` holds the ids
     of the parameters this rank counts. As ``torch.nn.utils.clip_grad_norm_`` on one device: each gradient's norm in
     its own dtype, the total in the gradients' dtype (float64 for a float64 model, bfloat16 for a bfloat16 one),
-    summed here in float64 over the stages so that only that last rounding is left."""
+    summed here in float64 over the stages so that only that last rounding is left. ``device``: the group's (a
+    rank without gradients to count still enters the all-reduce)."""
     grads = [p.grad for p in params if p.grad is not None and id(p) in counted]
-    device = grads[0].device if grads else torch.device("cpu")
+    if device is None:
+        device = grads[0].device if grads else torch.device("cpu")
     # One float64 all-reduce: the sum of squares, and how many gradients of each dtype there are (the widest
     # present on any rank is the total's dtype, the same on every rank).
     packed = torch.zeros(1 + len(_NORM_DTYPES), dtype=torch.float64, device=device)
@@ -192,9 +197,9 @@ def global_grad_norm(params: Iterable[nn.Parameter], counted: set[int],
 
 
 def clip_by_global_norm(params: Sequence[nn.Parameter], max_norm: float, counted: set[int],
-                        group: dist.ProcessGroup | None) -> torch.Tensor:
+                        group: dist.ProcessGroup | None, *, device: torch.device | None = None) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_`` over the union of all stages' parameters."""
-    total = global_grad_norm(params, counted, group)
+    total = global_grad_norm(params, counted, group, device=device)
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     for p in params:
         if p.grad is not None:

@@ -40,6 +40,9 @@ class _Pipeline:
     last: int
     """Global rank of the pipeline's last stage."""
     num_stages: int
+    device: torch.device = torch.device("cpu")
+    """Where the states travel (an NCCL group takes CUDA tensors only; a metric with ``compute_on_cpu`` keeps its
+    list states on the CPU)."""
     in_step: bool = False
 
 
@@ -62,7 +65,7 @@ def _from_last_stage(t: torch.Tensor, pipeline: _Pipeline) -> torch.Tensor:
     """The last stage's version of this state tensor, on every stage (shapes and dtypes may differ: an empty list
     state is a 1-d placeholder of the metric's dtype)."""
     mine = dist.get_rank() == pipeline.last
-    head = torch.zeros(2 + _MAX_DIMS, dtype=torch.int64, device=t.device)
+    head = torch.zeros(2 + _MAX_DIMS, dtype=torch.int64, device=pipeline.device)
     if mine:
         if t.dim() > _MAX_DIMS or t.dtype not in _DTYPES:
             head[0], head[1] = -1, t.dim()  # every stage raises, none waits for the data
@@ -75,9 +78,9 @@ def _from_last_stage(t: torch.Tensor, pipeline: _Pipeline) -> torch.Tensor:
                          f"relayed between pipeline stages (at most {_MAX_DIMS} dimensions)")
     dtype, ndim = _DTYPES[int(head[0])], int(head[1])
     shape = tuple(int(d) for d in head[2:2 + ndim])
-    out = t.contiguous() if mine else torch.empty(shape, dtype=dtype, device=t.device)
+    out = t.to(pipeline.device).contiguous() if mine else torch.empty(shape, dtype=dtype, device=pipeline.device)
     dist.broadcast(out, src=pipeline.last, group=pipeline.stages)
-    return out
+    return out.to(t.device)
 
 
 def gather_among_replicas(result: torch.Tensor, group: Any | None = None) -> list[torch.Tensor]:
@@ -106,9 +109,10 @@ class MetricStates:
     a block lives on one stage only and keeps its own sync)."""
 
     def __init__(self, module: nn.Module, *, chain: str, replicas: dist.ProcessGroup | None,
-                 stages: dist.ProcessGroup | None, last: int, num_stages: int) -> None:
+                 stages: dist.ProcessGroup | None, last: int, num_stages: int,
+                 device: torch.device = torch.device("cpu")) -> None:
         global _PIPELINE
-        _PIPELINE = _Pipeline(replicas, stages, last, num_stages)
+        _PIPELINE = _Pipeline(replicas, stages, last, num_stages, torch.device(device))
         self.module = module
         self.prefix = f"{chain}." if chain else None
         self.metrics: dict[str, Metric] = {}

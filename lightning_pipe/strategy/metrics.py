@@ -67,7 +67,8 @@ class PipelineMetrics:
         self._done_steps: set[int] = set()
 
     def after_step(self, *, module: Any, result: Any, batch: Any, schedule: Schedule, group: Any,
-                   num_ranks: int, replicas: int, is_global_zero: bool, samples: int) -> None:
+                   num_ranks: int, replicas: int, is_global_zero: bool, samples: int,
+                   device: torch.device = torch.device("cpu")) -> None:
         if not self.enabled or not result.records:
             return
         trainer = module.trainer
@@ -79,7 +80,7 @@ class PipelineMetrics:
         t0 = time.perf_counter()
         records = result.timed_records()  # CUDA events on a GPU, the host clock on the CPU
         mine = torch.tensor([records[0].start + self.offset, max(r.end for r in records) + self.offset,
-                             sum(r.end - r.start for r in records)], dtype=torch.float64)
+                             sum(r.end - r.start for r in records)], dtype=torch.float64, device=device)
         if num_ranks > 1:
             gathered = [torch.empty_like(mine) for _ in range(num_ranks)]
             dist.all_gather(gathered, mine, group=group)

@@ -388,7 +388,7 @@ class PipelineStrategy(DDPStrategy):
         # Every setup (fit, then validate...): teardown releases the metrics' pipeline groups.
         self._metric_states = MetricStates(module, chain=self._chain_path, replicas=self._dp_group,
                                            stages=self._pp_group, last=self._pp_ranks[self.loss_rank],
-                                           num_stages=self.num_stages)
+                                           num_stages=self.num_stages, device=self.root_device)
         self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         if first_time:
@@ -597,7 +597,7 @@ class PipelineStrategy(DDPStrategy):
             self.pipeline_metrics.after_step(module=module, result=result, batch=args[0], schedule=executor.schedule,
                                              group=self._pp_group, num_ranks=self.num_stages,
                                              replicas=self.data_parallel_size or 1, is_global_zero=self.is_global_zero,
-                                             samples=sum(sizes))
+                                             samples=sum(sizes), device=self.root_device)
         merged = _to_device(merged, self.root_device)
         if not train:
             return None, merged
@@ -697,7 +697,7 @@ class PipelineStrategy(DDPStrategy):
         batch_idx = trainer.fit_loop.epoch_loop.batch_idx  # the hook may not take batch_idx: ask the loop
         # On the first batch of a window Lightning zeroes the earlier gradients after this hook: they do not count.
         earlier = [None] * len(params) if batch_idx % accumulate == 0 else before
-        self._dp_average.start(params, earlier, self._dp_group, self.data_parallel_size or 1)
+        self._dp_average.start(params, earlier, self._dp_group, self.data_parallel_size or 1, device=self.root_device)
 
     def _reduce_gradients(self) -> None:
         """Once per optimizer step: sum replicated parameters' gradients over the stages, and average every
@@ -709,7 +709,8 @@ class PipelineStrategy(DDPStrategy):
         if (self.data_parallel_size or 1) > 1 and not averaged:
             # Not started at the end of the backward (a loop that steps without accumulation bookkeeping): now.
             params = [p for p in self.lightning_module.parameters() if p.requires_grad]
-            self._dp_average.start(params, [None] * len(params), self._dp_group, self.data_parallel_size or 1)
+            self._dp_average.start(params, [None] * len(params), self._dp_group, self.data_parallel_size or 1,
+                                   device=self.root_device)
             self._dp_average.finish()
 
     def _install_precision_hooks(self) -> None:
@@ -720,7 +721,7 @@ class PipelineStrategy(DDPStrategy):
 
         def clip_grad_by_norm(optimizer: Optimizer, clip_val: float) -> None:
             params = list(plugin.main_params(optimizer))
-            clip_by_global_norm(params, float(clip_val), self._counted, self._pp_group)
+            clip_by_global_norm(params, float(clip_val), self._counted, self._pp_group, device=self.root_device)
 
         plugin.clip_grad_by_norm = clip_grad_by_norm  # type: ignore[method-assign]
         scaler = getattr(plugin, "scaler", None)
