@@ -13,7 +13,8 @@ shapes and dtypes may change from one message to the next. Two wire protocols:
   messages to a lower rank travel on a second group (``reverse_group``), so that one direction never waits in line
   behind the other on NCCL's stream of the pair.
 
-Every wait is bounded by the timeout and fails with :class:`PipelineCommError` naming rank, action and peer. On
+Every wait is bounded by the timeout and fails with :class:`PipelineCommError` naming rank, action and peer (on
+NCCL the process group's timeout bounds it, through NCCL's watchdog: a timed wait there would poll the host). On
 gloo, gloo's I/O threads may not preempt the caller during a send or receive call (see ``io_threads.py``), and the
 sends and receive posts move to the transport's poster thread while the steps leave the cores idle (``poster.py``).
 """
@@ -370,7 +371,7 @@ class Transport:
         self.device = torch.device(device)
         self.timeout = datetime.timedelta(seconds=timeout)
         self.describe = describe
-        gloo = dist.get_backend(group) == "gloo"
+        gloo = self._gloo = dist.get_backend(group) == "gloo"
         self.exact = not gloo if exact is None else exact
         if self.exact and not gloo and reverse_group is None and dist.get_world_size(group) > 1:
             raise PipelineError(f"Transport on a {dist.get_backend(group)} group needs reverse_group: a second group "
@@ -486,7 +487,10 @@ class Transport:
 
     def _wait(self, work: dist.Work, peer: int, what: str) -> None:
         try:
-            ok = work.wait(timeout=self.timeout)
+            # On NCCL a wait with a timeout polls the host in 1 ms sleeps, on the path of every transfer; without
+            # one it orders the current stream after the work, and the header read that follows blocks the host
+            # until the data is in. The process group's timeout (PipelineStrategy(timeout=...)) still bounds it.
+            ok = work.wait(timeout=self.timeout) if self._gloo else work.wait()
         except RuntimeError as err:
             raise self._comm_error(peer, what, err) from err
         if ok is False:
@@ -587,14 +591,18 @@ class Transport:
 
     def _send_exact(self, tensors: list[torch.Tensor], meta: _Meta, raw: bytes, peer: int, tag: int,
                     what: str) -> None:
-        header = torch.zeros(HEADER_BYTES, dtype=torch.uint8)
+        # On a GPU the header leaves from pinned memory without waiting: a copy from ordinary memory would make the
+        # host wait for all the work queued on the stream first (pinned blocks are not reused before their copy ran).
+        cuda = self.device.type == "cuda"
+        header = torch.zeros(HEADER_BYTES, dtype=torch.uint8, pin_memory=cuda)
         header[:8].view(torch.int64)[0] = len(raw)
         parts = []
         if len(raw) <= HEADER_BYTES - 8:
             header[8 : 8 + len(raw)] = _bytes_tensor(raw)
-            parts.append((header.to(self.device), 0))
+            parts.append((header.to(self.device, non_blocking=cuda), 0))
         else:
-            parts += [(header.to(self.device), 0), (_bytes_tensor(raw).to(self.device), 1)]
+            long_meta = _bytes_tensor(raw).pin_memory() if cuda else _bytes_tensor(raw)
+            parts += [(header.to(self.device, non_blocking=cuda), 0), (long_meta.to(self.device, non_blocking=cuda), 1)]
         if meta[2]:
             if len(tensors) == 1 and meta[1][0].nbytes == meta[2]:  # one aligned tensor: sent as it is, no copy
                 payload = tensors[0].detach().to(self.device).contiguous().view(-1).view(torch.uint8)
