@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lightning_pipe.conf.sweep import collect, write_summary
 from tests._launch import free_port
@@ -82,6 +83,12 @@ def test_a_rerun_in_the_same_directory_replaces_the_consolidated_checkpoint(tmp_
         stamps.append(consolidated.stat().st_mtime_ns)
     assert stamps[1] > stamps[0]
     _check_run_dir(run_dir)
+    # The consolidated file is an ordinary checkpoint of the shipped GPT: it loads on one device by its class.
+    from lightning_pipe.models import GPT
+
+    model = GPT.load_from_checkpoint(consolidated, map_location="cpu")
+    full = torch.load(consolidated, map_location="cpu", weights_only=False)["state_dict"]
+    assert all(torch.equal(p, full[n]) for n, p in model.state_dict().items())
 
 
 @pytest.mark.timeout(280)

@@ -62,10 +62,11 @@ class Block(nn.Module):
 class GPT(LightningModule):
     """Character-level GPT. ``batch = (tokens, next_tokens)``, both ``(batch, time)`` long tensors."""
 
-    def __init__(self, config: GPTConfig | None = None, **overrides: Any) -> None:
+    def __init__(self, config: GPTConfig | dict[str, Any] | None = None, **overrides: Any) -> None:
         super().__init__()
-        config = config or GPTConfig(**overrides)
-        self.save_hyperparameters({"config": config.__dict__})
+        # A dict: the saved hyper-parameters, as GPT.load_from_checkpoint passes them back.
+        config = GPTConfig(**config) if isinstance(config, dict) else config or GPTConfig(**overrides)
+        self.save_hyperparameters({"config": dict(config.__dict__)})
         self.config = config
         self.tok = nn.Embedding(config.vocab_size, config.n_embd)
         self.pos = nn.Embedding(config.block_size, config.n_embd)
@@ -97,14 +98,15 @@ class GPT(LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
-        self.log("train_loss", loss, prog_bar=True)
+        # sync_dist: averaged over the data-parallel replicas, each of which reads its own shard.
+        self.log("train_loss", loss, prog_bar=True, sync_dist=True)
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self.log("val_loss", self._loss(batch), prog_bar=True)
+        self.log("val_loss", self._loss(batch), prog_bar=True, sync_dist=True)
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self.log("test_loss", self._loss(batch))
+        self.log("test_loss", self._loss(batch), sync_dist=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # Only this stage's parameters are here: the strategy cut the model before this hook runs.
