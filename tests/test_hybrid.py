@@ -55,3 +55,16 @@ def test_pp1_x_dp2_matches_lightning_ddp() -> None:
             print(f"pp=1 x dp=2 vs ddp rank {outcome.rank}: max |diff| {diff:.2e}")
             assert diff <= TOLERANCE, (name, diff)
             assert abs(pipe["metrics"]["train_loss"] - ddp["metrics"]["train_loss"]) <= 1e-5
+
+
+@pytest.mark.timeout(150)
+def test_replicas_with_different_numbers_of_batches_fail_on_every_rank() -> None:
+    """A replica whose data ran out would leave the others waiting in the gradient average or a metric sync: the
+    replicas compare their batch counts (each epoch, each validation) and all raise instead."""
+    outcomes = launch("tests._strategy_workers.uneven_replicas", 2, deadline=120)
+    for outcome in outcomes:
+        errors = outcome.unwrap()
+        for what in ("training", "validation"):
+            kind, message = errors[what]
+            assert kind == "PipelineError", (outcome.rank, what, kind, message)
+            assert f"different numbers of {what} batches (per replica: [[3.0], [2.0]])" in message, message

@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import functools
 import logging
+import math
 import shutil
 import warnings
 from collections.abc import Mapping
@@ -239,6 +240,7 @@ class PipelineStrategy(DDPStrategy):
         self._metric_states: MetricStates | None = None
         self._outside_state: OutsideState | None = None  # a rank holding several stages: see side_effects.py
         self._reverse_group: dist.ProcessGroup | None = None
+        self._counted_epoch: int | None = None  # the last epoch whose batch counts the replicas agreed on
         self._runtime: ChainRuntime | None = None
         self._replicated: ReplicatedParams | None = None
         self._counted: set[int] = set()
@@ -727,6 +729,50 @@ class PipelineStrategy(DDPStrategy):
         scaler = getattr(plugin, "scaler", None)
         if scaler is not None:
             make_scaler_agree(scaler, None)  # over every process: replicas and stages skip the same steps
+
+    # -- the replicas run as many steps --------------------------------------------------------------------------
+    @override
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        self._counted_epoch = None  # a new fit: check its first epoch too
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        trainer = self.lightning_module.trainer
+        if self._counted_epoch != trainer.current_epoch:  # once an epoch, at its first batch (also after resuming)
+            self._counted_epoch = trainer.current_epoch
+            self._agree_batch_counts("training", [trainer.num_training_batches])
+
+    @override
+    def on_validation_start(self) -> None:
+        super().on_validation_start()
+        trainer = self.lightning_module.trainer
+        self._agree_batch_counts("validation", trainer.num_sanity_val_batches if trainer.sanity_checking
+                                 else trainer.num_val_batches)
+
+    @override
+    def on_test_start(self) -> None:
+        super().on_test_start()
+        self._agree_batch_counts("test", self.lightning_module.trainer.num_test_batches)
+
+    def _agree_batch_counts(self, what: str, counts: Sequence[float]) -> None:
+        """Raise on every rank if the data-parallel replicas do not have as many batches: each step averages the
+        gradients, and metrics sync, over the replicas, so a replica whose data ran out would leave the others
+        waiting in a collective it never enters. (A loader without a length cannot be checked ahead.)"""
+        replicas = self.data_parallel_size or 1
+        if replicas == 1 or not counts:
+            return
+        mine = torch.tensor([float(c) for c in counts], dtype=torch.float64, device=self.root_device)
+        gathered = [torch.empty_like(mine) for _ in range(replicas)]
+        dist.all_gather(gathered, mine, group=self._dp_group)
+        rows = [[c if math.isfinite(c) else "unknown" for c in g.tolist()] for g in gathered]
+        if any(row != rows[0] for row in rows):
+            raise PipelineError(
+                f"the data-parallel replicas have different numbers of {what} batches (per replica: {rows}); each "
+                "must run as many steps, since gradients and metrics are averaged over them. Let Lightning shard "
+                "the data (use_distributed_sampler=True, the default) or give every replica's sampler as many "
+                "batches (drop_last)")
 
     # -- evaluation -----------------------------------------------------------------------------------------------
     @override
