@@ -23,6 +23,7 @@ Processes and directories:
 
 from __future__ import annotations
 
+import atexit
 import inspect
 import json
 import os
@@ -67,9 +68,19 @@ def _prepare_argv(argv: list[str]) -> list[str]:
                          "torchrun/srun per setting, or run the sweep with Lightning's launcher (trainer.devices=N)")
     if rank:
         scratch = Path(tempfile.gettempdir()) / "lightning_pipe_hydra" / f"rank{rank}-{os.getpid()}"
+        atexit.register(_remove_empty, scratch)  # Hydra makes it; nothing is written there
         argv = [*argv, f'hydra.run.dir="{scratch}"', "hydra.output_subdir=null", "hydra/job_logging=disabled",
                 "hydra/hydra_logging=disabled"]
     return argv
+
+
+def _remove_empty(path: Path) -> None:
+    """Remove ``path`` and then its parent if they are empty directories."""
+    for folder in (path, path.parent):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty, or gone
+            return
 
 
 def _config_flags(argv: Sequence[str]) -> list[str]:

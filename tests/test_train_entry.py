@@ -23,8 +23,9 @@ TRAIN = [sys.executable, "-m", "lightning_pipe.train"]
 SMOKE = ["experiment=smoke", "trainer.max_steps=4", "trainer.val_check_interval=4"]
 
 
-def _run(cmd: list[str], cwd: Path, timeout: float = 150) -> str:
-    run = subprocess.run(cmd, env=_clean_env(), capture_output=True, text=True, timeout=timeout, cwd=cwd)
+def _run(cmd: list[str], cwd: Path, timeout: float = 150, env: dict[str, str] | None = None) -> str:
+    run = subprocess.run(cmd, env={**_clean_env(), **(env or {})}, capture_output=True, text=True, timeout=timeout,
+                         cwd=cwd)
     output = run.stdout + run.stderr
     assert run.returncode == 0, output[-4000:]
     assert "Traceback" not in output, output[-4000:]
@@ -64,10 +65,14 @@ def test_entry_point_with_lightnings_launcher(tmp_path: Path) -> None:
 def test_entry_point_under_torchrun(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "lightning_pipe.train", *SMOKE]
-    _run(cmd, cwd=tmp_path)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    _run(cmd, cwd=tmp_path, env={"TMPDIR": str(scratch)})
     runs = list((tmp_path / "outputs").glob("*/*"))
     assert len(runs) == 1, f"rank 0 owns the output directory, got {runs}"
     _check_run_dir(runs[0])
+    # The other ranks' Hydra directory in the temporary folder (nothing is written there) is gone too.
+    assert not (scratch / "lightning_pipe_hydra").exists(), list(scratch.rglob("*"))
 
 
 @pytest.mark.timeout(300)
