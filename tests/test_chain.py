@@ -256,3 +256,63 @@ def test_a_rank_holding_the_first_and_the_last_stage(body: str) -> None:
         runtime.end()
     torch.testing.assert_close(logits, reference.head(reference.ln_f(call_block(ref_chain[3], received, body))))
     assert runtime.stage == 3 and runtime.is_last_stage
+
+
+class _KeywordBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) + pos
+
+
+class _KeywordNet(nn.Module):
+    """Blocks given the hidden state by keyword, after another keyword of the same shape; ``between``: code that
+    changes the hidden state between two blocks."""
+
+    def __init__(self, between: bool = False) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(_KeywordBlock() for _ in range(4))
+        self.between = between
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pos = torch.ones_like(x)
+        for block in self.layers:
+            x = block(pos=pos, x=x)
+            if self.between:
+                x = x * 0.9
+        return x
+
+
+def test_a_hidden_state_passed_by_keyword_is_found_by_the_blocks_parameter_name() -> None:
+    """``block(pos=pos, x=x)``: the received value replaces ``x`` (the block's first parameter), not ``pos``, and a
+    stand-in passes ``x`` on."""
+    torch.manual_seed(0)
+    model = _KeywordNet()
+    received = torch.randn(2, 4)
+    with torch.no_grad():
+        expected = model.layers[3](x=model.layers[2](x=received, pos=torch.ones(2, 4)), pos=torch.ones(2, 4))
+    path, chain = find_chain(model, "layers")
+    runtime = split_chain(model, path, chain, counts=[2, 2], stages=1)
+    runtime.begin(received)
+    with torch.no_grad():
+        out = model(torch.zeros(2, 4))
+    torch.testing.assert_close(out, expected)
+
+
+def test_code_between_blocks_at_a_stage_boundary_is_refused() -> None:
+    """``x = block(x) * 0.9``: the scaling after block 1 would be skipped where stage 1 starts at block 2."""
+    model = _KeywordNet(between=True)
+    path, chain = find_chain(model, "layers")
+    runtime = split_chain(model, path, chain, counts=[2, 2], stages=1)
+    runtime.begin(torch.randn(2, 4))
+    with pytest.raises(PipelineError, match="code between blocks 1 and 2 of `layers` changes the hidden state"):
+        model(torch.zeros(2, 4))
+    # Within a stage the same code is fine (stage 0 holds blocks 0 and 1, and exits after block 1).
+    model = _KeywordNet(between=True)
+    path, chain = find_chain(model, "layers")
+    runtime = split_chain(model, path, chain, counts=[2, 2], stages=0)
+    runtime.begin(None)
+    with pytest.raises(StageExit):
+        model(torch.zeros(2, 4))

@@ -12,11 +12,13 @@ its class is swapped for a subclass whose ``_modules`` hold only this stage's bl
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
+from lightning_pipe.engine.tree import flatten
 from lightning_pipe.errors import PipelineError
 
 __all__ = ["StageExit", "ChainRuntime", "find_chain", "split_chain", "is_cut"]
@@ -45,6 +47,8 @@ class ChainRuntime:
         self.active = False
         self.next_index = 0
         self.received: Any = None
+        self.hidden_names: dict[int, str] = {}  # each block's first parameter: the hidden state, when passed by name
+        self.passed: tuple[int, Any] = (-1, None)  # the last stand-in and the hidden state it passed on
         self._select(next(iter(self.ranges)))
 
     def _select(self, stage: int) -> None:
@@ -57,6 +61,7 @@ class ChainRuntime:
         if stage is not None:
             self._select(stage)
         self.active, self.next_index, self.received = True, 0, received
+        self.passed = (-1, None)
 
     def end(self) -> None:
         self.active, self.received = False, None
@@ -113,10 +118,13 @@ class _Skipped:
         self.runtime, self.index = runtime, index
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        self.runtime.visit(self.index)
-        if self.index >= self.runtime.stop:  # pragma: no cover - the stage exits before reaching these
-            raise PipelineError(f"block {self.index} of `{self.runtime.path}` belongs to a later stage")
-        return args[0] if args else next(iter(kwargs.values()))
+        runtime = self.runtime
+        runtime.visit(self.index)
+        if self.index >= runtime.stop:  # pragma: no cover - the stage exits before reaching these
+            raise PipelineError(f"block {self.index} of `{runtime.path}` belongs to a later stage")
+        hidden = args[0] if args else _hidden_kwarg(runtime, self.index, kwargs)[1]
+        runtime.passed = (self.index, hidden)
+        return hidden
 
 
 class _CutChainMixin:
@@ -184,6 +192,10 @@ def split_chain(model: nn.Module, path: str, chain: nn.Module, *, counts: list[i
     runtime = ChainRuntime(path=path or type(chain).__name__, num_blocks=len(chain), ranges=ranges,
                            last_stage=len(counts) - 1)
     for i, (key, block) in enumerate(list(chain._modules.items())):
+        try:  # a block given the hidden state by keyword gets it under its first parameter's name
+            runtime.hidden_names[i] = next(iter(inspect.signature(block.forward).parameters))  # type: ignore[union-attr]
+        except (StopIteration, TypeError, ValueError):
+            pass
         if any(a <= i < b for a, b in ranges.values()):
             assert block is not None
             runtime.blocks[i] = block
@@ -203,14 +215,38 @@ def _make_pre_hook(runtime: ChainRuntime, index: int) -> Any:
         runtime.visit(index)
         if index == runtime.first and runtime.stage > 0:
             # The hidden state computed before the chain on this rank is a placeholder: the real one was received.
-            if args:
+            key, value = (None, args[0]) if args else _hidden_kwarg(runtime, index, kwargs)
+            _check_unchanged(runtime, index, value)
+            if key is None:
                 args = (runtime.received,) + tuple(args[1:])
             else:
-                key = next(iter(kwargs))
                 kwargs = {**kwargs, key: runtime.received}
         return args, kwargs
 
     return hook
+
+
+def _hidden_kwarg(runtime: ChainRuntime, index: int, kwargs: dict[str, Any]) -> tuple[str, Any]:
+    """The keyword argument that holds the hidden state: the block's first parameter, else the first one given."""
+    name = runtime.hidden_names.get(index)
+    key = name if name in kwargs else next(iter(kwargs))
+    return key, kwargs[key]
+
+
+def _check_unchanged(runtime: ChainRuntime, index: int, value: Any) -> None:
+    """At a stage's first block, the hidden state must be what the stand-in before it passed on: code between two
+    blocks at a stage boundary (a norm after each block, a scaling) would change it there, and be skipped, since
+    the previous stage sends its last block's output as it is."""
+    before, passed = runtime.passed
+    if before != index - 1:
+        return
+    mine, theirs = flatten(value)[0], flatten(passed)[0]
+    if len(mine) != len(theirs) or any(a is not b for a, b in zip(mine, theirs)):
+        raise PipelineError(
+            f"the code between blocks {index - 1} and {index} of `{runtime.path}` changes the hidden state, and "
+            f"pipeline stage {runtime.stage} starts at block {index}: that code would be skipped (a stage sends its "
+            "last block's output as it is). Move it into the blocks (e.g. make each block apply its norm), or cut "
+            "elsewhere with balance=[...]")
 
 
 def _make_exit_hook(runtime: ChainRuntime, index: int) -> Any:
