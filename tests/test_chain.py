@@ -316,3 +316,41 @@ def test_code_between_blocks_at_a_stage_boundary_is_refused() -> None:
     runtime.begin(None)
     with pytest.raises(StageExit):
         model(torch.zeros(2, 4))
+
+
+class _SkipNet(nn.Module):
+    """Block 0's output added after the last block: a skip connection across the stage boundary."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Linear(4, 4)
+        self.layers = nn.ModuleList(_KeywordBlock() for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.emb(x)
+        pos = torch.zeros_like(x)
+        skip = None
+        for i, block in enumerate(self.layers):
+            x = block(x, pos)
+            if i == 0:
+                skip = x
+        return x + skip
+
+
+def test_a_block_output_used_beyond_the_hidden_state_on_a_later_stage_is_refused() -> None:
+    """On stage 1, block 0's "output" is the placeholder computed there: using it after block 3 would be silently
+    wrong, so its gradient raises; passed along the chain only, it gets none."""
+    model = _SkipNet()
+    path, chain = find_chain(model, "layers")
+    runtime = split_chain(model, path, chain, counts=[2, 2], stages=1)
+    runtime.begin(torch.randn(2, 4, requires_grad=True))
+    with pytest.raises(PipelineError, match="the output of block 0 of `layers`, computed on an earlier pipeline"):
+        model(torch.zeros(2, 4)).sum().backward()
+    model = _KeywordNet()  # the hidden state only: no gradient reaches a stand-in's output
+    model.emb = nn.Linear(4, 4)
+    path, chain = find_chain(model, "layers")
+    runtime = split_chain(model, path, chain, counts=[2, 2], stages=1)
+    received = torch.randn(2, 4, requires_grad=True)
+    runtime.begin(received)
+    model(model.emb(torch.zeros(2, 4))).sum().backward()
+    assert received.grad is not None and model.emb.weight.grad is None

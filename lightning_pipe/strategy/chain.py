@@ -18,7 +18,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from lightning_pipe.engine.tree import flatten
+from lightning_pipe.engine.tree import flatten, unflatten
 from lightning_pipe.errors import PipelineError
 
 __all__ = ["StageExit", "ChainRuntime", "find_chain", "split_chain", "is_cut"]
@@ -122,7 +122,7 @@ class _Skipped:
         runtime.visit(self.index)
         if self.index >= runtime.stop:  # pragma: no cover - the stage exits before reaching these
             raise PipelineError(f"block {self.index} of `{runtime.path}` belongs to a later stage")
-        hidden = args[0] if args else _hidden_kwarg(runtime, self.index, kwargs)[1]
+        hidden = _guarded(args[0] if args else _hidden_kwarg(runtime, self.index, kwargs)[1], runtime, self.index)
         runtime.passed = (self.index, hidden)
         return hidden
 
@@ -224,6 +224,31 @@ def _make_pre_hook(runtime: ChainRuntime, index: int) -> Any:
         return args, kwargs
 
     return hook
+
+
+def _guarded(value: Any, runtime: ChainRuntime, index: int) -> Any:
+    """``value`` (a stand-in's output: the placeholder computed on this rank) with each tensor that needs a gradient
+    replaced by an alias that raises if a gradient reaches it. Passed on along the chain it is replaced by the
+    received hidden state and gets none; kept aside and used later (a skip connection across stages, a list of the
+    layers' outputs), it would silently stand for the real block output, which lives on another stage."""
+    tensors, spec = flatten(value)
+    if not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors):
+        return value
+
+    def refuse(grad: torch.Tensor) -> None:
+        raise PipelineError(
+            f"the output of block {index} of `{runtime.path}`, computed on an earlier pipeline stage, is used on "
+            f"stage {runtime.stage} outside the hidden state (kept aside and used after a later block: a skip "
+            "connection across stages, a list of the blocks' outputs). Only the hidden state crosses stages: carry "
+            "such values inside it (a tuple that each block takes and returns)")
+
+    aliases = []
+    for t in tensors:
+        if t.requires_grad:
+            t = t.view_as(t)
+            t.register_hook(refuse)
+        aliases.append(t)
+    return unflatten(aliases, spec)
 
 
 def _hidden_kwarg(runtime: ChainRuntime, index: int, kwargs: dict[str, Any]) -> tuple[str, Any]:
