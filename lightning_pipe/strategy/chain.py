@@ -271,7 +271,8 @@ def _check_unchanged(runtime: ChainRuntime, index: int, value: Any) -> None:
             f"the code between blocks {index - 1} and {index} of `{runtime.path}` changes the hidden state, and "
             f"pipeline stage {runtime.stage} starts at block {index}: that code would be skipped (a stage sends its "
             "last block's output as it is). Move it into the blocks (e.g. make each block apply its norm), or cut "
-            "elsewhere with balance=[...]")
+            "elsewhere with balance=[...]. (Calling whole blocks through torch.utils.checkpoint also gives a new "
+            "value there: checkpoint the layers inside a block instead.)")
 
 
 def _make_exit_hook(runtime: ChainRuntime, index: int) -> Any:
