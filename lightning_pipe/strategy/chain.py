@@ -64,7 +64,7 @@ class ChainRuntime:
         self.passed = (-1, None)
 
     def end(self) -> None:
-        self.active, self.received = False, None
+        self.active, self.received, self.passed = False, None, (-1, None)  # nor keep the placeholder's graph alive
 
     def describe_blocks(self) -> str:
         return ", ".join(f"stage {s}: blocks {a}..{b - 1}" for s, (a, b) in self.ranges.items())
