@@ -22,7 +22,7 @@ from lightning.fabric.utilities.apply_func import apply_to_collection
 
 from lightning_pipe.errors import PipelineError
 
-__all__ = ["batch_fingerprint", "check_same_batch", "seed_alike"]
+__all__ = ["batch_fingerprint", "check_same_batch", "gather_rows", "seed_alike"]
 
 _SAMPLE = 4096  # elements read per tensor: a strided sample, so the cost does not grow with the batch
 
@@ -69,13 +69,18 @@ def _positions(device: torch.device) -> torch.Tensor:
     return table
 
 
+def gather_rows(mine: torch.Tensor, *, group: dist.ProcessGroup | None, size: int) -> list[list[Any]]:
+    """Every rank's 1-d ``mine`` (the same length on each of the ``size`` ranks of ``group``), as lists, on every
+    rank: so that all of them take the same decision."""
+    every = torch.empty(size * mine.numel(), device=mine.device, dtype=mine.dtype)
+    dist.all_gather_into_tensor(every, mine, group=group)
+    return every.view(size, -1).tolist()
+
+
 def check_same_batch(batch: Any, *, device: torch.device, group: dist.ProcessGroup | None, size: int,
                      where: str) -> None:
     """Raise on every rank of ``group`` (one pipeline) if their batches differ (see the module docstring)."""
-    mine = batch_fingerprint(batch, device)
-    every = torch.empty(size * mine.numel(), device=device, dtype=mine.dtype)
-    dist.all_gather_into_tensor(every, mine, group=group)
-    rows = every.view(size, -1).tolist()
+    rows = gather_rows(batch_fingerprint(batch, device), group=group, size=size)
     if any(row != rows[0] for row in rows[1:]):
         differ = [i for i, row in enumerate(rows) if row != rows[0]]
         raise PipelineError(

@@ -44,7 +44,7 @@ from lightning_pipe.engine import (
 )
 from lightning_pipe.errors import PipelineError, on_every_rank, peers_reachable
 from lightning_pipe.schedules import DEFAULT_VIRTUAL_STAGES, SCHEDULES, Schedule, build_schedule, stage_to_rank
-from lightning_pipe.strategy.batch_check import check_same_batch, seed_alike
+from lightning_pipe.strategy.batch_check import check_same_batch, gather_rows, seed_alike
 from lightning_pipe.strategy.chain import ChainRuntime, StageExit, find_chain, is_cut, split_chain
 from lightning_pipe.strategy.checkpoint import (
     load_optimizer_state_by_name,
@@ -764,9 +764,8 @@ class PipelineStrategy(DDPStrategy):
         if replicas == 1 or not counts:
             return
         mine = torch.tensor([float(c) for c in counts], dtype=torch.float64, device=self.root_device)
-        gathered = [torch.empty_like(mine) for _ in range(replicas)]
-        dist.all_gather(gathered, mine, group=self._dp_group)
-        rows = [[c if math.isfinite(c) else "unknown" for c in g.tolist()] for g in gathered]
+        rows = [[c if math.isfinite(c) else "unknown" for c in row]
+                for row in gather_rows(mine, group=self._dp_group, size=replicas)]
         if any(row != rows[0] for row in rows):
             raise PipelineError(
                 f"the data-parallel replicas have different numbers of {what} batches (per replica: {rows}); each "
