@@ -83,10 +83,33 @@ def test_an_empty_guard_does_nothing(io_thread: _Thread) -> None:
         assert _policy(io_thread.tid) == os.SCHED_OTHER
 
 
-def test_a_thread_that_ended_is_dropped(io_thread: _Thread) -> None:
+def test_a_thread_that_ended_before_the_guard_is_dropped_at_construction(io_thread: _Thread) -> None:
+    # A thread id is system-wide and may be taken again at once by another process's thread, which the guard must
+    # not touch: the test of whether the id is still a thread of this process is made at construction.
     ended = _Thread("gloo_tcp_loop")
     ended.close()
-    guard = IoThreadGuard([ended.tid, io_thread.tid])
+    guard = IoThreadGuard([ended.tid, io_thread.tid, 1])  # 1: init, a thread of another process
+    assert guard.threads == [io_thread.tid]
+    with guard:
+        assert _policy(io_thread.tid) == os.SCHED_BATCH
+    assert guard.threads == [io_thread.tid] and guard.disabled is None
+    assert _policy(io_thread.tid) == os.SCHED_OTHER
+
+
+def test_a_thread_that_ends_while_guarded_is_dropped_at_its_next_call(
+        io_thread: _Thread, monkeypatch: pytest.MonkeyPatch) -> None:
+    later = _Thread("gloo_tcp_loop")
+    guard = IoThreadGuard([later.tid, io_thread.tid])
+    assert guard.threads == [later.tid, io_thread.tid]
+    later.close()
+    real = os.sched_setscheduler
+
+    def ended(tid: int, policy: int, param: os.sched_param) -> None:
+        if tid == later.tid:  # what the kernel answers for an id that no thread has (not reused meanwhile)
+            raise ProcessLookupError(3, "No such process")
+        real(tid, policy, param)
+
+    monkeypatch.setattr(io_threads.os, "sched_setscheduler", ended)
     with guard:
         assert _policy(io_thread.tid) == os.SCHED_BATCH
     assert guard.threads == [io_thread.tid] and guard.disabled is None

@@ -51,17 +51,26 @@ def gloo_io_threads() -> list[int]:
     return sorted(found)
 
 
+def _ours(tid: int) -> bool:
+    """Whether ``tid`` is a thread of this process now."""
+    return os.path.isdir(f"/proc/self/task/{tid}")
+
+
 class IoThreadGuard:
     """``with guard:`` around a gloo send or receive call keeps the I/O threads found at construction from
     preempting the calling thread (see the module docstring).
 
     Args:
         threads: The thread ids to guard (default: :func:`gloo_io_threads` now; the process groups to be guarded
-            must exist already).
+            must exist already). Ids that are not threads of this process now are dropped: a thread id is
+            system-wide and is reused once its thread ends, possibly by another process's thread.
+
+    A guarded thread that ends later (its process group destroyed) is dropped at the next call. The guard of a
+    :class:`~lightning_pipe.engine.transport.Transport` is not used after its process groups are destroyed.
     """
 
     def __init__(self, threads: list[int] | None = None) -> None:
-        self.threads = list(gloo_io_threads() if threads is None else threads)
+        self.threads = gloo_io_threads() if threads is None else [tid for tid in threads if _ours(tid)]
         self._param = os.sched_param(0) if self.threads else None
         self.disabled: str | None = None
         """Why the guard stopped acting (the policy could not be changed), or ``None``."""
