@@ -561,16 +561,29 @@ class _Batches(torch.utils.data.Sampler):
         return len(self.batches)
 
 
+class _Stream(torch.utils.data.Sampler):
+    """Fixed batches of indices, without a length (as a stream's): the number of batches is known only at the end."""
+
+    def __init__(self, batches: list[list[int]]) -> None:
+        self.batches = batches
+
+    def __iter__(self) -> Any:
+        return iter(self.batches)
+
+
 def uneven_replicas(rank: int, world_size: int) -> dict[str, tuple[str, str]]:
     """Two data-parallel replicas (pp=1) whose own samplers give replica 0 one batch more than replica 1: for
-    training, then (equal training data) for validation. Each case: the error type and message on this rank."""
+    training, then (equal training data) for validation; with samplers that have a length, then without (``...
+    stream``, also for test). Each case: the error type and message on this rank."""
     from tests._models import token_data
 
     out = {}
-    for case in ("training", "validation"):
-        uneven = _Batches([[i, i + 1] for i in range(0, 2 * (3 - rank), 2)])  # 3 batches on rank 0, 2 on rank 1
-        even = _Batches([[0, 1], [2, 3]])
-        train = torch.utils.data.DataLoader(token_data(8), batch_sampler=uneven if case == "training" else even)
+    for case in ("training", "validation", "training stream", "validation stream", "test stream"):
+        kind = _Stream if case.endswith("stream") else _Batches
+        uneven = kind([[i, i + 1] for i in range(0, 2 * (3 - rank), 2)])  # 3 batches on rank 0, 2 on rank 1
+        even = kind([[0, 1], [2, 3]])
+        train = torch.utils.data.DataLoader(token_data(8), batch_sampler=uneven if case.startswith("training")
+                                            else even)
         val = torch.utils.data.DataLoader(token_data(8), batch_sampler=uneven)
         seed_everything(0)
         trainer = Trainer(accelerator="cpu", devices=world_size, max_epochs=1, num_sanity_val_steps=0,
@@ -579,7 +592,10 @@ def uneven_replicas(rank: int, world_size: int) -> dict[str, tuple[str, str]]:
                           logger=False, enable_checkpointing=False, enable_progress_bar=False,
                           enable_model_summary=False, use_distributed_sampler=False)
         try:
-            trainer.fit(TinyGPT(), train, val)
+            if case.startswith("test"):
+                trainer.test(TinyGPT(), val)
+            else:
+                trainer.fit(TinyGPT(), train, val)
             out[case] = ("no error", "")
         except Exception as err:  # noqa: BLE001 - reported to the test
             out[case] = (type(err).__name__, str(err))

@@ -60,7 +60,8 @@ def test_pp1_x_dp2_matches_lightning_ddp() -> None:
 @pytest.mark.timeout(150)
 def test_replicas_with_different_numbers_of_batches_fail_on_every_rank() -> None:
     """A replica whose data ran out would leave the others waiting in the gradient average or a metric sync: the
-    replicas compare their batch counts (each epoch, each validation) and all raise instead."""
+    replicas compare their batch counts (each epoch, each validation) and all raise instead; with loaders that have
+    no length, they compare at each batch whether it is their last."""
     outcomes = launch("tests._strategy_workers.uneven_replicas", 2, deadline=120)
     for outcome in outcomes:
         errors = outcome.unwrap()
@@ -68,3 +69,10 @@ def test_replicas_with_different_numbers_of_batches_fail_on_every_rank() -> None
             kind, message = errors[what]
             assert kind == "PipelineError", (outcome.rank, what, kind, message)
             assert f"different numbers of {what} batches (per replica: [[3.0], [2.0]])" in message, message
+        # Without a length the counts are unknown ahead: the replicas find out at the last batch of the one whose
+        # data ends first (its second), before any collective of that step.
+        for what in ("training", "validation", "test"):
+            kind, message = errors[f"{what} stream"]
+            assert kind == "PipelineError", (outcome.rank, what, kind, message)
+            assert f"the data-parallel replicas' {what} data ends at different batches" in message, message
+            assert "[[1, 0, 0], [1, 0, 1]]" in message, message

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.apply_func import apply_to_collection
+from lightning.fabric.utilities.data import sized_len
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
@@ -241,6 +242,9 @@ class PipelineStrategy(DDPStrategy):
         self._outside_state: OutsideState | None = None  # a rank holding several stages: see side_effects.py
         self._reverse_group: dist.ProcessGroup | None = None
         self._counted_epoch: int | None = None  # the last epoch whose batch counts the replicas agreed on
+        # Whether the replicas compare, at each training (evaluation) batch, whether it is their last: where a
+        # loader has no length, so the counts cannot be compared ahead.
+        self._each_train_batch = self._each_eval_batch = False
         self._runtime: ChainRuntime | None = None
         self._replicated: ReplicatedParams | None = None
         self._counted: set[int] = set()
@@ -743,6 +747,9 @@ class PipelineStrategy(DDPStrategy):
         if self._counted_epoch != trainer.current_epoch:  # once an epoch, at its first batch (also after resuming)
             self._counted_epoch = trainer.current_epoch
             self._agree_batch_counts("training", [trainer.num_training_batches])
+            self._each_train_batch = self._replicas_need_each_batch(trainer.train_dataloader)
+        if self._each_train_batch:
+            self._agree_last_batch("training", batch_idx, 0, trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
 
     @override
     def on_validation_start(self) -> None:
@@ -750,11 +757,14 @@ class PipelineStrategy(DDPStrategy):
         trainer = self.lightning_module.trainer
         self._agree_batch_counts("validation", trainer.num_sanity_val_batches if trainer.sanity_checking
                                  else trainer.num_val_batches)
+        self._each_eval_batch = self._replicas_need_each_batch(trainer.val_dataloaders)
 
     @override
     def on_test_start(self) -> None:
         super().on_test_start()
-        self._agree_batch_counts("test", self.lightning_module.trainer.num_test_batches)
+        trainer = self.lightning_module.trainer
+        self._agree_batch_counts("test", trainer.num_test_batches)
+        self._each_eval_batch = self._replicas_need_each_batch(trainer.test_dataloaders)
 
     def _agree_batch_counts(self, what: str, counts: Sequence[float]) -> None:
         """Raise on every rank if the data-parallel replicas do not have as many batches: each step averages the
@@ -773,14 +783,48 @@ class PipelineStrategy(DDPStrategy):
                 "the data (use_distributed_sampler=True, the default) or give every replica's sampler as many "
                 "batches (drop_last)")
 
+    def _replicas_need_each_batch(self, loaders: Any) -> bool:
+        """Whether the replicas must compare every batch of ``loaders`` (one, or a collection of them): there are
+        several, and a loader has no length (then even a ``limit_*_batches`` count may be more than its data)."""
+        found: list[bool] = []
+        apply_to_collection(loaders, object, lambda loader: found.append(sized_len(loader) is None),
+                            wrong_dtype=(Sequence, Mapping))
+        return (self.data_parallel_size or 1) > 1 and any(found)
+
+    def _agree_last_batch(self, what: str, batch_idx: int, dataloader_idx: int, last: bool) -> None:
+        """Raise on every rank if the data-parallel replicas are not at the same batch, or one is at its last and
+        another is not: the one whose data ends would leave the others waiting in the next collective. Lightning
+        fetches a batch ahead, so it knows at a batch whether it is the last, and this step still has every
+        replica."""
+        mine = torch.tensor([batch_idx, dataloader_idx, int(last)], dtype=torch.int64, device=self.root_device)
+        rows = gather_rows(mine, group=self._dp_group, size=self.data_parallel_size or 1)
+        if any(row != rows[0] for row in rows):
+            raise PipelineError(
+                f"the data-parallel replicas' {what} data ends at different batches (per replica: [batch index, "
+                f"dataloader index, whether it is the last] = {rows}); each must run as many steps, since gradients "
+                "and metrics are averaged over them. Their loaders have no length, so this is found only where the "
+                "first one ends: give every replica as many batches (shard the stream evenly, or stop it at a "
+                "count every replica reaches)")
+
+    def _agree_eval_batch(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self._each_eval_batch:
+            # Lightning passes (batch, batch_idx[, dataloader_idx]) by position.
+            batch_idx = args[1] if len(args) > 1 else kwargs.get("batch_idx", 0)
+            dataloader_idx = args[2] if len(args) > 2 else kwargs.get("dataloader_idx", 0)
+            loop = self.lightning_module.trainer._evaluation_loop
+            self._agree_last_batch("test" if self.lightning_module.trainer.testing else "validation", int(batch_idx),
+                                   int(dataloader_idx), loop.batch_progress.is_last_batch)
+
     # -- evaluation -----------------------------------------------------------------------------------------------
     @override
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        self._agree_eval_batch(args, kwargs)
         with self.precision_plugin.val_step_context():
             return self._run_step(self.lightning_module.validation_step, args, kwargs, train=False)[1]
 
     @override
     def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        self._agree_eval_batch(args, kwargs)
         with self.precision_plugin.test_step_context():
             return self._run_step(self.lightning_module.test_step, args, kwargs, train=False)[1]
 
