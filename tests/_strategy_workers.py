@@ -254,6 +254,30 @@ class _BlockTwice(TinyGPT):
         return self.head(self.ln_f(x))
 
 
+class _PairBlock(torch.nn.Module):
+    """A block that returns ``(hidden, aux)``, as Hugging Face's layers return a tuple."""
+
+    def __init__(self, block: torch.nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.block(x)
+        return out, out.mean()
+
+
+class _BlocksReturnPairs(TinyGPT):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.Sequential(*[_PairBlock(b) for b in self.blocks])
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1]))
+        for block in self.blocks:
+            x = block(x)[0]  # the loop takes the hidden state out of each block's tuple
+        return self.head(self.ln_f(x))
+
+
 def bad_inputs(rank: int, world_size: int, *, cases: list[str]) -> dict[str, tuple[str, str]]:
     """Run each bad set-up; return, per case, the type and message of the error this rank raised."""
     setups: dict[str, tuple[Any, dict[str, Any]]] = {
@@ -267,6 +291,7 @@ def bad_inputs(rank: int, world_size: int, *, cases: list[str]) -> dict[str, tup
         "line_search_optimizer": (_LineSearch, {}),
         "closure_called_twice": (_TwoClosures, {}),
         "block_called_twice": (_BlockTwice, {}),
+        "blocks_return_pairs": (_BlocksReturnPairs, {}),
         "last_stage_fails_after_the_step": (_BadReduce, {}),
         "second_trainer": (TinyGPT, {}),
         "last_stage_fails_in_validation": (_FailsInValidation, {}),

@@ -354,3 +354,58 @@ def test_a_block_output_used_beyond_the_hidden_state_on_a_later_stage_is_refused
     runtime.begin(received)
     model(model.emb(torch.zeros(2, 4))).sum().backward()
     assert received.grad is not None and model.emb.weight.grad is None
+
+
+class _AuxBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.lin(x)
+        return y, y.pow(2).mean()
+
+
+class _AuxNet(nn.Module):
+    """Blocks return ``(hidden, aux)`` and the loop unpacks them: a stand-in cannot give the aux of an earlier
+    stage's block, and a stage's output (the pair) is not what the next stage's first block takes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(_AuxBlock() for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        total = x.new_zeros(())
+        for block in self.layers:
+            x, aux = block(x)
+            total = total + aux
+        return x.sum() + total
+
+
+def test_a_block_that_returns_more_than_its_hidden_state_is_refused_on_the_stage_that_holds_it() -> None:
+    model = _AuxNet()
+    path, chain = find_chain(model, "layers")
+    runtime = split_chain(model, path, chain, counts=[2, 2], stages=0)
+    runtime.begin(None)
+    with pytest.raises(PipelineError, match=r"block 0 of `layers` takes a hidden state of one structure \(a tensor\) "
+                                            r"and returns another \(a tuple of 2\)"):
+        model(torch.zeros(2, 4))
+    # The stage that stands in for those blocks fails in the user's loop: the error gets a note saying why.
+    model = _AuxNet()
+    path, chain = find_chain(model, "layers")
+    runtime = split_chain(model, path, chain, counts=[2, 2], stages=1)
+    runtime.begin(torch.randn(2, 4))
+    with pytest.raises(ValueError, match="too many values to unpack") as info:
+        try:
+            model(torch.zeros(2, 4))
+        except Exception as err:
+            runtime.note_failure(err)
+            raise
+    assert "stands in for by returning the hidden state it is given" in "".join(info.value.__notes__)
+    # One stage holds every block: nothing crosses a boundary, and the same model runs as on one device.
+    model = _AuxNet()
+    path, chain = find_chain(model, "layers")
+    runtime = split_chain(model, path, chain, counts=[4], stages=0)
+    runtime.begin(None)
+    model(torch.zeros(2, 4))
+    runtime.check_finished()

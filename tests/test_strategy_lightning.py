@@ -99,6 +99,8 @@ BAD_INPUTS = {
     "line_search_optimizer": "LBFGS calls the training closure more than once per step",
     "closure_called_twice": "_TwoClosureSGD calls the training closure more than once per step",
     "block_called_twice": "must each be called once per step, in order",
+    "blocks_return_pairs": "block 0 of `blocks` takes a hidden state of one structure (a tensor) and returns another "
+                           "(a tuple of 2)",
     "last_stage_fails_after_the_step": "reduce_fx='median'",
     "second_trainer": "was already cut into pipeline stages by another Trainer's PipelineStrategy",
     "last_stage_fails_in_validation": "ValueError: validation failed after the chain",
@@ -112,8 +114,8 @@ OWN_ERRORS = {"last_stage_fails_in_validation": "ValueError", "first_stage_fails
 
 # Set-up errors leave the process group usable, so one launch checks them all; a failure in the middle of a step
 # leaves messages of that step behind, so each of those runs in processes of its own.
-STEP_FAILURES = ("block_called_twice", "last_stage_fails_after_the_step", "last_stage_fails_in_validation",
-                 "first_stage_fails_in_validation")
+STEP_FAILURES = ("block_called_twice", "blocks_return_pairs", "last_stage_fails_after_the_step",
+                 "last_stage_fails_in_validation", "first_stage_fails_in_validation")
 
 
 @pytest.mark.distributed

@@ -18,7 +18,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from lightning_pipe.engine.tree import flatten, unflatten
+from lightning_pipe.engine.tree import TreeSpec, flatten, unflatten
 from lightning_pipe.errors import PipelineError
 
 __all__ = ["StageExit", "ChainRuntime", "find_chain", "split_chain", "is_cut"]
@@ -49,6 +49,7 @@ class ChainRuntime:
         self.received: Any = None
         self.hidden_names: dict[int, str] = {}  # each block's first parameter: the hidden state, when passed by name
         self.passed: tuple[int, Any] = (-1, None)  # the last stand-in and the hidden state it passed on
+        self.checked: set[int] = set()  # blocks found to return the structure of the hidden state they take
         self._select(next(iter(self.ranges)))
 
     def _select(self, stage: int) -> None:
@@ -65,6 +66,19 @@ class ChainRuntime:
 
     def end(self) -> None:
         self.active, self.received, self.passed = False, None, (-1, None)  # nor keep the placeholder's graph alive
+
+    def note_failure(self, error: BaseException) -> None:
+        """Add to ``error``, raised by the step hook, that this stage was standing in for earlier stages' blocks
+        when it was raised, where that is so: a block returning more than its hidden state makes the hook fail
+        there, in the user's code, before any block of this stage runs to say why."""
+        if self.active and self.passed[0] >= 0 and self.next_index <= self.first and \
+                not isinstance(error, PipelineError) and hasattr(error, "add_note"):
+            error.add_note(
+                f"(lightning_pipe) pipeline stage {self.stage} raised this after block {self.passed[0]} of "
+                f"`{self.path}`, a block of an earlier stage that it stands in for by returning the hidden state it "
+                "is given (its first argument). If the blocks return more than that ((hidden, aux), a tuple the "
+                "loop unpacks or indexes), they cannot be cut into stages as they are: return the hidden state "
+                "alone, carrying any extra value inside it (a tuple that each block takes and returns)")
 
     def describe_blocks(self) -> str:
         return ", ".join(f"stage {s}: blocks {a}..{b - 1}" for s, (a, b) in self.ranges.items())
@@ -200,7 +214,7 @@ def split_chain(model: nn.Module, path: str, chain: nn.Module, *, counts: list[i
             assert block is not None
             runtime.blocks[i] = block
             block.register_forward_pre_hook(_make_pre_hook(runtime, i), with_kwargs=True)
-            block.register_forward_hook(_make_exit_hook(runtime, i))
+            block.register_forward_hook(_make_exit_hook(runtime, i), with_kwargs=True)
         else:
             del chain._modules[key]
     cls = type(chain)
@@ -272,11 +286,50 @@ def _check_unchanged(runtime: ChainRuntime, index: int, value: Any) -> None:
             f"pipeline stage {runtime.stage} starts at block {index}: that code would be skipped (a stage sends its "
             "last block's output as it is). Move it into the blocks (e.g. make each block apply its norm), or cut "
             "elsewhere with balance=[...]. (Calling whole blocks through torch.utils.checkpoint also gives a new "
-            "value there: checkpoint the layers inside a block instead.)")
+            "value there: checkpoint the layers inside a block instead. A loop that takes part of what each block "
+            "returns, as in `x = block(x)[0]`, does too: make the blocks return the hidden state alone.)")
+
+
+def _structure(spec: TreeSpec) -> Any:
+    """``spec`` without the values of its non-tensor leaves (a layer counter carried along may change)."""
+    if spec.kind == "leaf":
+        return "leaf"
+    if spec.kind == "tensor":
+        return "tensor"
+    return (spec.kind, spec.value, tuple(_structure(c) for c in spec.children))
+
+
+def _check_returns_hidden(runtime: ChainRuntime, index: int, args: tuple[Any, ...], kwargs: dict[str, Any],
+                          output: Any) -> None:
+    """A block must return a value of the structure of the hidden state it takes: on a later stage its stand-in
+    returns the hidden state it is given, and the stage's last block's output is the next stage's first block's
+    input."""
+    if not args and not kwargs:
+        return
+    taken = args[0] if args else _hidden_kwarg(runtime, index, kwargs)[1]
+    if _structure(flatten(taken)[1]) != _structure(flatten(output)[1]):
+        raise PipelineError(
+            f"block {index} of `{runtime.path}` takes a hidden state of one structure ({_describe(taken)}) and "
+            f"returns another ({_describe(output)}): pipeline stages need each block to return what it takes (a "
+            "stage's last block's output is the next stage's first block's input, and a later stage stands in for "
+            "the blocks before it by passing the hidden state on). Return the hidden state alone, carrying any "
+            "extra value inside it (a tuple that each block takes and returns), or log it from inside the block")
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return "a tensor"
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {len(value)}"
+    return f"a {type(value).__name__}"
 
 
 def _make_exit_hook(runtime: ChainRuntime, index: int) -> Any:
-    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        # Once per block (the structure does not change from step to step); one stage has no boundary to cross.
+        if index not in runtime.checked and runtime.last_stage > 0:
+            _check_returns_hidden(runtime, index, args, kwargs, output)
+            runtime.checked.add(index)
         if index == runtime.stop - 1 and not runtime.is_last_stage:
             raise StageExit(output)  # the stage's last block: its output goes to the next stage
 

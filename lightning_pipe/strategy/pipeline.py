@@ -544,6 +544,9 @@ class PipelineStrategy(DDPStrategy):
                     out = hook(micro[microbatch], *args[1:], **kwargs)
             except StageExit as done:
                 return done.output
+            except Exception as err:
+                runtime.note_failure(err)
+                raise
             finally:
                 runtime.end()
             if not runtime.is_last_stage:
