@@ -599,19 +599,28 @@ class _Stream(torch.utils.data.Sampler):
 def uneven_replicas(rank: int, world_size: int) -> dict[str, tuple[str, str]]:
     """Two data-parallel replicas (pp=1) whose own samplers give replica 0 one batch more than replica 1: for
     training, then (equal training data) for validation; with samplers that have a length, then without (``...
-    stream``, also for test). Each case: the error type and message on this rank."""
+    stream``, also for test), and without where the loop stops at replica 1's last batch anyway (``..., limit``,
+    ``..., max_steps``: no error). Each case: the error type and message on this rank."""
     from tests._models import token_data
 
     out = {}
-    for case in ("training", "validation", "training stream", "validation stream", "test stream"):
-        kind = _Stream if case.endswith("stream") else _Batches
+    cases = ("training", "validation", "training stream", "validation stream", "test stream",
+             "training stream, limit", "training stream, max_steps", "validation stream, limit")
+    for case in cases:
+        kind = _Stream if "stream" in case else _Batches
         uneven = kind([[i, i + 1] for i in range(0, 2 * (3 - rank), 2)])  # 3 batches on rank 0, 2 on rank 1
         even = kind([[0, 1], [2, 3]])
         train = torch.utils.data.DataLoader(token_data(8), batch_sampler=uneven if case.startswith("training")
                                             else even)
+        if case == "validation stream, limit":
+            train = torch.utils.data.DataLoader(token_data(8), batch_sampler=_Batches([[0, 1], [2, 3]]))
         val = torch.utils.data.DataLoader(token_data(8), batch_sampler=uneven)
         seed_everything(0)
-        trainer = Trainer(accelerator="cpu", devices=world_size, max_epochs=1, num_sanity_val_steps=0,
+        # Where the loop itself stops at replica 1's last batch (the second), no replica is left waiting.
+        limits = {"training stream, limit": {"limit_train_batches": 2, "limit_val_batches": 0},
+                  "training stream, max_steps": {"max_steps": 2, "limit_val_batches": 0},
+                  "validation stream, limit": {"limit_val_batches": 2}}.get(case, {})
+        trainer = Trainer(accelerator="cpu", devices=world_size, max_epochs=1, num_sanity_val_steps=0, **limits,
                           strategy=PipelineStrategy(pipeline_parallel_size=1, data_parallel_size=world_size,
                                                     timeout=60),
                           logger=False, enable_checkpointing=False, enable_progress_bar=False,

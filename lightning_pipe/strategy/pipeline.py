@@ -752,7 +752,13 @@ class PipelineStrategy(DDPStrategy):
             self._agree_batch_counts("training", [trainer.num_training_batches])
             self._each_train_batch = self._replicas_need_each_batch(trainer.train_dataloader)
         if self._each_train_batch:
-            self._agree_last_batch("training", batch_idx, 0, trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+            # The loop's own last batch too (limit_train_batches, max_steps): a replica whose data ends exactly
+            # there stops with the others.
+            steps_left = trainer.max_steps - trainer.global_step if trainer.max_steps >= 0 else math.inf
+            ends = (trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+                    or batch_idx + 1 >= trainer.num_training_batches
+                    or (steps_left <= 1 and (batch_idx + 1) % trainer.accumulate_grad_batches == 0))
+            self._agree_last_batch("training", batch_idx, 0, ends)
 
     @override
     def on_validation_start(self) -> None:
@@ -795,10 +801,10 @@ class PipelineStrategy(DDPStrategy):
         return (self.data_parallel_size or 1) > 1 and any(found)
 
     def _agree_last_batch(self, what: str, batch_idx: int, dataloader_idx: int, last: bool) -> None:
-        """Raise on every rank if the data-parallel replicas are not at the same batch, or one is at its last and
-        another is not: the one whose data ends would leave the others waiting in the next collective. Lightning
-        fetches a batch ahead, so it knows at a batch whether it is the last, and this step still has every
-        replica."""
+        """Raise on every rank if the data-parallel replicas are not at the same batch, or one is at its last
+        (``last``: its data ends, or the loop stops there) and another is not: the one that stops would leave the
+        others waiting in the next collective. Lightning fetches a batch ahead, so it knows at a batch whether the
+        data ends there, and this step still has every replica."""
         mine = torch.tensor([batch_idx, dataloader_idx, int(last)], dtype=torch.int64, device=self.root_device)
         rows = gather_rows(mine, group=self._dp_group, size=self.data_parallel_size or 1)
         if any(row != rows[0] for row in rows):
@@ -815,8 +821,10 @@ class PipelineStrategy(DDPStrategy):
             batch_idx = args[1] if len(args) > 1 else kwargs.get("batch_idx", 0)
             dataloader_idx = args[2] if len(args) > 2 else kwargs.get("dataloader_idx", 0)
             loop = self.lightning_module.trainer._evaluation_loop
+            limit = loop.max_batches[int(dataloader_idx)] if int(dataloader_idx) < len(loop.max_batches) else math.inf
             self._agree_last_batch("test" if self.lightning_module.trainer.testing else "validation", int(batch_idx),
-                                   int(dataloader_idx), loop.batch_progress.is_last_batch)
+                                   int(dataloader_idx),
+                                   loop.batch_progress.is_last_batch or int(batch_idx) + 1 >= limit)
 
     # -- evaluation -----------------------------------------------------------------------------------------------
     @override
