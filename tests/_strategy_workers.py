@@ -596,6 +596,11 @@ class _Stream(torch.utils.data.Sampler):
         return iter(self.batches)
 
 
+class _NoBatchIdx(TinyGPT):
+    def validation_step(self, batch: Any) -> None:  # type: ignore[override]  # Lightning passes no batch_idx then
+        super().validation_step(batch, 0)
+
+
 def uneven_replicas(rank: int, world_size: int) -> dict[str, tuple[str, str]]:
     """Two data-parallel replicas (pp=1) whose own samplers give replica 0 one batch more than replica 1: for
     training, then (equal training data) for validation; with samplers that have a length, then without (``...
@@ -605,21 +610,23 @@ def uneven_replicas(rank: int, world_size: int) -> dict[str, tuple[str, str]]:
 
     out = {}
     cases = ("training", "validation", "training stream", "validation stream", "test stream",
-             "training stream, limit", "training stream, max_steps", "validation stream, limit")
+             "training stream, limit", "training stream, max_steps", "validation stream, limit",
+             "validation stream, limit, no batch_idx")
     for case in cases:
         kind = _Stream if "stream" in case else _Batches
         uneven = kind([[i, i + 1] for i in range(0, 2 * (3 - rank), 2)])  # 3 batches on rank 0, 2 on rank 1
         even = kind([[0, 1], [2, 3]])
         train = torch.utils.data.DataLoader(token_data(8), batch_sampler=uneven if case.startswith("training")
                                             else even)
-        if case == "validation stream, limit":
+        if case.startswith("validation stream, limit"):
             train = torch.utils.data.DataLoader(token_data(8), batch_sampler=_Batches([[0, 1], [2, 3]]))
         val = torch.utils.data.DataLoader(token_data(8), batch_sampler=uneven)
         seed_everything(0)
         # Where the loop itself stops at replica 1's last batch (the second), no replica is left waiting.
         limits = {"training stream, limit": {"limit_train_batches": 2, "limit_val_batches": 0},
                   "training stream, max_steps": {"max_steps": 2, "limit_val_batches": 0},
-                  "validation stream, limit": {"limit_val_batches": 2}}.get(case, {})
+                  "validation stream, limit": {"limit_val_batches": 2},
+                  "validation stream, limit, no batch_idx": {"limit_val_batches": 2}}.get(case, {})
         trainer = Trainer(accelerator="cpu", devices=world_size, max_epochs=1, num_sanity_val_steps=0, **limits,
                           strategy=PipelineStrategy(pipeline_parallel_size=1, data_parallel_size=world_size,
                                                     timeout=60),
@@ -629,7 +636,7 @@ def uneven_replicas(rank: int, world_size: int) -> dict[str, tuple[str, str]]:
             if case.startswith("test"):
                 trainer.test(TinyGPT(), val)
             else:
-                trainer.fit(TinyGPT(), train, val)
+                trainer.fit(_NoBatchIdx() if case.endswith("no batch_idx") else TinyGPT(), train, val)
             out[case] = ("no error", "")
         except Exception as err:  # noqa: BLE001 - reported to the test
             out[case] = (type(err).__name__, str(err))

@@ -409,3 +409,26 @@ def test_a_block_that_returns_more_than_its_hidden_state_is_refused_on_the_stage
     runtime.begin(None)
     model(torch.zeros(2, 4))
     runtime.check_finished()
+
+
+class _CountingBlock(nn.Module):
+    """Takes ``(x, i)`` and returns ``[x', i + 1]``: another container class and another leaf value, the same
+    tensors: what the next block takes is still there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, state: tuple[torch.Tensor, int]) -> list[Any]:
+        x, i = state
+        return [self.lin(x), i + 1]
+
+
+def test_a_block_may_change_its_hidden_states_container_and_plain_values() -> None:
+    model = nn.Sequential(*[_CountingBlock() for _ in range(4)])
+    path, chain = find_chain(model, None)
+    runtime = split_chain(model, path, chain, counts=[2, 2], stages=0)
+    runtime.begin(None)
+    with pytest.raises(StageExit) as info:
+        model((torch.zeros(2, 4), 0))
+    assert info.value.output[1] == 2

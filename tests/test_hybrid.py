@@ -76,5 +76,6 @@ def test_replicas_with_different_numbers_of_batches_fail_on_every_rank() -> None
             assert kind == "PipelineError", (outcome.rank, what, kind, message)
             assert f"the data-parallel replicas' {what} data ends at different batches" in message, message
             assert "[[1, 0, 0], [1, 0, 1]]" in message, message
-        for case in ("training stream, limit", "training stream, max_steps", "validation stream, limit"):
+        for case in ("training stream, limit", "training stream, max_steps", "validation stream, limit",
+                     "validation stream, limit, no batch_idx"):
             assert errors[case] == ("no error", ""), (outcome.rank, case, errors[case])

@@ -18,7 +18,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from lightning_pipe.engine.tree import TreeSpec, flatten, unflatten
+from lightning_pipe.engine.tree import flatten, unflatten
 from lightning_pipe.errors import PipelineError
 
 __all__ = ["StageExit", "ChainRuntime", "find_chain", "split_chain", "is_cut"]
@@ -49,7 +49,7 @@ class ChainRuntime:
         self.received: Any = None
         self.hidden_names: dict[int, str] = {}  # each block's first parameter: the hidden state, when passed by name
         self.passed: tuple[int, Any] = (-1, None)  # the last stand-in and the hidden state it passed on
-        self.checked: set[int] = set()  # blocks found to return the structure of the hidden state they take
+        self.checked: set[int] = set()  # blocks found to return the form of the hidden state they take
         self._select(next(iter(self.ranges)))
 
     def _select(self, stage: int) -> None:
@@ -290,24 +290,20 @@ def _check_unchanged(runtime: ChainRuntime, index: int, value: Any) -> None:
             "returns, as in `x = block(x)[0]`, does too: make the blocks return the hidden state alone.)")
 
 
-def _structure(spec: TreeSpec) -> Any:
-    """``spec`` without the values of its non-tensor leaves (a layer counter carried along may change)."""
-    if spec.kind == "leaf":
-        return "leaf"
-    if spec.kind == "tensor":
-        return "tensor"
-    return (spec.kind, spec.value, tuple(_structure(c) for c in spec.children))
+def _shape_of(value: Any) -> tuple[bool, int]:
+    """Whether ``value`` is a tensor, and how many tensors it holds: what a block must keep of its hidden state.
+    (Containers may change class, a tuple for a list, and non-tensor leaves their values: a layer counter.)"""
+    return isinstance(value, torch.Tensor), len(flatten(value)[0])
 
 
 def _check_returns_hidden(runtime: ChainRuntime, index: int, args: tuple[Any, ...], kwargs: dict[str, Any],
                           output: Any) -> None:
-    """A block must return a value of the structure of the hidden state it takes: on a later stage its stand-in
-    returns the hidden state it is given, and the stage's last block's output is the next stage's first block's
-    input."""
+    """A block must return a value of the form of the hidden state it takes: on a later stage its stand-in returns
+    the hidden state it is given, and the stage's last block's output is the next stage's first block's input."""
     if not args and not kwargs:
         return
     taken = args[0] if args else _hidden_kwarg(runtime, index, kwargs)[1]
-    if _structure(flatten(taken)[1]) != _structure(flatten(output)[1]):
+    if _shape_of(taken) != _shape_of(output):
         raise PipelineError(
             f"block {index} of `{runtime.path}` takes a hidden state of one structure ({_describe(taken)}) and "
             f"returns another ({_describe(output)}): pipeline stages need each block to return what it takes (a "
@@ -326,7 +322,7 @@ def _describe(value: Any) -> str:
 
 def _make_exit_hook(runtime: ChainRuntime, index: int) -> Any:
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        # Once per block (the structure does not change from step to step); one stage has no boundary to cross.
+        # Once per block (the form does not change from step to step); one stage has no boundary to cross.
         if index not in runtime.checked and runtime.last_stage > 0:
             _check_returns_hidden(runtime, index, args, kwargs, output)
             runtime.checked.add(index)

@@ -245,6 +245,7 @@ class PipelineStrategy(DDPStrategy):
         # Whether the replicas compare, at each training (evaluation) batch, whether it is their last: where a
         # loader has no length, so the counts cannot be compared ahead.
         self._each_train_batch = self._each_eval_batch = False
+        self._eval_batches: dict[int, int] = {}  # per dataloader, the evaluation batches begun (the batch index)
         self._runtime: ChainRuntime | None = None
         self._replicated: ReplicatedParams | None = None
         self._counted: set[int] = set()
@@ -767,6 +768,7 @@ class PipelineStrategy(DDPStrategy):
         self._agree_batch_counts("validation", trainer.num_sanity_val_batches if trainer.sanity_checking
                                  else trainer.num_val_batches)
         self._each_eval_batch = self._replicas_need_each_batch(trainer.val_dataloaders)
+        self._eval_batches = {}
 
     @override
     def on_test_start(self) -> None:
@@ -774,6 +776,7 @@ class PipelineStrategy(DDPStrategy):
         trainer = self.lightning_module.trainer
         self._agree_batch_counts("test", trainer.num_test_batches)
         self._each_eval_batch = self._replicas_need_each_batch(trainer.test_dataloaders)
+        self._eval_batches = {}
 
     def _agree_batch_counts(self, what: str, counts: Sequence[float]) -> None:
         """Raise on every rank if the data-parallel replicas do not have as many batches: each step averages the
@@ -816,15 +819,18 @@ class PipelineStrategy(DDPStrategy):
                 "count every replica reaches)")
 
     def _agree_eval_batch(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if self._each_eval_batch:
-            # Lightning passes (batch, batch_idx[, dataloader_idx]) by position.
-            batch_idx = args[1] if len(args) > 1 else kwargs.get("batch_idx", 0)
-            dataloader_idx = args[2] if len(args) > 2 else kwargs.get("dataloader_idx", 0)
-            loop = self.lightning_module.trainer._evaluation_loop
-            limit = loop.max_batches[int(dataloader_idx)] if int(dataloader_idx) < len(loop.max_batches) else math.inf
-            self._agree_last_batch("test" if self.lightning_module.trainer.testing else "validation", int(batch_idx),
-                                   int(dataloader_idx),
-                                   loop.batch_progress.is_last_batch or int(batch_idx) + 1 >= limit)
+        if not self._each_eval_batch:
+            return
+        # Lightning passes (batch[, batch_idx][, dataloader_idx]) by position, batch_idx only where the step takes
+        # it; dataloader_idx is there whenever there are several loaders. The batch index is counted here.
+        dataloader_idx = int(args[2] if len(args) > 2 else kwargs.get("dataloader_idx", 0))
+        batch_idx = self._eval_batches.get(dataloader_idx, 0)
+        self._eval_batches[dataloader_idx] = batch_idx + 1
+        trainer = self.lightning_module.trainer
+        loop = trainer._evaluation_loop
+        limit = loop.max_batches[dataloader_idx] if dataloader_idx < len(loop.max_batches) else math.inf
+        self._agree_last_batch("test" if trainer.testing else "validation", batch_idx, dataloader_idx,
+                               loop.batch_progress.is_last_batch or batch_idx + 1 >= limit)
 
     # -- evaluation -----------------------------------------------------------------------------------------------
     @override
