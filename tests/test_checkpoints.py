@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 
+from lightning_pipe.errors import PipelineError
 from tests._launch import launch
 
 pytestmark = pytest.mark.distributed
@@ -260,3 +261,24 @@ def test_a_save_stopped_between_its_renames_leaves_a_checkpoint_after_the_next_f
     monkeypatch.undo()
     loaded = ckpt.load_sharded(path, model_state={"w": torch.empty(4)}, optimizer_names=[], weights_only=True)
     assert torch.equal(loaded["state_dict"]["w"], torch.arange(4.0))
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_a_directory_that_holds_other_files_is_not_replaced_by_a_save(tmp_path: Path) -> None:
+    """``trainer.save_checkpoint("runs/exp1")`` given a run's output folder by mistake: refused, and its files kept
+    (the save replaces what is at the path as a whole). An empty directory, or a checkpoint, is replaced."""
+    from lightning_pipe.strategy import checkpoint as ckpt
+
+    state = {"state_dict": {"w": torch.arange(4.0)}}
+    run = tmp_path / "exp1"
+    (run / "notes").mkdir(parents=True)
+    (run / "results.csv").write_text("step,loss\n")
+    with pytest.raises(PipelineError, match="it is a directory that holds other files and no checkpoint"):
+        ckpt.save_sharded(run, state=state, meta={"step": 1}, is_rank_zero=True, barrier=lambda: None)
+    assert sorted(p.name for p in run.iterdir()) == ["notes", "results.csv"]
+    assert [p.name for p in tmp_path.iterdir()] == ["exp1"], "nothing else written"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for target in (empty, empty):  # an empty directory, then the checkpoint written there
+        ckpt.save_sharded(target, state=state, meta={"step": 1}, is_rank_zero=True, barrier=lambda: None)
+        assert ckpt.is_sharded_checkpoint(target)

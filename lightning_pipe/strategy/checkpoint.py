@@ -151,6 +151,17 @@ def save_sharded(path: Path, *, state: dict[str, Any], meta: dict[str, Any] | No
     on every rank."""
     tmp = path.with_name(f".{path.name}.partial")
     old = path.with_name(f".{path.name}.old")
+
+    def check_target() -> None:
+        # A save replaces a checkpoint at ``path`` as a whole: a directory that holds anything else is refused, so
+        # that a path given by mistake (a run's output folder) does not lose its files.
+        if path.is_dir() and not is_sharded_checkpoint(path) and any(path.iterdir()):
+            raise PipelineError(f"cannot save a checkpoint to {path}: it is a directory that holds other files and "
+                                f"no checkpoint ({META_FILE} is missing), which the save would replace. Give "
+                                "another path (a new name, e.g. ending in .ckpt), or remove that directory")
+
+    on_every_rank(check_target if is_rank_zero else None, any_rank=any_rank,
+                  elsewhere=f"rank 0 refused to save a checkpoint to {path} (see its error); nothing was written")
     if is_rank_zero:
         if old.is_dir() and not path.exists():  # a save stopped between its two renames: the previous one is back
             old.rename(path)
