@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from torch import nn
 
 from lightning_pipe.errors import PipelineError
 from tests._launch import launch
@@ -282,3 +283,38 @@ def test_a_directory_that_holds_other_files_is_not_replaced_by_a_save(tmp_path: 
     for target in (empty, empty):  # an empty directory, then the checkpoint written there
         ckpt.save_sharded(target, state=state, meta={"step": 1}, is_rank_zero=True, barrier=lambda: None)
         assert ckpt.is_sharded_checkpoint(target)
+
+
+def _stage_scheduler(lrs: list[float]) -> tuple[torch.optim.Optimizer, Any, dict[int, str], list[nn.Parameter]]:
+    """A stage's optimizer (a group per learning rate, as with learning rates per layer) under warm-up then decay."""
+    params = [nn.Parameter(torch.zeros(2)) for _ in lrs]
+    optimizer = torch.optim.SGD([{"params": [p], "lr": lr} for p, lr in zip(params, lrs)])
+    scheduler = torch.optim.lr_scheduler.SequentialLR(optimizer, [
+        torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.25, total_iters=2),
+        torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.9 ** step)], milestones=[2])
+    return optimizer, scheduler, {id(p): f"layers.{lr}" for p, lr in zip(params, lrs)}, params
+
+
+def test_chained_schedulers_restore_each_stages_own_learning_rates() -> None:
+    """SequentialLR (and ChainedScheduler) keep their schedulers' per-group lists inside ``_schedulers``: each stage
+    gets its own back, not rank 0's, whose groups are other layers."""
+    from lightning_pipe.strategy import checkpoint as ckpt
+
+    stages = [_stage_scheduler([1.0, 2.0]), _stage_scheduler([3.0, 4.0, 5.0])]  # rank 0, rank 1
+    saved: dict[str, dict[str, Any]] = {}
+    for optimizer, scheduler, names, _ in stages:
+        for _ in range(3):  # past the milestone: the second scheduler's base_lrs are in use
+            optimizer.step()
+            scheduler.step()
+        saved.update(ckpt.scheduler_state_by_name(scheduler.state_dict(), optimizer, names))
+    meta = stages[0][1].state_dict()  # meta.pt holds rank 0's
+    assert "_schedulers.1.base_lrs" in saved["layers.3.0"]
+    for optimizer, scheduler, names, _ in stages:
+        fresh_optimizer, fresh, _, params = _stage_scheduler([g["initial_lr"] for g in optimizer.param_groups])
+        fresh_names = {id(p): n for p, n in zip(params, names.values())}
+        state = ckpt.load_scheduler_state_by_name(meta, fresh.state_dict(), fresh_optimizer, fresh_names, saved)
+        fresh.load_state_dict(state)
+        assert fresh.state_dict() == scheduler.state_dict()
+        fresh.step()
+        scheduler.step()
+        assert fresh.get_last_lr() == scheduler.get_last_lr()

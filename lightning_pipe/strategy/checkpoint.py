@@ -16,6 +16,7 @@ written, so an interrupted save leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 from pathlib import Path
@@ -91,10 +92,12 @@ def load_optimizer_state_by_name(optimizer: torch.optim.Optimizer, names: dict[i
 def scheduler_state_by_name(state: dict[str, Any], optimizer: torch.optim.Optimizer,
                             names: dict[int, str]) -> dict[str, dict[str, Any]]:
     """The per-param-group entries of an LR scheduler's ``state`` (its lists of one number per group of
-    ``optimizer``: ``base_lrs``, ``_last_lr``, ...), by the name of each parameter of the group."""
-    keys = _per_group_keys(state, len(optimizer.param_groups))
-    return {names[id(p)]: {key: state[key][g] for key in keys}
-            for g, group in enumerate(optimizer.param_groups) for p in group["params"]} if keys else {}
+    ``optimizer``: ``base_lrs``, ``_last_lr``, ..., also those of the schedulers it chains: ``SequentialLR``,
+    ``ChainedScheduler``), by the name of each parameter of the group; a chained scheduler's entry is keyed by its
+    path (``_schedulers.1.base_lrs``)."""
+    paths = _per_group_paths(state, len(optimizer.param_groups))
+    return {names[id(p)]: {_path_key(path): _at(state, path)[g] for path in paths}
+            for g, group in enumerate(optimizer.param_groups) for p in group["params"]} if paths else {}
 
 
 def load_scheduler_state_by_name(state: dict[str, Any], current: dict[str, Any], optimizer: torch.optim.Optimizer,
@@ -104,19 +107,43 @@ def load_scheduler_state_by_name(state: dict[str, Any], current: dict[str, Any],
     parameters was saved keeps ``current``'s value (the scheduler as ``configure_optimizers`` just made it)."""
     if not saved:
         return state
-    out = dict(state)
-    for key in _per_group_keys(current, len(optimizer.param_groups)):
+    out = copy.deepcopy(state)
+    for path in _per_group_paths(current, len(optimizer.param_groups)):
+        key = _path_key(path)
         values = []
         for g, group in enumerate(optimizer.param_groups):
             found = [saved[n][key] for n in (names[id(p)] for p in group["params"]) if key in saved.get(n, {})]
-            values.append(found[0] if found else current[key][g])
-        out[key] = values
+            values.append(found[0] if found else _at(current, path)[g])
+        try:
+            _at(out, path[:-1])[path[-1]] = values
+        except (KeyError, IndexError, TypeError):  # rank 0's scheduler chains others: this rank's lists stand
+            return state
     return out
 
 
-def _per_group_keys(state: dict[str, Any], num_groups: int) -> list[str]:
-    return [k for k, v in state.items() if isinstance(v, list) and len(v) == num_groups
-            and all(x is None or isinstance(x, (bool, int, float)) for x in v)]
+def _per_group_paths(state: dict[str, Any], num_groups: int, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Where ``state`` holds a list of one number per param group: top-level keys, and inside the states of the
+    schedulers it chains (``_schedulers``: a list of state dicts)."""
+    paths: list[tuple[Any, ...]] = []
+    for key, value in state.items():
+        if isinstance(value, list) and len(value) == num_groups \
+                and all(x is None or isinstance(x, (bool, int, float)) for x in value):
+            paths.append((*prefix, key))
+        elif key == "_schedulers" and isinstance(value, list):
+            for i, sub in enumerate(value):
+                if isinstance(sub, dict):
+                    paths += _per_group_paths(sub, num_groups, (*prefix, key, i))
+    return paths
+
+
+def _at(state: Any, path: tuple[Any, ...]) -> Any:
+    for step in path:
+        state = state[step]
+    return state
+
+
+def _path_key(path: tuple[Any, ...]) -> str:
+    return ".".join(str(step) for step in path)  # a top-level key stays as it is: checkpoints written before load
 
 
 def plain_optimizer_state_by_name(plain: dict[str, Any], param_order: list[str]) -> dict[str, Any]:
