@@ -641,3 +641,23 @@ def uneven_replicas(rank: int, world_size: int) -> dict[str, tuple[str, str]]:
         except Exception as err:  # noqa: BLE001 - reported to the test
             out[case] = (type(err).__name__, str(err))
     return out
+
+
+class _StopsAfterTheChain(TinyGPT):
+    """Sets ``trainer.should_stop`` in ``training_step`` after the loss (code that runs on the last stage only)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        if batch_idx == 2:
+            self.trainer.should_stop = True
+        return loss
+
+
+def stop_in_step(rank: int, world_size: int) -> tuple[int, bool]:
+    """Fit until ``training_step`` asks to stop: this rank's global step and ``should_stop``."""
+    seed_everything(0)
+    trainer = Trainer(accelerator="cpu", devices=world_size, max_steps=10, strategy=PipelineStrategy(timeout=30),
+                      logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      use_distributed_sampler=False, limit_val_batches=0, log_every_n_steps=1)
+    trainer.fit(_StopsAfterTheChain(), loader())
+    return trainer.global_step, trainer.should_stop

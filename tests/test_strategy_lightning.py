@@ -199,6 +199,15 @@ def test_registered_names() -> None:
 
 @pytest.mark.distributed
 @pytest.mark.timeout(120)
+def test_should_stop_set_after_the_chain_stops_every_stage() -> None:
+    """``self.trainer.should_stop = True`` in training_step after the loss runs on the last stage only: relayed,
+    every stage stops after that step, as one device does (it hung in a collective of the next step before)."""
+    outcomes = launch("tests._strategy_workers.stop_in_step", 2, deadline=90)
+    assert [o.unwrap() for o in outcomes] == [(3, True), (3, True)]
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("agree", [True, False])
 def test_gradient_scaler_inf_check_is_agreed_across_stages(agree: bool) -> None:
     """16-mixed: one stage overflowing must make every stage skip the step (on CPU Lightning runs 16-mixed as

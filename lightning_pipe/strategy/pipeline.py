@@ -589,7 +589,9 @@ class PipelineStrategy(DDPStrategy):
             try:
                 payload = [self._step_payload(result, recorder, weights, outputs if train else result.outputs,
                                               train=train, sizes=sizes)
-                           + (metrics.changed(counts) if metrics is not None and counts is not None else {},)]
+                           + (metrics.changed(counts) if metrics is not None and counts is not None else {},
+                              # Set by the step's code after the chain (a loss threshold), which runs only here.
+                              bool(module.trainer.should_stop))]
             except Exception as err:  # noqa: BLE001 - every stage must learn of it, not wait in the broadcast
                 payload = [_step_error(err)]
                 if self.num_stages == 1:
@@ -599,7 +601,9 @@ class PipelineStrategy(DDPStrategy):
         if payload[0][0] == "error":
             raise PipelineError(f"the last pipeline stage ({self.num_model_stages - 1}, on pipeline rank "
                                 f"{self.loss_rank}) failed after the step: {payload[0][1]}")
-        _, loss, records, merged, metric_counts = payload[0]
+        _, loss, records, merged, metric_counts, stop = payload[0]
+        if stop and not module.trainer.should_stop:  # the stages stop together, or the others wait for it
+            module.trainer.should_stop = True
         if metric_counts and not self.is_last_stage and metrics is not None:
             metrics.apply(metric_counts)
         replay(module, records, self.root_device)
