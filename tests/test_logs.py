@@ -145,6 +145,21 @@ def test_batch_size_in_some_micro_batches_only_is_refused() -> None:
         combine_records(recorder, [0.5, 0.5])
 
 
+@pytest.mark.parametrize(("value", "dtype"), [(torch.tensor(7), torch.float32), (torch.tensor(140), torch.float32),
+                                              (torch.tensor(7.0, dtype=torch.bfloat16), torch.bfloat16),
+                                              (torch.tensor(0.7, dtype=torch.bfloat16), torch.bfloat16)])
+def test_a_constant_is_averaged_exactly_whatever_its_dtype(value: torch.Tensor, dtype: torch.dtype) -> None:
+    """A batch of 21 in micro-batches of 6, 5, 5, 5: every micro-batch logs the same value, and so does the step
+    (an int64 came out one too low, a bfloat16 one rounding step off). A mean of integers is a float."""
+    weights = [6 / 21, 5 / 21, 5 / 21, 5 / 21]
+    recorder = record(Module(), [[("x", value.clone(), {}), ("s", value.clone(), {"reduce_fx": "sum"})]
+                                 for _ in weights])
+    records = by_name(combine_records(recorder, weights))
+    assert records["x"].value.dtype == dtype and records["x"].value.item() == value.item()
+    assert records["s"].value.dtype == value.dtype and records["s"].value.item() == (value.double() * 4).to(
+        value.dtype).item()
+
+
 def test_python_floats() -> None:
     recorder = record(Module(), [[("lr", 0.5, {}), ("n", 2.0, {"reduce_fx": "sum"})],
                                  [("lr", 1.5, {}), ("n", 3.0, {"reduce_fx": "sum"})]])

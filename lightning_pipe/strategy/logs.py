@@ -168,15 +168,19 @@ def _combine(name: str, calls: list[tuple[int, Any, dict[str, Any], str | None]]
             share = {mb: size / total for mb, size in zip(present, given)} if total else share
     elif not every and samples is not None:
         kwargs["batch_size"] = sum(samples[mb] for mb in present)
+    # Means and sums in float64, then back to the value's dtype: in its own dtype a weighted mean of an integer is
+    # taken in float32 and truncated (7 logged by every micro-batch gave 6), and in bfloat16 each term rounds (7.0
+    # gave 6.97). A mean of integers is a float (Lightning logs it as one).
     if how == _MEAN:
-        value: Any = sum(share[mb] * v for mb, v in zip(present, values))
+        value: Any = sum(share[mb] * v.double() for mb, v in zip(present, values))
     elif how == _SUM:
-        value = sum(values)
+        value = sum(v.double() if v.is_floating_point() else v for v in values)
     else:
         stacked = torch.stack([v.to(values[0].dtype) for v in values])
         value = stacked.max(0).values if how == _MAX else stacked.min(0).values
     if isinstance(last_value, torch.Tensor):
-        value = value.to(last_value.dtype)
+        integral = not (last_value.is_floating_point() or last_value.is_complex())
+        value = value.to(torch.get_default_dtype() if integral and how == _MEAN else last_value.dtype)
     return LogRecord(name, value.cpu() if isinstance(value, torch.Tensor) else value, kwargs)
 
 
