@@ -168,6 +168,22 @@ def test_python_floats() -> None:
     assert float(records["n"].value) == 5.0
 
 
+def test_a_metric_forwarded_by_some_micro_batches_shows_their_values_on_step() -> None:
+    """``if cond: self.acc(x); self.log("acc", self.acc)`` in micro-batches 0 and 2 of 3: their forward values,
+    weighted among themselves, relayed (left unset, every rank showed its own leftover value)."""
+    module = Module()
+    recorder = LogRecorder(module)
+    for mb, value in ((0, 1.0), (2, 4.0)):
+        with recorder.capture(mb):
+            module.acc(torch.tensor(value))
+            module.log("acc", module.acc)
+    with recorder.capture(1):
+        pass
+    (rec,) = combine_records(recorder, [0.5, 0.25, 0.25])
+    assert rec.metric_attribute == "acc"
+    torch.testing.assert_close(rec.value, torch.tensor(2.0))  # (0.5 * 1 + 0.25 * 4) / 0.75
+
+
 def test_metric_relayed_by_attribute() -> None:
     module = Module()
     recorder = record(module, [[("acc", module.acc, {"prog_bar": True}), ("total", module.sub.total, {})],

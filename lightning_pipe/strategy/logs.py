@@ -126,9 +126,15 @@ def _combine_metric(name: str, calls: list[tuple[int, Any, dict[str, Any], str |
     stage's state."""
     kwargs = dict(calls[-1][2])
     kwargs.pop("batch_size", None)
-    caches = [(mb, v) for mb, v, _, _ in calls if isinstance(v, torch.Tensor)]
-    step_value = sum(weights[mb] * v.double() for mb, v in caches).to(caches[0][1].dtype).cpu() \
-        if len(caches) == len(weights) and len({mb for mb, _ in caches}) == len(weights) else None
+    # Each micro-batch's last forward value; those of the micro-batches that logged it, weighted among themselves
+    # (as for other names), so that every rank shows the same value on step: left unset, each would show its own.
+    caches = {mb: v for mb, v, _, _ in calls if isinstance(v, torch.Tensor)}
+    step_value = None
+    if caches:
+        total = sum(weights[mb] for mb in caches)
+        share = {mb: weights[mb] / total if total > 0 else 1.0 / len(caches) for mb in caches}
+        step_value = sum(share[mb] * v.double() for mb, v in caches.items()).to(next(iter(caches.values())).dtype)
+        step_value = step_value.cpu()
     return LogRecord(name, step_value, kwargs, calls[-1][3])
 
 
