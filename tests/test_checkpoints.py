@@ -3,6 +3,7 @@ consolidation, interrupted saves and damaged checkpoints."""
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import subprocess
@@ -307,8 +308,8 @@ def test_chained_schedulers_restore_each_stages_own_learning_rates() -> None:
             optimizer.step()
             scheduler.step()
         saved.update(ckpt.scheduler_state_by_name(scheduler.state_dict(), optimizer, names))
-    meta = stages[0][1].state_dict()  # meta.pt holds rank 0's
-    assert "_schedulers.1.base_lrs" in saved["layers.3.0"]
+    meta = copy.deepcopy(stages[0][1].state_dict())  # meta.pt holds rank 0's
+    assert "_schedulers/1/base_lrs" in saved["layers.3.0"]
     for optimizer, scheduler, names, _ in stages:
         fresh_optimizer, fresh, _, params = _stage_scheduler([g["initial_lr"] for g in optimizer.param_groups])
         fresh_names = {id(p): n for p, n in zip(params, names.values())}
@@ -318,3 +319,19 @@ def test_chained_schedulers_restore_each_stages_own_learning_rates() -> None:
         fresh.step()
         scheduler.step()
         assert fresh.get_last_lr() == scheduler.get_last_lr()
+    # Consolidated (one file for one device): every list in the whole model's group order, chained ones too.
+    by_name: dict[str, Any] = {"hparams": {}, "groups": {}}
+    for optimizer, _, names, _ in stages:
+        part = ckpt.optimizer_state_by_name(optimizer, names)
+        by_name["hparams"].update(part["hparams"])
+        by_name["groups"].update(part["groups"])
+    full = {"lr_schedulers": [copy.deepcopy(meta)], "lr_scheduler_0": saved}
+    ckpt._plain_schedulers(full, [by_name], [f"layers.{lr}" for lr in (1.0, 2.0, 3.0, 4.0, 5.0)])
+    optimizer, one_device, _, _ = _stage_scheduler([1.0, 2.0, 3.0, 4.0, 5.0])
+    for _ in range(3):
+        optimizer.step()
+        one_device.step()
+    expected, consolidated = one_device.state_dict(), full["lr_schedulers"][0]
+    assert consolidated["_last_lr"] == expected["_last_lr"]
+    for key in ("base_lrs", "_last_lr"):
+        assert [s[key] for s in consolidated["_schedulers"]] == [s[key] for s in expected["_schedulers"]]

@@ -94,7 +94,7 @@ def scheduler_state_by_name(state: dict[str, Any], optimizer: torch.optim.Optimi
     """The per-param-group entries of an LR scheduler's ``state`` (its lists of one number per group of
     ``optimizer``: ``base_lrs``, ``_last_lr``, ..., also those of the schedulers it chains: ``SequentialLR``,
     ``ChainedScheduler``), by the name of each parameter of the group; a chained scheduler's entry is keyed by its
-    path (``_schedulers.1.base_lrs``)."""
+    path (``_schedulers/1/base_lrs``)."""
     paths = _per_group_paths(state, len(optimizer.param_groups))
     return {names[id(p)]: {_path_key(path): _at(state, path)[g] for path in paths}
             for g, group in enumerate(optimizer.param_groups) for p in group["params"]} if paths else {}
@@ -143,7 +143,9 @@ def _at(state: Any, path: tuple[Any, ...]) -> Any:
 
 
 def _path_key(path: tuple[Any, ...]) -> str:
-    return ".".join(str(step) for step in path)  # a top-level key stays as it is: checkpoints written before load
+    # "/": the shards' keys join names with ".", and their last part is this key. A top-level key stays as it is
+    # (checkpoints written before still load).
+    return "/".join(str(step) for step in path)
 
 
 def plain_optimizer_state_by_name(plain: dict[str, Any], param_order: list[str]) -> dict[str, Any]:
@@ -362,7 +364,11 @@ def _plain_schedulers(full: dict[str, Any], by_name: list[dict[str, Any]], order
             buckets = _plain_groups(optimizer, order)
             for key in {k for entry in saved.values() for k in entry}:
                 if all(key in saved.get(bucket[0], {}) for bucket in buckets):
-                    state[key] = [saved[bucket[0]][key] for bucket in buckets]
+                    path = tuple(int(step) if step.isdigit() else step for step in key.split("/"))
+                    try:  # a chained scheduler's list lies at its path (_path_key)
+                        _at(state, path[:-1])[path[-1]] = [saved[bucket[0]][key] for bucket in buckets]
+                    except (KeyError, IndexError, TypeError):
+                        pass
     full["pipeline_lr_scheduler_groups"] = groups
 
 
