@@ -72,11 +72,11 @@ def job(rank: int, world_size: int, *, pp: int | None, steps: int = -1, epochs: 
         ckpt_in: str | None = None,
         ckpt_out: str | None = None, optimizer: str = "adamw", body: str = "modulelist",
         corrupt: str | None = None, weights_only: bool | None = None, checkpoint_dir: str | None = None,
-        ) -> dict[str, Any]:
+        tie_blocks: bool = False) -> dict[str, Any]:
     """Fit to ``steps`` (resuming from ``ckpt_in``), save to ``ckpt_out``; ``pp=None`` trains without a pipeline."""
     seed_everything(0, workers=True)
     model = TinyGPT(body=body, optimizer=optimizer, d=24 if corrupt == "shape" else 16,
-                    n_layer=6 if corrupt in ("deeper", "deeper_file") else 4)
+                    n_layer=6 if corrupt in ("deeper", "deeper_file") else 4, tie_blocks=tie_blocks)
     replicas = world_size // pp if pp else 1
     data = token_data(48)
     if replicas > 1:

@@ -110,11 +110,18 @@ def test_layerwise_learning_rates_and_their_schedule_resume_in_other_layouts(tmp
 
 @pytest.mark.timeout(300)
 def test_plain_lightning_checkpoint_resumes_under_the_pipeline(tmp_path: Path) -> None:
-    plain = _run(1, pp=None, steps=12, checkpoint_dir=str(tmp_path))
+    """With a weight tied between the first and the last block: one device names it `layers.0.fc2.weight` only, the
+    second stage holds it as `layers.3.fc2.weight` and finds its optimizer state under the other name (it started
+    with none before, and its copy drifted from the first stage's)."""
+    plain = _run(1, pp=None, steps=12, checkpoint_dir=str(tmp_path), tie_blocks=True)
     assert (tmp_path / CKPT).is_file()  # an ordinary single-file checkpoint
-    resumed = _run(2, pp=2, steps=12, ckpt_in=str(tmp_path / CKPT))
-    assert _max_diff(_merge(resumed, "params"), plain[0]["params"]) <= TOLERANCE
-    assert _max_diff(_merge(resumed, "optimizer"), plain[0]["optimizer"]["state"]) <= TOLERANCE
+    resumed = _run(2, pp=2, steps=12, ckpt_in=str(tmp_path / CKPT), tie_blocks=True)
+    params, state = _merge(resumed, "params"), _merge(resumed, "optimizer")
+    first, last = "layers.0.fc2.weight", "layers.3.fc2.weight"
+    assert torch.equal(params.pop(last), params[first]), "the tied copies stay one weight"
+    assert _max_diff(state.pop(last), state[first]) == 0.0
+    assert _max_diff(params, plain[0]["params"]) <= TOLERANCE
+    assert _max_diff(state, plain[0]["optimizer"]["state"]) <= TOLERANCE
 
 
 @pytest.mark.timeout(300)

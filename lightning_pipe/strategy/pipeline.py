@@ -257,6 +257,9 @@ class PipelineStrategy(DDPStrategy):
         self._executors: dict[int, PipelineExecutor] = {}
         self._warned_short_batch = False
         self._param_order: list[str] = []
+        # Every name of each parameter that has several (a weight tied across blocks): stages that hold it under
+        # different names, and checkpoints written in another layout, find its state under any of them.
+        self._aliases: dict[str, list[str]] = {}
         self.freeze_gc = freeze_gc
         self.comm_thread = comm_thread
         self.guard_io_threads = guard_io_threads
@@ -460,6 +463,7 @@ class PipelineStrategy(DDPStrategy):
                 keeper=max(held))
         self._replicated = ReplicatedParams(placement.replicated_names, placement.replicated_shapes,
                                             placement.replicated_owners, self.pp_rank, module)
+        self._aliases = {name: aliases for aliases in placement.replicated_names for name in aliases}
         replicated_ids = {id(p) for p in self._replicated.params if p is not None}
         counted_ids = {id(p) for p, c in zip(self._replicated.params, self._replicated.count_here)
                        if p is not None and c}
@@ -934,12 +938,16 @@ class PipelineStrategy(DDPStrategy):
         path = Path(self.broadcast(str(checkpoint_path)))
         if path.is_dir():
             names = self._names()
+
+            def every_name(optimizer: Optimizer) -> list[str]:
+                own = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+                return [alias for name in own for alias in self._aliases.get(name, [name])]
+
             checkpoint = load_sharded(
                 path, model_state=self.lightning_module.state_dict(), weights_only=weights_only,
-                optimizer_names=[[names[id(p)] for g in opt.param_groups for p in g["params"]]
-                                 for opt in self.optimizers],
-                scheduler_names=[[names[id(p)] for g in optimizer.param_groups for p in g["params"]]
-                                 if optimizer is not None else [] for optimizer in self._scheduler_optimizers()],
+                optimizer_names=[every_name(opt) for opt in self.optimizers],
+                scheduler_names=[every_name(optimizer) if optimizer is not None else []
+                                 for optimizer in self._scheduler_optimizers()],
                 any_rank=self._any_rank,
             )
             checkpoint[_LOADED_IN_PLACE] = True  # DCP wrote into the module's own tensors already
@@ -965,7 +973,7 @@ class PipelineStrategy(DDPStrategy):
         for i, (config, optimizer) in enumerate(zip(self.lr_scheduler_configs, self._scheduler_optimizers())):
             if optimizer is not None and i < len(states) and i < len(by_name):
                 states[i] = load_scheduler_state_by_name(states[i], config.scheduler.state_dict(), optimizer, names,
-                                                         by_name[i])
+                                                         self._under_own_names(by_name[i]))
 
     @override
     def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
@@ -993,11 +1001,25 @@ class PipelineStrategy(DDPStrategy):
             for optimizer, saved in zip(self.optimizers, checkpoint["optimizer_states"]):
                 if "param_groups" in saved:  # an ordinary index-keyed state from single-device training
                     saved = plain_optimizer_state_by_name(saved, self._param_order)
+                saved = {part: self._under_own_names(entries) if part in ("state", "hparams", "groups") else entries
+                         for part, entries in saved.items()}
                 load_optimizer_state_by_name(optimizer, names, saved)
                 _optimizers_to_device([optimizer], self.root_device)
 
         on_every_rank(load, any_rank=self._any_rank,
                       elsewhere="loading the checkpoint's optimizer states failed on another rank (see its error)")
+
+    def _under_own_names(self, by_name: dict[str, Any]) -> dict[str, Any]:
+        """``by_name`` (entries keyed by parameter name) with each entry saved under another name of a parameter
+        with several (a tied weight) also under the names this rank has not got an entry for: a checkpoint written
+        on one device, or in another layout, names a tied weight by its first name only."""
+        out = dict(by_name)
+        for name, aliases in self._aliases.items():
+            if name not in out:
+                found = next((a for a in aliases if a in by_name), None)
+                if found is not None:
+                    out[name] = by_name[found]
+        return out
 
     def _any_rank(self, flag: bool) -> bool:
         return self.reduce_boolean_decision(flag, all=False)
