@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule, Trainer, seed_everything
+from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -67,15 +67,24 @@ def loader() -> DataLoader:
     return DataLoader(TensorDataset(tokens, tokens[:, 0]), batch_size=BATCH)
 
 
+class _RandomStateAtStart(Callback):
+    """Torch's random state when training starts: the same on every rank (seeded alike, the same draws), unless the
+    profile, on rank 0 only, left it changed."""
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.state = torch.get_rng_state()
+
+
 def observe_job(rank: int, world_size: int, *, out: str) -> dict[str, Any]:
     from lightning_pipe import PipelineStrategy
 
     seed_everything(0)
     strategy = PipelineStrategy(balance="time", num_microbatches="auto", timeline_steps=[1],
                                 timeline_dir=os.path.join(out, "timelines"))
+    at_start = _RandomStateAtStart()
     trainer = Trainer(accelerator="cpu", devices=world_size, strategy=strategy, max_steps=3, log_every_n_steps=1,
                       logger=CSVLogger(out), enable_progress_bar=False, enable_model_summary=False,
-                      enable_checkpointing=False, use_distributed_sampler=False)
+                      enable_checkpointing=False, use_distributed_sampler=False, callbacks=[at_start])
     trainer.fit(SleepNet(), loader())
     plan = strategy.layout_plan
     result: dict[str, Any] = {
@@ -83,6 +92,7 @@ def observe_job(rank: int, world_size: int, *, out: str) -> dict[str, Any]:
         "overhead": plan.tune.overhead if plan.tune else None,
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
         "metrics_seconds": strategy.pipeline_metrics.seconds_spent,
+        "random_state_at_start": at_start.state.tolist(),
     }
     if rank == 0:
         trainer.logger.finalize("success")

@@ -30,6 +30,8 @@ def test_time_balance_auto_microbatches_metrics_and_timeline(tmp_path) -> None:
         assert r["metrics"]["pipeline/tokens_per_sec"] == pytest.approx(
             4 * r["metrics"]["pipeline/samples_per_sec"], rel=1e-4)
     assert results[0]["metrics"] == results[1]["metrics"]  # the same figures on every rank
+    # The profile (rank 0 only) drew its batch from the loader, whose iterator draws a seed: put back as well.
+    assert results[0]["random_state_at_start"] == results[1]["random_state_at_start"]
     rows = list(csv.DictReader(io.StringIO(results[0]["csv"])))
     steps = [float(row["pipeline/step_time"]) for row in rows if row.get("pipeline/step_time")]
     assert len(steps) == 3 and all(0.1 < s < 0.4 for s in steps)  # predicted ~0.17 s

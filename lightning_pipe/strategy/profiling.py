@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -117,8 +118,7 @@ def _alone() -> bool:
     return False
 
 
-def _restore(module: nn.Module, buffers: dict[str, torch.Tensor], rng: torch.Tensor, cuda_rng: torch.Tensor | None,
-             device: torch.device) -> None:
+def _restore(module: nn.Module, buffers: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, b in module.named_buffers():
             if name in buffers:
@@ -126,9 +126,34 @@ def _restore(module: nn.Module, buffers: dict[str, torch.Tensor], rng: torch.Ten
     for m in module.modules():
         if isinstance(m, Metric):
             m.reset()
-    torch.set_rng_state(rng)
-    if cuda_rng is not None:
-        torch.cuda.set_rng_state(cuda_rng, device)
+
+
+class _RandomStates:
+    """The generators a training step or a DataLoader may draw from (torch's, the device's, Python's, NumPy's),
+    saved now and put back by :meth:`restore`."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.torch = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        self.python = random.getstate()
+        self.numpy = _numpy_random().get_state() if _numpy_random() is not None else None
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.torch)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+        random.setstate(self.python)
+        if self.numpy is not None:
+            _numpy_random().set_state(self.numpy)  # type: ignore[union-attr]
+
+
+def _numpy_random() -> Any:
+    try:
+        import numpy
+    except ImportError:  # pragma: no cover - numpy comes with torch in practice
+        return None
+    return numpy.random
 
 
 def plan_layout(strategy: Any, module: Any, chain: nn.Module, fallback: Any) -> LayoutPlan:
@@ -162,21 +187,21 @@ def _decide(strategy: Any, module: Any, chain: nn.Module, fallback: Any, overhea
     profiled = balance in ("time", "memory") or strategy._auto_microbatches
     if not profiled:  # pragma: no cover - plan_layout is only called when something needs a profile
         return LayoutPlan(fallback(), None, "")
-    batch = _first_batch(trainer)
-    size = batch_size_of(batch)
     device = strategy.root_device
-    home = next(module.parameters()).device
     # Profiling runs the user's training_step: what it changes (buffers such as BatchNorm's running statistics,
     # torchmetrics states, the random number generators) is put back afterwards, so that training starts as it
-    # would have without the profile.
+    # would have without the profile. The generators are saved before the batch is drawn: making the loader's
+    # iterator draws its base seed from torch's generator (on this rank only, which then ran other dropout masks).
+    rng = _RandomStates(device)
+    batch = _first_batch(trainer)
+    size = batch_size_of(batch)
+    home = next(module.parameters()).device
     buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
     # This rank profiles alone: a metric that syncs on step would wait for the others.
     metrics = [m for m in module.modules() if isinstance(m, Metric)]
     availability = [m.distributed_available_fn for m in metrics]
     for m in metrics:
         m.distributed_available_fn = _alone
-    rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     module.to(device)
     m_default = strategy._num_microbatches or 2 * strategy.num_stages
     lines = []
@@ -193,7 +218,8 @@ def _decide(strategy: Any, module: Any, chain: nn.Module, fallback: Any, overhea
     finally:
         module.to(home)
         module.zero_grad(set_to_none=True)
-        _restore(module, buffers, rng, cuda_rng, device)
+        _restore(module, buffers)
+        rng.restore()
         for m, fn in zip(metrics, availability):
             m.distributed_available_fn = fn
     held_m = m_default
