@@ -123,6 +123,23 @@ def test_profile_of_sleeping_layers_gives_the_expected_time_cut() -> None:
     assert time_partition(prof.forward, prof.backward, 2).counts == [3, 1]
 
 
+@pytest.mark.timeout(60)
+def test_frozen_first_blocks_have_no_backward_and_the_first_trainable_block_its_own() -> None:
+    """Fine-tuning with the input and the first blocks frozen: no gradient reaches their outputs. Block 0 was
+    charged the whole backward and block 2 (the first trainable one) none, so the time cut put too much on the
+    stage of the trainable blocks."""
+    blocks = torch.nn.Sequential(*[SleepBlock(f, k) for f, k in SLEEPS])
+    for block in blocks[:2]:
+        block.requires_grad_(False)
+    x = torch.randn(8, 8)
+    prof = profile_chain(lambda: blocks(x * 1.0).sum(), list(blocks), iterations=2, samples=8)
+    assert prof.backward[:2] == [0.0, 0.0]
+    for (fixed, per_sample), b in zip(SLEEPS[2:], prof.backward[2:]):
+        expected = 2 * (fixed + per_sample * 8) / 1e3
+        assert expected <= b <= expected + 4e-3, (prof.backward, expected)
+    assert prof.pre_backward == 0.0
+
+
 def test_auto_microbatches_picks_the_cost_model_optimum() -> None:
     # Stages sleeping c + k*b per forward (2x backward): 1F1B's step is about 3 (m+p-1)(c + kB/m), smallest at
     # m = sqrt(kB(p-1)/c). With p = 4, c = 2 ms, k*B = 24 ms: m* = 6 -> among powers of two, 8 (not 4 or 16).

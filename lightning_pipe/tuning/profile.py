@@ -153,12 +153,20 @@ def profile_chain(step_fn: Callable[[], torch.Tensor], blocks: Sequence[nn.Modul
             f0, f1, g_out, g_in = state["f0"], state["f1"], state["g_out"], state["g_in"]
             if any(v is None for v in f0) or any(v is None for v in f1):
                 raise RuntimeError("profile_chain: some blocks were not called by step_fn")
-            g = [v if v is not None else b0 for v in g_out]
-            bwd = [(g[i - 1] if i > 0 else (g_in if g_in is not None else b1)) - g[i] for i in range(n)]
+            # Block i's backward runs from the gradient reaching its output to the gradient reaching its input:
+            # the output of the nearest earlier block that has one, else the chain's input, else the end of the
+            # backward. A block whose output needs no gradient (frozen, as every block before it) has no backward;
+            # the first trainable block after frozen ones ends with the backward, not at its start.
+            def ended(i: int) -> float:
+                earlier = next((g_out[j] for j in range(i - 1, -1, -1) if g_out[j] is not None), None)
+                return earlier if earlier is not None else (g_in if g_in is not None else b1)
+
+            bwd = [ended(i) - g_out[i] if g_out[i] is not None else 0.0 for i in range(n)]
             runs.append(dict(
                 forward=[f1[i] - f0[i] for i in range(n)], backward=[max(0.0, x) for x in bwd],
                 pre_forward=f0[0] - t_begin, post_forward=t_fwd - f1[-1],
-                pre_backward=(b1 - g_in) if g_in is not None else 0.0, post_backward=max(0.0, g[-1] - b0),
+                pre_backward=(b1 - g_in) if g_in is not None else 0.0,
+                post_backward=max(0.0, (g_out[-1] if g_out[-1] is not None else b1) - b0),
                 act=list(state["act"]),
             ))
     finally:
