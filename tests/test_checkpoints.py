@@ -342,3 +342,30 @@ def test_chained_schedulers_restore_each_stages_own_learning_rates() -> None:
     assert consolidated["_last_lr"] == expected["_last_lr"]
     for key in ("base_lrs", "_last_lr"):
         assert [s[key] for s in consolidated["_schedulers"]] == [s[key] for s in expected["_schedulers"]]
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_a_link_to_a_checkpoint_is_replaced_and_removed_as_a_link(tmp_path: Path) -> None:
+    """``ModelCheckpoint(save_last="link")`` makes ``last.ckpt`` a link to a checkpoint directory. A save there
+    replaced the link by moving it aside, failed to remove it (rmtree refuses links), and the next save failed on the
+    leftover; removing the link (a renamed last checkpoint at the next epoch) failed the same way."""
+    from lightning_pipe.strategy import checkpoint as ckpt
+
+    def save(path: Path, step: int) -> None:
+        ckpt.save_sharded(path, state={"state_dict": {"w": torch.full((4,), float(step))}}, meta={"step": step},
+                          is_rank_zero=True, barrier=lambda: None)
+
+    target, link = tmp_path / "epoch=0-step=6.ckpt", tmp_path / "last.ckpt"
+    save(target, 6)
+    link.symlink_to(target.name)
+    for step in (7, 8):  # onto the link, then onto the directory that replaced it
+        save(link, step)
+        assert not link.is_symlink() and torch.load(link / ckpt.META_FILE, weights_only=True) == {"step": step}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch=0-step=6.ckpt", "last.ckpt"], "no leftovers"
+    assert torch.load(target / ckpt.META_FILE, weights_only=True) == {"step": 6}, "the link's target is kept"
+    other = tmp_path / "epoch=0-last.ckpt"
+    other.symlink_to(target.name)
+    ckpt.remove_checkpoint_path(other)
+    assert not other.exists() and not other.is_symlink() and ckpt.is_sharded_checkpoint(target)
+    ckpt.remove_checkpoint_path(target)
+    assert not target.exists()

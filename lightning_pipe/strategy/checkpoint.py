@@ -31,7 +31,7 @@ from lightning_pipe.errors import PipelineError, on_every_rank
 __all__ = [
     "META_FILE", "optimizer_state_by_name", "load_optimizer_state_by_name", "save_sharded", "load_sharded",
     "is_sharded_checkpoint", "consolidate", "plain_optimizer_state_by_name", "scheduler_state_by_name",
-    "load_scheduler_state_by_name", "main",
+    "load_scheduler_state_by_name", "main", "remove_checkpoint_path",
 ]
 
 META_FILE = "meta.pt"  # the name Lightning's sharded checkpoints use for their non-tensor part
@@ -210,15 +210,27 @@ def save_sharded(path: Path, *, state: dict[str, Any], meta: dict[str, Any] | No
     # Also: every rank has written, so the new checkpoint is complete.
     on_every_rank(write_meta if is_rank_zero else None, any_rank=any_rank,
                   elsewhere=f"rank 0 failed to write {META_FILE} of {path} (see its error); {kept}")
-    if is_rank_zero:
-        shutil.rmtree(old, ignore_errors=True)
-        if path.is_file():
+    def swap() -> None:
+        remove_checkpoint_path(old)
+        if path.is_symlink() or path.is_file():  # a link (save_last="link") is replaced, not what it points to
             path.unlink()
         elif path.exists():
             path.rename(old)
         tmp.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
-    barrier()
+        remove_checkpoint_path(old)
+
+    # Also the barrier after it: no rank goes on before the checkpoint is in place, and a failure raises on all.
+    on_every_rank(swap if is_rank_zero else None, any_rank=any_rank,
+                  elsewhere=f"rank 0 failed to put the new checkpoint in place at {path} (see its error)")
+
+
+def remove_checkpoint_path(path: Path) -> None:
+    """Remove the checkpoint at ``path``: a link to one (``ModelCheckpoint(save_last="link")``) is removed, not
+    what it points to; a sharded directory with its shards; a file. Nothing there: nothing to do."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
 
 
 # -- load -----------------------------------------------------------------------------------------------------------

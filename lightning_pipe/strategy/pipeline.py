@@ -12,7 +12,6 @@ import atexit
 import functools
 import logging
 import math
-import shutil
 import warnings
 from collections.abc import Mapping
 from contextlib import nullcontext
@@ -53,6 +52,7 @@ from lightning_pipe.strategy.checkpoint import (
     load_sharded,
     optimizer_state_by_name,
     plain_optimizer_state_by_name,
+    remove_checkpoint_path,
     scheduler_state_by_name,
     save_sharded,
 )
@@ -1027,8 +1027,8 @@ class PipelineStrategy(DDPStrategy):
     @override
     def remove_checkpoint(self, filepath: Any) -> None:
         if self.is_global_zero:
-            if Path(filepath).is_dir():
-                shutil.rmtree(filepath)
+            if Path(filepath).is_dir():  # a sharded checkpoint, or a link to one (save_last="link")
+                remove_checkpoint_path(Path(filepath))
             else:
                 super().remove_checkpoint(filepath)
 
