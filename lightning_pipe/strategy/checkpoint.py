@@ -210,6 +210,7 @@ def save_sharded(path: Path, *, state: dict[str, Any], meta: dict[str, Any] | No
     # Also: every rank has written, so the new checkpoint is complete.
     on_every_rank(write_meta if is_rank_zero else None, any_rank=any_rank,
                   elsewhere=f"rank 0 failed to write {META_FILE} of {path} (see its error); {kept}")
+
     def swap() -> None:
         remove_checkpoint_path(old)
         if path.is_symlink() or path.is_file():  # a link (save_last="link") is replaced, not what it points to
