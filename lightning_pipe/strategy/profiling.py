@@ -137,15 +137,16 @@ class _RandomStates:
         self.torch = torch.get_rng_state()
         self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
         self.python = random.getstate()
-        self.numpy = _numpy_random().get_state() if _numpy_random() is not None else None
+        self._numpy = _numpy_random()
+        self.numpy = self._numpy.get_state() if self._numpy is not None else None
 
     def restore(self) -> None:
         torch.set_rng_state(self.torch)
         if self.cuda is not None:
             torch.cuda.set_rng_state(self.cuda, self.device)
         random.setstate(self.python)
-        if self.numpy is not None:
-            _numpy_random().set_state(self.numpy)  # type: ignore[union-attr]
+        if self._numpy is not None:
+            self._numpy.set_state(self.numpy)
 
 
 def _numpy_random() -> Any:

@@ -157,11 +157,11 @@ def profile_chain(step_fn: Callable[[], torch.Tensor], blocks: Sequence[nn.Modul
             # the output of the nearest earlier block that has one, else the chain's input, else the end of the
             # backward. A block whose output needs no gradient (frozen, as every block before it) has no backward;
             # the first trainable block after frozen ones ends with the backward, not at its start.
-            def ended(i: int) -> float:
-                earlier = next((g_out[j] for j in range(i - 1, -1, -1) if g_out[j] is not None), None)
-                return earlier if earlier is not None else (g_in if g_in is not None else b1)
-
-            bwd = [ended(i) - g_out[i] if g_out[i] is not None else 0.0 for i in range(n)]
+            bwd, ended = [], g_in if g_in is not None else b1  # ended: where the next block's backward ends
+            for i in range(n):
+                bwd.append(ended - g_out[i] if g_out[i] is not None else 0.0)
+                if g_out[i] is not None:
+                    ended = g_out[i]
             runs.append(dict(
                 forward=[f1[i] - f0[i] for i in range(n)], backward=[max(0.0, x) for x in bwd],
                 pre_forward=f0[0] - t_begin, post_forward=t_fwd - f1[-1],
