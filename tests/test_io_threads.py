@@ -49,6 +49,18 @@ def _policy(tid: int) -> int:
     return os.sched_getscheduler(tid)
 
 
+def _refuse(monkeypatch: pytest.MonkeyPatch, tid: int, error: OSError, *, policy: int | None = None) -> None:
+    """Make the guard's ``sched_setscheduler`` raise ``error`` for ``tid`` (for ``policy`` only, if given)."""
+    real = os.sched_setscheduler
+
+    def setscheduler(target: int, wanted: int, param: os.sched_param) -> None:
+        if target == tid and policy in (None, wanted):
+            raise error
+        real(target, wanted, param)
+
+    monkeypatch.setattr(io_threads.os, "sched_setscheduler", setscheduler)
+
+
 def test_the_io_threads_are_found_by_name_and_policy(io_thread: _Thread) -> None:
     other = _Thread("not_gloo")
     idle = _Thread("gloo_tcp_loop")
@@ -102,14 +114,8 @@ def test_a_thread_that_ends_while_guarded_is_dropped_at_its_next_call(
     guard = IoThreadGuard([later.tid, io_thread.tid])
     assert guard.threads == [later.tid, io_thread.tid]
     later.close()
-    real = os.sched_setscheduler
-
-    def ended(tid: int, policy: int, param: os.sched_param) -> None:
-        if tid == later.tid:  # what the kernel answers for an id that no thread has (not reused meanwhile)
-            raise ProcessLookupError(3, "No such process")
-        real(tid, policy, param)
-
-    monkeypatch.setattr(io_threads.os, "sched_setscheduler", ended)
+    # What the kernel answers for an id that no thread has (not reused meanwhile).
+    _refuse(monkeypatch, later.tid, ProcessLookupError(3, "No such process"))
     with guard:
         assert _policy(io_thread.tid) == os.SCHED_BATCH
     assert guard.threads == [io_thread.tid] and guard.disabled is None
@@ -119,14 +125,7 @@ def test_a_thread_that_ends_while_guarded_is_dropped_at_its_next_call(
 def test_a_policy_change_that_is_refused_disables_the_guard_and_restores_the_rest(
         io_thread: _Thread, monkeypatch: pytest.MonkeyPatch) -> None:
     second = _Thread("gloo_tcp_loop")
-    real = os.sched_setscheduler
-
-    def refuse_second(tid: int, policy: int, param: os.sched_param) -> None:
-        if tid == second.tid and policy == os.SCHED_BATCH:
-            raise PermissionError(1, "Operation not permitted")
-        real(tid, policy, param)
-
-    monkeypatch.setattr(io_threads.os, "sched_setscheduler", refuse_second)
+    _refuse(monkeypatch, second.tid, PermissionError(1, "Operation not permitted"), policy=os.SCHED_BATCH)
     try:
         guard = IoThreadGuard([io_thread.tid, second.tid])
         with guard:  # the first was moved to batch before the second refused: moved back
