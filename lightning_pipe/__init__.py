@@ -6,7 +6,9 @@
 ``lightning_pipe.engine``) does not import Lightning.
 """
 
-from lightning_pipe.errors import PipelineCommError, PipelineError, ScheduleDeadlockError, ScheduleError
+from lightning_pipe.errors import (
+    CheckpointNotFoundError, PipelineCommError, PipelineError, ScheduleDeadlockError, ScheduleError,
+)
 from lightning_pipe.strategy import PipelineStrategy, register_strategies
 from lightning_pipe.strategy.checkpoint import consolidate
 
@@ -14,6 +16,6 @@ register_strategies()
 
 __all__ = [
     "PipelineStrategy", "consolidate",
-    "PipelineError", "PipelineCommError", "ScheduleError", "ScheduleDeadlockError",
+    "PipelineError", "PipelineCommError", "ScheduleError", "ScheduleDeadlockError", "CheckpointNotFoundError",
 ]
 __version__ = "0.1.0"

@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import Callable
 
 __all__ = [
-    "PipelineError", "ScheduleError", "ScheduleDeadlockError", "PipelineCommError", "peers_reachable", "on_every_rank",
+    "PipelineError", "ScheduleError", "ScheduleDeadlockError", "PipelineCommError", "CheckpointNotFoundError",
+    "peers_reachable", "on_every_rank",
 ]
 
 
@@ -28,6 +29,11 @@ class PipelineCommError(PipelineError):
     peer_failed: bool = False
     """The peer sent its failure notice in place of the value: it is alive and the connection works (unlike a
     timeout or a closed connection), so it still takes part in what follows a failed step."""
+
+
+class CheckpointNotFoundError(PipelineError, FileNotFoundError):
+    """A checkpoint path holds nothing, or not the same kind of thing on every rank (storage that some nodes do not
+    see); raised on every rank. A ``FileNotFoundError``, as Lightning raises for a missing ``ckpt_path``."""
 
 
 def peers_reachable(error: BaseException) -> bool:

@@ -170,10 +170,30 @@ def meta_fails(rank: int, world_size: int, *, path: str) -> tuple[str, str]:
     return "no error", ""
 
 
-def damaged(rank: int, world_size: int, *, cases: dict[str, str]) -> dict[str, tuple[str, str]]:
-    """Resume from each damaged checkpoint in ``cases`` (name -> path); return each error's type and message.
-    ``meta_missing_on_rank_1``: rank 1 looks for ``unseen.pt`` instead of ``meta.pt``."""
+def _unseen_on_rank_1(rank: int, path: str) -> Any:
+    """On rank 1, ``path`` looks absent (a node that does not see the others' storage); elsewhere nothing changes."""
+    from contextlib import ExitStack
+    from pathlib import Path
     from unittest import mock
+
+    stack = ExitStack()
+    if rank == 1:
+        for method in ("is_dir", "is_file"):
+            real = getattr(Path, method)
+            stack.enter_context(mock.patch.object(
+                Path, method, lambda self, *a, _real=real, **k: False if str(self) == path else _real(self, *a, **k)))
+    return stack
+
+
+def damaged(rank: int, world_size: int, *, cases: dict[str, str], save_base: str) -> dict[str, tuple[str, str]]:
+    """Resume from each damaged checkpoint in ``cases`` (name -> path); return each error's type and message.
+    ``meta_missing_on_rank_1``: rank 1 looks for ``unseen.pt`` instead of ``meta.pt``; ``unseen_on_rank_1``: rank
+    1 sees nothing at the path. Last, ``save_unshared``: a sharded save to a path that names another directory on
+    each rank (``save_base``/rank<r>/), as on nodes that do not share their storage."""
+    from pathlib import Path
+    from unittest import mock
+
+    import torch.distributed as dist
 
     from lightning_pipe.strategy import checkpoint
 
@@ -181,9 +201,25 @@ def damaged(rank: int, world_size: int, *, cases: dict[str, str]) -> dict[str, t
     for case, path in cases.items():
         meta = "unseen.pt" if case == "meta_missing_on_rank_1" and rank == 1 else checkpoint.META_FILE
         try:
-            with mock.patch.object(checkpoint, "META_FILE", meta):
+            with mock.patch.object(checkpoint, "META_FILE", meta), \
+                    _unseen_on_rank_1(rank, path if case == "unseen_on_rank_1" else ""):
                 job(rank, world_size, pp=world_size, steps=12, ckpt_in=path, corrupt=case)
             out[case] = ("no error", "")
         except Exception as err:  # noqa: BLE001 - reported to the test
             out[case] = (type(err).__name__, str(err))
+
+    def any_rank(flag: bool) -> bool:
+        total = torch.tensor([int(flag)])
+        dist.all_reduce(total)
+        return bool(total.item())
+
+    target = Path(save_base) / f"rank{rank}" / "last.ckpt"
+    target.parent.mkdir(parents=True)
+    try:
+        checkpoint.save_sharded(target, state={"state_dict": {f"w{rank}": torch.zeros(2)}}, meta={"step": 1},
+                                is_rank_zero=rank == 0, barrier=dist.barrier, any_rank=any_rank)
+        out["save_unshared"] = ("no error", "")
+    except Exception as err:  # noqa: BLE001 - reported to the test
+        out["save_unshared"] = (type(err).__name__, str(err))
+    out["save_unshared_left"] = ("files", str(sorted(p.name for p in target.parent.iterdir())))
     return out

@@ -202,7 +202,11 @@ def test_damaged_or_incompatible_checkpoints_fail_with_a_clear_error(
     from tests._models import TinyGPT
     torch.save({"state_dict": TinyGPT(body="modulelist").state_dict(),
                 "pytorch-lightning_version": lightning.__version__}, cases["deeper_file"])
-    outcomes = launch("tests._checkpoint_workers.damaged", 2, deadline=240, cases=cases)
+    cases["not_found"] = str(tmp_path / "nothing_here.ckpt")
+    # Rank 1 sees nothing where rank 0 sees the checkpoint (storage that not every node sees): both raise.
+    cases["unseen_on_rank_1"] = str(ckpt_dir / CKPT)
+    outcomes = launch("tests._checkpoint_workers.damaged", 2, deadline=240, cases=cases,
+                      save_base=str(tmp_path / "unshared"))
     expected = {
         "missing_shard": "reading the shards of",
         "missing_meta": "has no meta.pt",
@@ -214,12 +218,27 @@ def test_damaged_or_incompatible_checkpoints_fail_with_a_clear_error(
         "meta_missing_on_rank_1": ["the part another rank holds does not load", "has no unseen.pt"],
         "deeper_file": ["loading the checkpoint's weights failed on another rank", "lacks 22 entries this stage"],
     }
+    not_found = {  # FileNotFoundError too, as Lightning raises for a missing ckpt_path
+        "not_found": "checkpoint not found: ",
+        "unseen_on_rank_1": ["(this rank sees a directory there, another rank something else): checkpoints of a "
+                             "pipeline are written and read by every rank",
+                             "(this rank sees nothing there, another rank something else)"],
+    }
     for outcome in outcomes:
         errors = outcome.unwrap()
-        for case, text in expected.items():
+        for case, text in {**expected, **not_found}.items():
             kind, message = errors[case]
             text = text[outcome.rank] if isinstance(text, list) else text
-            assert kind == "PipelineError" and text in message, (outcome.rank, case, kind, message)
+            want = "CheckpointNotFoundError" if case in not_found else "PipelineError"
+            assert kind == want and text in message, (outcome.rank, case, kind, message)
+        # A save to a directory the other rank does not see raises on both before DCP writes anything there, and
+        # rank 0 takes away the directory it made.
+        kind, message = errors["save_unshared"]
+        assert kind == "PipelineError" and "does not see the directory" in message, (outcome.rank, message)
+        assert ("this rank does not see" in message) == (outcome.rank == 1), message
+        assert errors["save_unshared_left"] == ("files", "[]"), errors["save_unshared_left"]
+    from lightning_pipe import CheckpointNotFoundError
+    assert issubclass(CheckpointNotFoundError, FileNotFoundError)
 
 
 def test_an_optimizer_without_state_consolidates() -> None:

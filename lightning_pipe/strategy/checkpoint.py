@@ -26,12 +26,12 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
-from lightning_pipe.errors import PipelineError, on_every_rank
+from lightning_pipe.errors import CheckpointNotFoundError, PipelineError, on_every_rank
 
 __all__ = [
     "META_FILE", "optimizer_state_by_name", "load_optimizer_state_by_name", "save_sharded", "load_sharded",
     "is_sharded_checkpoint", "consolidate", "plain_optimizer_state_by_name", "scheduler_state_by_name",
-    "load_scheduler_state_by_name", "main", "remove_checkpoint_path",
+    "load_scheduler_state_by_name", "main", "remove_checkpoint_path", "checkpoint_kind",
 ]
 
 META_FILE = "meta.pt"  # the name Lightning's sharded checkpoints use for their non-tensor part
@@ -197,6 +197,22 @@ def save_sharded(path: Path, *, state: dict[str, Any], meta: dict[str, Any] | No
         shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted save
         tmp.mkdir(parents=True)
     barrier()
+
+    def check_visible() -> None:
+        # DCP makes the directory on a rank that does not see it: each node would then hold a part of the
+        # checkpoint, which could never be read back whole.
+        if not tmp.is_dir():
+            raise PipelineError(f"cannot save a checkpoint to {path}: this rank does not see the directory "
+                                f"{tmp.name} that rank 0 made beside it; {_SHARED_STORAGE}")
+
+    try:
+        on_every_rank(check_visible, any_rank=any_rank,
+                      elsewhere=f"cannot save a checkpoint to {path}: another rank does not see the directory that "
+                                f"rank 0 made beside it (see its error); {_SHARED_STORAGE}")
+    except PipelineError:
+        if is_rank_zero:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     dcp.save(state, checkpoint_id=tmp)
     kept = f"the previous checkpoint at {path} is kept" if path.exists() else "nothing was written"
 
@@ -223,6 +239,26 @@ def save_sharded(path: Path, *, state: dict[str, Any], meta: dict[str, Any] | No
     # Also the barrier after it: no rank goes on before the checkpoint is in place, and a failure raises on all.
     on_every_rank(swap if is_rank_zero else None, any_rank=any_rank,
                   elsewhere=f"rank 0 failed to put the new checkpoint in place at {path} (see its error)")
+
+
+_SHARED_STORAGE = ("checkpoints of a pipeline are written and read by every rank: put them on storage that every node "
+                   "sees (a shared filesystem), e.g. ModelCheckpoint(dirpath=...) or Trainer(default_root_dir=...)")
+
+
+def checkpoint_kind(path: Path, *, any_rank: Callable[[bool], bool]) -> str:
+    """``"directory"`` (sharded) or ``"file"`` for the checkpoint at ``path``, the same answer on every rank (each
+    rank looks itself, then they agree: a rank that went one way while another went the other would wait for it in
+    a collective). Raises :class:`CheckpointNotFoundError` on every rank when any rank finds nothing there, or the
+    ranks see different things (storage that not every node sees). ``any_rank``: as for :func:`save_sharded`."""
+    here = "directory" if path.is_dir() else "file" if path.is_file() else "missing"
+    missing, directories, files = (any_rank(here == kind) for kind in ("missing", "directory", "file"))
+    if missing or (directories and files):
+        if here == "missing" and not (directories or files):
+            raise CheckpointNotFoundError(f"checkpoint not found: {path} (check ckpt_path)")
+        seen = "nothing" if here == "missing" else f"a {here}"
+        raise CheckpointNotFoundError(f"checkpoint {path} does not look the same on every rank (this rank sees {seen} "
+                                      f"there, another rank something else): {_SHARED_STORAGE}")
+    return "directory" if directories else "file"
 
 
 def remove_checkpoint_path(path: Path) -> None:

@@ -47,6 +47,7 @@ from lightning_pipe.schedules import DEFAULT_VIRTUAL_STAGES, SCHEDULES, Schedule
 from lightning_pipe.strategy.batch_check import check_same_batch, gather_rows, seed_alike
 from lightning_pipe.strategy.chain import ChainRuntime, StageExit, find_chain, is_cut, split_chain
 from lightning_pipe.strategy.checkpoint import (
+    checkpoint_kind,
     load_optimizer_state_by_name,
     load_scheduler_state_by_name,
     load_sharded,
@@ -936,7 +937,7 @@ class PipelineStrategy(DDPStrategy):
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(self.broadcast(str(checkpoint_path)))
-        if path.is_dir():
+        if checkpoint_kind(path, any_rank=self._any_rank) == "directory":
             names = self._names()
 
             def every_name(optimizer: Optimizer) -> list[str]:
@@ -953,8 +954,6 @@ class PipelineStrategy(DDPStrategy):
             checkpoint[_LOADED_IN_PLACE] = True  # DCP wrote into the module's own tensors already
             self._own_scheduler_states(checkpoint)
             return checkpoint
-        if not path.is_file():
-            raise PipelineError(f"checkpoint not found: {path}")
         checkpoint = super().load_checkpoint(path, weights_only=weights_only)  # an ordinary single file
         if "pipeline_optimizer_states" in checkpoint:  # consolidated from a pipeline checkpoint: exact by name
             checkpoint["optimizer_states"] = checkpoint.pop("pipeline_optimizer_states")
