@@ -321,3 +321,13 @@ def test_peak_activations_count_micro_batches_whatever_the_chunks() -> None:
     assert peaks == {"1f1b": 2, "zbv": 2, "interleaved_1f1b": 2.5}
     assert result.chosen.schedule in ("1f1b", "zbv")  # interleaved is over the cap
     assert "interleaved_1f1b" not in {c.schedule for c in result.candidates if c.peak_activations <= 2}
+
+
+def test_tokens_are_integer_sequences_not_labels() -> None:
+    from lightning_pipe.strategy.metrics import tokens_in
+
+    ids, labels = torch.zeros(4, 16, dtype=torch.long), torch.zeros(4, 1, dtype=torch.long)
+    assert tokens_in((torch.randn(4, 3, 8, 8), labels)) is None  # images with (batch, 1) labels: no tokens
+    assert tokens_in((labels, ids)) == 64  # the labels are skipped for the token ids after them
+    assert tokens_in({"input_ids": ids}) == 64
+    assert tokens_in((torch.zeros(4, 16, dtype=torch.bool), torch.randn(4, 16))) is None  # a mask, floats

@@ -135,3 +135,19 @@ def test_summary_prefers_the_strategys_measured_figures(tmp_path: Path) -> None:
     table = write_summary(tmp_path)
     assert "800.0 *" in table and "failed" in table
     assert (tmp_path / "summary.png").is_file() and (tmp_path / "summary.csv").is_file()
+
+
+def test_step_clock_counts_tokens_of_sequences_not_labels() -> None:
+    from types import SimpleNamespace
+
+    from lightning_pipe.conf.progress import StepClock
+
+    trainer = SimpleNamespace(strategy=SimpleNamespace(distributed_sampler_kwargs={"num_replicas": 2}))
+    clock = StepClock()
+    clock.on_train_batch_start(trainer, None, (torch.zeros(4, 16, dtype=torch.long),), 0)  # type: ignore[arg-type]
+    assert (clock.samples_per_batch, clock.tokens_per_sample) == (8, 16)
+    labelled = (torch.randn(4, 3), torch.zeros(4, 1, dtype=torch.long))
+    clock.on_train_batch_start(trainer, None, labelled, 1)  # type: ignore[arg-type]
+    assert (clock.samples_per_batch, clock.tokens_per_sample) == (8, 0)
+    clock.on_train_batch_start(trainer, None, (torch.zeros(4, 1, dtype=torch.long),), 2)  # type: ignore[arg-type]
+    assert clock.tokens_per_sample == 0  # (batch, 1) integers: labels, as the strategy's tokens_per_sec says

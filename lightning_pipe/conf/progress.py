@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning_pipe.strategy.metrics import tokens_in
 
 __all__ = ["StepClock", "PrintProgress", "schedule_bubble", "read_metrics_csv", "mean_column"]
 
@@ -54,8 +55,8 @@ class StepClock(Callback):
             replicas = trainer.strategy.distributed_sampler_kwargs.get("num_replicas", 1) \
                 if hasattr(trainer.strategy, "distributed_sampler_kwargs") else 1
             self.samples_per_batch = int(shape[0]) * int(replicas or 1)
-            integer = hasattr(first, "is_floating_point") and not first.is_floating_point()
-            self.tokens_per_sample = int(shape[1]) if len(shape) >= 2 and integer else 0
+            # The same rule as the strategy's pipeline/tokens_per_sec (labels (batch, 1) are not tokens).
+            self.tokens_per_sample = (tokens_in(batch) or 0) // max(1, int(shape[0]))
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

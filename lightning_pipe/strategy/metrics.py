@@ -10,8 +10,9 @@ start and last end on the wall clock, busy seconds) in one small all-gather; eve
 * ``pipeline/bubble_fraction_max``: the idlest rank's share;
 * ``pipeline/step_time``: seconds from the first action's start to the last action's end, over the ranks;
 * ``pipeline/samples_per_sec``: samples of the batch x replicas / step time;
-* ``pipeline/tokens_per_sec``: where the batch has tokens, i.e. an integer tensor of at least two dimensions (the
-  first one found, e.g. token ids ``(batch, seq)``): its element count x replicas / step time.
+* ``pipeline/tokens_per_sec``: where the batch has tokens, i.e. an integer tensor of at least two dimensions, the
+  second longer than 1 (the first one found, e.g. token ids ``(batch, seq)``; class labels ``(batch, 1)`` are not
+  tokens): its element count x replicas / step time.
 
 For the steps named in ``timeline_steps`` (optimizer steps, ``trainer.global_step``), every rank's records are
 gathered and global rank 0 writes ``step<N>.trace.json`` (Chrome/Perfetto) and ``step<N>.png`` (the measured
@@ -39,14 +40,15 @@ log = logging.getLogger(__name__)
 
 
 def tokens_in(batch: Any) -> int | None:
-    """Tokens in ``batch``: the element count of its first integer tensor with at least two dimensions."""
+    """Tokens in ``batch``: the element count of its first integer tensor with at least two dimensions, the second
+    longer than 1 (token ids ``(batch, seq)``; labels ``(batch, 1)`` are skipped)."""
     try:
         tensors = flatten(batch)[0]
     except Exception:  # noqa: BLE001 - an unusual batch type: no token count
         return None
     for t in tensors:
-        if isinstance(t, torch.Tensor) and t.dim() >= 2 and not t.is_floating_point() and not t.is_complex() \
-                and t.dtype is not torch.bool:
+        if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[1] > 1 and not t.is_floating_point() \
+                and not t.is_complex() and t.dtype is not torch.bool:
             return t.numel()
     return None
 
