@@ -8,6 +8,7 @@ import gc
 import glob
 import os
 import tempfile
+import warnings
 from typing import Any
 
 import torch
@@ -103,9 +104,12 @@ def _train(config: dict[str, Any], *, devices: int, strategy: Any, log_dir: str 
         # stage reads the whole data set, so the plain loader keeps the reference's order.
         use_distributed_sampler=False,
     )
-    trainer.fit(model, loader(config.get("batch_size", 8), config.get("n", 48)),
-                loader(8, 16, seed=1) if config.get("val_batches") else None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, loader(config.get("batch_size", 8), config.get("n", 48)),
+                    loader(8, 16, seed=1) if config.get("val_batches") else None)
     result: dict[str, Any] = {
+        "warnings": [str(w.message) for w in caught],
         "params": {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)},
         "buffers": {n: b.detach().clone() for n, b in model.named_buffers()},
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
@@ -458,10 +462,13 @@ def hybrid_jobs(rank: int, world_size: int, *, configs: list[dict[str, Any]]) ->
                           gradient_clip_val=config.get("clip"), accumulate_grad_batches=config.get("accumulate", 1),
                           logger=False, enable_checkpointing=False, enable_progress_bar=False,
                           enable_model_summary=False)
-        trainer.fit(model, torch.utils.data.DataLoader(token_data(48), batch_size=config.get("batch_size", 4),
-                                                       shuffle=True))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(model, torch.utils.data.DataLoader(token_data(48), batch_size=config.get("batch_size", 4),
+                                                           shuffle=True))
         result = {"params": {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)},
-                  "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()}}
+                  "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+                  "warnings": [str(w.message) for w in caught]}
         if not config.get("ddp"):
             mesh = trainer.strategy.device_mesh
             result["mesh"] = (mesh.mesh_dim_names, tuple(mesh.shape), model.device_mesh is mesh)

@@ -69,11 +69,15 @@ def _positions(device: torch.device) -> torch.Tensor:
     return table
 
 
+# torch 2.13 renamed all_gather_into_tensor (which now warns that it is deprecated) to all_gather_single.
+_ALL_GATHER_SINGLE = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 def gather_rows(mine: torch.Tensor, *, group: dist.ProcessGroup | None, size: int) -> list[list[Any]]:
     """Every rank's 1-d ``mine`` (the same length on each of the ``size`` ranks of ``group``), as lists, on every
     rank: so that all of them take the same decision."""
     every = torch.empty(size * mine.numel(), device=mine.device, dtype=mine.dtype)
-    dist.all_gather_into_tensor(every, mine, group=group)
+    _ALL_GATHER_SINGLE(every, mine, group=group)
     return every.view(size, -1).tolist()
 
 

@@ -191,8 +191,14 @@ def _combine(name: str, calls: list[tuple[int, Any, dict[str, Any], str | None]]
 
 
 def replay(module: Any, records: list[LogRecord], device: torch.device,
-           log: Callable[..., None] | None = None) -> None:
-    """Make the real ``self.log`` calls for ``records`` on this rank."""
+           log: Callable[..., None] | None = None, *, same_everywhere: bool = False) -> None:
+    """Make the real ``self.log`` calls for ``records`` on this rank.
+
+    ``same_everywhere``: every process logs these same values (a pipeline without data-parallel replicas). Values
+    are then logged with ``sync_dist=True`` (unless a ``sync_dist_group`` is given), which the strategy's ``reduce``
+    leaves as they are (as one device would): without it Lightning warns, for each value logged per epoch, that the
+    processes' values might differ and asks for ``sync_dist=True``.
+    """
     log = log or module.log
     for record in records:
         if record.metric_attribute is not None:
@@ -202,4 +208,7 @@ def replay(module: Any, records: list[LogRecord], device: torch.device,
             log(record.name, metric, metric_attribute=record.metric_attribute, **record.kwargs)
         else:
             value = record.value.to(device) if isinstance(record.value, torch.Tensor) else record.value
-            log(record.name, value, **record.kwargs)
+            kwargs = record.kwargs
+            if same_everywhere and kwargs.get("sync_dist_group") is None:
+                kwargs = {**kwargs, "sync_dist": True}
+            log(record.name, value, **kwargs)

@@ -611,7 +611,7 @@ class PipelineStrategy(DDPStrategy):
             module.trainer.should_stop = True
         if metric_counts and not self.is_last_stage and metrics is not None:
             metrics.apply(metric_counts)
-        replay(module, records, self.root_device)
+        replay(module, records, self.root_device, same_everywhere=(self.data_parallel_size or 1) == 1)
         if train:
             self.pipeline_metrics.after_step(module=module, result=result, batch=args[0], schedule=executor.schedule,
                                              group=self._pp_group, num_ranks=self.num_stages,
