@@ -121,3 +121,20 @@ def test_a_buffer_saved_by_autograd_can_be_restored_before_the_backward() -> Non
         model.scale.data.mul_(3)
     y.backward()
     assert torch.equal(x.grad, torch.ones(3))
+
+
+def test_the_profile_puts_metrics_back_as_they_were() -> None:
+    """balance="time" profiles the user's step on rank 0: a metric it updates is put back, state from before fit
+    included (they were reset, which lost that state on rank 0 only)."""
+    from lightning_pipe.strategy.profiling import _restore
+    from lightning_pipe.strategy.side_effects import save_metric_states
+
+    module = torch.nn.Module()
+    module.total = SumMetric()
+    module.total.update(torch.tensor(5.0))  # before fit
+    saved = save_metric_states([module.total])
+    module.total.update(torch.tensor(3.0))  # the profile's step
+    _restore(module, {}, saved)
+    assert float(module.total.compute()) == 5.0
+    module.total.update(torch.tensor(1.0))
+    assert float(module.total.compute()) == 6.0  # updates as before

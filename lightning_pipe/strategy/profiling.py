@@ -28,6 +28,7 @@ from lightning_pipe.errors import PipelineError
 from lightning_pipe.schedules.actions import Schedule
 from lightning_pipe.simulate import Costs, simulate
 from lightning_pipe.strategy.logs import LogRecorder
+from lightning_pipe.strategy.side_effects import SavedMetrics, load_metric_states, save_metric_states
 from lightning_pipe.tuning.microbatches import StageCostModel, TuneResult, choose_microbatches
 from lightning_pipe.tuning.partition import memory_cost, memory_partition, time_partition
 from lightning_pipe.tuning.profile import ChainProfile, fit_linear, profile_chain
@@ -118,14 +119,12 @@ def _alone() -> bool:
     return False
 
 
-def _restore(module: nn.Module, buffers: dict[str, torch.Tensor]) -> None:
+def _restore(module: nn.Module, buffers: dict[str, torch.Tensor], metrics: SavedMetrics) -> None:
     with torch.no_grad():
         for name, b in module.named_buffers():
             if name in buffers:
                 b.copy_(buffers[name])
-    for m in module.modules():
-        if isinstance(m, Metric):
-            m.reset()
+    load_metric_states(metrics)  # as before the profile (not reset: a metric may hold state from before fit)
 
 
 class _RandomStates:
@@ -200,6 +199,7 @@ def _decide(strategy: Any, module: Any, chain: nn.Module, fallback: Any, overhea
     buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
     # This rank profiles alone: a metric that syncs on step would wait for the others.
     metrics = [m for m in module.modules() if isinstance(m, Metric)]
+    metric_states = save_metric_states(metrics)
     availability = [m.distributed_available_fn for m in metrics]
     for m in metrics:
         m.distributed_available_fn = _alone
@@ -219,7 +219,7 @@ def _decide(strategy: Any, module: Any, chain: nn.Module, fallback: Any, overhea
     finally:
         module.to(home)
         module.zero_grad(set_to_none=True)
-        _restore(module, buffers)
+        _restore(module, buffers, metric_states)
         rng.restore()
         for m, fn in zip(metrics, availability):
             m.distributed_available_fn = fn

@@ -25,12 +25,14 @@ import torch
 from torch import nn
 from torchmetrics import Metric
 
-__all__ = ["OutsideState"]
+__all__ = ["OutsideState", "save_metric_states", "load_metric_states"]
 
 # Bookkeeping of a Metric besides its states that an update or forward changes.
 _METRIC_FIELDS = ("_update_count", "_computed", "_forward_cache")
 
 _Buffers = list[tuple[torch.Tensor, torch.Tensor]]  # (the buffer, a copy of its values)
+SavedMetrics = list[tuple[Metric, int, dict[str, Any]]]
+"""Per metric: the metric, its update count then, and its states and bookkeeping then."""
 
 
 class OutsideState:
@@ -72,7 +74,7 @@ class OutsideState:
             return
         with torch.inference_mode(False):  # copies of normal tensors stay normal under validate's inference mode
             visible = self._save_buffers()
-            metrics = self._save_metrics()
+            metrics = save_metric_states(self._metrics())
             mine = self._copies.get(stage)
             if mine is not None:
                 self._load_buffers(mine)
@@ -82,7 +84,7 @@ class OutsideState:
             with torch.inference_mode(False):
                 self._copies[stage] = self._save_buffers()
                 self._load_buffers(visible)
-                self._load_metrics(metrics)
+                load_metric_states(metrics)
 
     def _save_buffers(self) -> _Buffers:
         return [(tensor, tensor.detach().clone()) for tensor, _ in self._buffers.values()]
@@ -95,19 +97,23 @@ class OutsideState:
             # counted by its version would fail that backward.
             tensor.data.copy_(values)
 
-    def _save_metrics(self) -> list[tuple[Metric, int, dict[str, Any]]]:
-        return [(metric, metric._update_count,
-                 {**{key: _copy(getattr(metric, key)) for key in metric._defaults},
-                  **{key: getattr(metric, key) for key in _METRIC_FIELDS if hasattr(metric, key)}})
-                for metric in self._metrics()]
 
-    @staticmethod
-    def _load_metrics(saved: list[tuple[Metric, int, dict[str, Any]]]) -> None:
-        for metric, count, values in saved:
-            if metric._update_count == count:  # not updated in this run (every update counts)
-                continue
-            for key, value in values.items():
-                setattr(metric, key, value)
+
+def save_metric_states(metrics: Iterable[Metric]) -> SavedMetrics:
+    """What :func:`load_metric_states` needs to put ``metrics`` back as they are now."""
+    return [(metric, metric._update_count,
+             {**{key: _copy(getattr(metric, key)) for key in metric._defaults},
+              **{key: getattr(metric, key) for key in _METRIC_FIELDS if hasattr(metric, key)}})
+            for metric in metrics]
+
+
+def load_metric_states(saved: SavedMetrics) -> None:
+    """Put each metric updated since :func:`save_metric_states` back as it was then."""
+    for metric, count, values in saved:
+        if metric._update_count == count:  # not updated since (every update counts)
+            continue
+        for key, value in values.items():
+            setattr(metric, key, value)
 
 
 def _copy(value: Any) -> Any:
