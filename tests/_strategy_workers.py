@@ -223,6 +223,24 @@ class _BadReduce(TinyGPT):
         return loss
 
 
+class _TrainsLastBlockOnly(TinyGPT):
+    """Fine-tuning the last block: the optimizer gets the trainable parameters only, none of them on stage 0."""
+
+    def configure_optimizers(self) -> Any:
+        for name, p in self.named_parameters():
+            p.requires_grad_(name.startswith("blocks.3."))
+        return torch.optim.AdamW(filter(lambda p: p.requires_grad, self.parameters()), lr=0.01)
+
+
+class _UnpicklableExtras(TinyGPT):
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        class Local:  # a class defined inside the step cannot be pickled
+            pass
+
+        loss, _ = self._loss(batch)
+        return {"loss": loss, "note": Local()}
+
+
 class _FailsInValidation(TinyGPT):
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._loss(batch)
@@ -297,6 +315,8 @@ def bad_inputs(rank: int, world_size: int, *, cases: list[str]) -> dict[str, tup
         "block_called_twice": (_BlockTwice, {}),
         "blocks_return_pairs": (_BlocksReturnPairs, {}),
         "last_stage_fails_after_the_step": (_BadReduce, {}),
+        "empty_optimizer_on_a_stage": (_TrainsLastBlockOnly, {}),
+        "unpicklable_step_output": (_UnpicklableExtras, {}),
         "second_trainer": (TinyGPT, {}),
         "last_stage_fails_in_validation": (_FailsInValidation, {}),
         "first_stage_fails_in_validation": (_FirstBlockFailsInValidation, {}),

@@ -432,3 +432,24 @@ def test_a_block_may_change_its_hidden_states_container_and_plain_values() -> No
     with pytest.raises(StageExit) as info:
         model((torch.zeros(2, 4), 0))
     assert info.value.output[1] == 2
+
+
+def test_a_second_forward_in_one_step_is_named_as_such() -> None:
+    model, runtime = cut(make_model(), 2)
+    x = torch.zeros(2, SEQ, 16)
+    runtime.begin(x)
+    for block in model.blocks:  # the whole chain: stand-ins, then this stage's blocks
+        x = block(x)
+    with pytest.raises(PipelineError, match="the model ran twice in one step"):
+        model.blocks[0](x)
+
+
+def test_a_block_held_elsewhere_says_so_when_read_outside_a_step() -> None:
+    model, runtime = cut(make_model(), 2)
+    elsewhere = [block for block in model.blocks if not isinstance(block, torch.nn.Module)]
+    assert elsewhere  # stage 2 stands in for the blocks of the stages before it
+    expected = (r"block 0 of `blocks` is not here: this pipeline rank holds stage 2: blocks 3\.\.3.*"
+                r"`\.parameters` cannot be read.*startswith\('blocks\.0\.'\)")
+    with pytest.raises(AttributeError, match=expected):
+        elsewhere[0].parameters()
+    assert not hasattr(elsewhere[0], "weight")  # hasattr still answers (AttributeError)

@@ -95,6 +95,14 @@ class ChainRuntime:
                 f"holds only {self.describe_blocks()}, so the model can run only inside "
                 "training_step/validation_step/test_step/predict_step driven by the PipelineStrategy"
             )
+        if index == 0 and self.next_index == self.num_blocks:
+            raise PipelineError(
+                f"block 0 of `{self.path}` was called again after the whole chain had run in this step: the "
+                "model ran twice in one step (two views, generation in validation_step). Under a pipeline each "
+                "block runs once per step, as stages hold a micro-batch's activations in flight: run the model "
+                "once per step (e.g. on the views concatenated along the batch), or evaluate such steps without "
+                "the pipeline"
+            )
         if index != self.next_index:
             raise PipelineError(
                 f"the blocks of `{self.path}` must each be called once per step, in order (block {self.next_index} "
@@ -130,6 +138,17 @@ class _Skipped:
 
     def __init__(self, runtime: ChainRuntime, index: int) -> None:
         self.runtime, self.index = runtime, index
+
+    def __getattr__(self, name: str) -> Any:
+        # Only for names a stand-in lacks (its block's attributes): say why, instead of naming this class.
+        runtime, index = self.__dict__["runtime"], self.__dict__["index"]
+        raise AttributeError(
+            f"block {index} of `{runtime.path}` is not here: this pipeline rank holds {runtime.describe_blocks()}, "
+            f"and the others are on other ranks (or, during a step, belong to a stage not running now), so "
+            f"`.{name}` cannot be read from it. To pick parameters per block (optimizer groups), select them by name "
+            f"from self.named_parameters(), which lists this rank's own: e.g. "
+            f"[p for n, p in self.named_parameters() if n.startswith('{runtime.path}.{index}.')]"
+        )
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         runtime = self.runtime

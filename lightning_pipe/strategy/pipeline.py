@@ -12,6 +12,7 @@ import atexit
 import functools
 import logging
 import math
+import pickle
 import warnings
 from collections.abc import Mapping
 from contextlib import nullcontext
@@ -405,7 +406,10 @@ class PipelineStrategy(DDPStrategy):
         if first_time:
             self._sync_initial_params()
         if trainer.state.fn == TrainerFn.FITTING:
-            self.setup_optimizers(trainer)
+            # configure_optimizers runs on every rank over that rank's stages: what fails on one (an optimizer
+            # left without parameters there) raises on all, rather than the others waiting for it.
+            on_every_rank(lambda: self._setup_optimizers(trainer), any_rank=self._any_rank,
+                          elsewhere="configure_optimizers failed on another pipeline rank (see its error)")
             for optimizer in self.optimizers:  # the same classes on every rank: every rank raises
                 if isinstance(optimizer, torch.optim.LBFGS):
                     raise PipelineError(_closure_calls_message(optimizer))
@@ -417,6 +421,20 @@ class PipelineStrategy(DDPStrategy):
             # After the cut, so that the blocks of other stages are freed (the collection before the freeze takes
             # those in reference cycles); thawed in teardown. engine/heap.py says why.
             self._heap.freeze()
+
+    def _setup_optimizers(self, trainer: Trainer) -> None:
+        try:
+            self.setup_optimizers(trainer)
+        except ValueError as err:
+            if "empty parameter list" not in str(err):
+                raise
+            raise PipelineError(
+                f"configure_optimizers gave an optimizer no parameters on pipeline rank {self.pp_rank}: none of the "
+                "parameters it selects (e.g. filter(lambda p: p.requires_grad, self.parameters()) over frozen "
+                "layers) is on this rank's stages, and torch refuses an optimizer without parameters. Give the "
+                "optimizer every parameter (a frozen one gets no gradient and is skipped, as on one device), or "
+                "move the cut (PipelineStrategy(balance=[...])) so that every stage holds some it trains"
+            ) from err
 
     def _split(self, module: LightningModule) -> None:
         if any(is_cut(m) for m in module.modules()):
@@ -602,7 +620,7 @@ class PipelineStrategy(DDPStrategy):
                 if self.num_stages == 1:
                     raise
         if self.num_stages > 1:
-            dist.broadcast_object_list(payload, src=self._pp_ranks[self.loss_rank], group=self._pp_group)
+            self._broadcast_payload(payload)
         if payload[0][0] == "error":
             raise PipelineError(f"the last pipeline stage ({self.num_model_stages - 1}, on pipeline rank "
                                 f"{self.loss_rank}) failed after the step: {payload[0][1]}")
@@ -621,6 +639,24 @@ class PipelineStrategy(DDPStrategy):
         if not train:
             return None, merged
         return loss.to(device=self.root_device, dtype=torch.float32), merged
+
+    def _broadcast_payload(self, payload: list[Any]) -> None:
+        """``payload[0]`` from the last stage to every stage of the pipeline, in place. Pickled here first, so that
+        a value that cannot be pickled (a class defined inside the step) is sent as the step's error instead: a
+        failure inside the broadcast would leave the other stages waiting in it."""
+        box: list[Any] = [None]
+        if self.is_last_stage:
+            try:
+                box[0] = pickle.dumps(payload[0])
+            except Exception as err:  # noqa: BLE001 - pickling can fail with any error type
+                payload[0] = _step_error(PipelineError(
+                    f"what the step returned or logged cannot be sent to the other stages: {type(err).__name__}: "
+                    f"{err}. Return and log tensors, numbers and standard containers of them (a class defined "
+                    "inside the step cannot be pickled)"))
+                box[0] = pickle.dumps(payload[0])
+        dist.broadcast_object_list(box, src=self._pp_ranks[self.loss_rank], group=self._pp_group)
+        if not self.is_last_stage:
+            payload[0] = pickle.loads(box[0])
 
     def _join_payload_broadcast(self, error: BaseException) -> None:
         """The payload broadcast of :meth:`_run_step` on a rank whose step failed: the last stage sends ``error``,
