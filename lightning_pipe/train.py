@@ -24,7 +24,6 @@ Processes and directories:
 from __future__ import annotations
 
 import atexit
-import inspect
 import json
 import os
 import subprocess
@@ -173,19 +172,12 @@ def build_strategy(cfg: Any, output_dir: str | Path | None = None) -> Any:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from lightning_pipe.errors import PipelineError
-
     kwargs = {k: v for k, v in OmegaConf.to_container(cfg.strategy, resolve=True).items() if v not in (None, [])}
     if kwargs.get("timeline_steps") and "timeline_dir" not in kwargs and output_dir is not None:
         kwargs["timeline_dir"] = str(Path(output_dir) / "timelines")
-    target = kwargs.get("_target_", "")
-    if "virtual_stages" in kwargs and target.endswith("PipelineStrategy"):
-        from lightning_pipe import PipelineStrategy
-
-        if "virtual_stages" not in inspect.signature(PipelineStrategy.__init__).parameters:
-            raise PipelineError(f"strategy.virtual_stages={kwargs['virtual_stages']} needs a PipelineStrategy with "
-                                "virtual stages; this version has none: set strategy.virtual_stages=null")
-    return instantiate(kwargs)
+    # _convert_="all": lists (balance=[2, 2], timeline_steps) reach the strategy as lists, not OmegaConf ListConfigs
+    # (which it refuses as a balance).
+    return instantiate(kwargs, _convert_="all")
 
 
 def build_trainer(cfg: Any, strategy: Any = None, **extra: Any) -> Any:

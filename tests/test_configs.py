@@ -144,6 +144,12 @@ def test_bad_strategy_value_names_the_choices(override: str, words: str, tmp_pat
         build_strategy(cfg)
 
 
+def test_a_hand_made_cut_reaches_the_strategy_as_a_list(tmp_path: Path) -> None:
+    cfg = _compose(["strategy.balance=[1,3]", "strategy.timeline_steps=[2]"], tmp_path)
+    strategy = build_strategy(cfg)  # refused the ListConfig Hydra handed it, though the schema allows a list
+    assert strategy.balance == [1, 3] and type(strategy.balance) is list
+
+
 def test_cli_rejects_a_typo_before_starting_anything(tmp_path: Path) -> None:
     run = subprocess.run([sys.executable, "-m", "lightning_pipe.train", "strategy.num_microbatch=4"],
                          capture_output=True, text=True, timeout=120, cwd=tmp_path)

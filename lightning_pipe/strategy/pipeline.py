@@ -661,8 +661,8 @@ class PipelineStrategy(DDPStrategy):
     def _join_payload_broadcast(self, error: BaseException) -> None:
         """The payload broadcast of :meth:`_run_step` on a rank whose step failed: the last stage sends ``error``,
         the others take part and drop what comes (best effort: a peer may be gone)."""
-        try:
-            dist.broadcast_object_list([_step_error(error)] if self.is_last_stage else [None],
+        try:  # pickled as _broadcast_payload sends it: the stages that did not fail are in that one
+            dist.broadcast_object_list([pickle.dumps(_step_error(error))] if self.is_last_stage else [None],
                                        src=self._pp_ranks[self.loss_rank], group=self._pp_group)
         except Exception:  # noqa: BLE001 - the original error is what this rank raises
             log.debug("the payload broadcast after a failed step failed too", exc_info=True)
