@@ -198,7 +198,7 @@ class PipelineStrategy(DDPStrategy):
             if balance not in _BALANCES:
                 raise PipelineError(f"unknown balance={balance!r}; choose one of {list(_BALANCES)} or a list of "
                                     "block counts per stage")
-        elif not (isinstance(balance, (list, tuple)) and all(isinstance(b, int) for b in balance)):
+        elif not (isinstance(balance, Sequence) and all(isinstance(b, int) for b in balance)):  # an OmegaConf list too
             raise PipelineError(f"balance={balance!r} must be one of {list(_BALANCES)} or a list of block counts")
         if memory_budget is not None and balance not in ("time", "memory"):
             raise PipelineError(f"memory_budget={memory_budget!r} applies to balance='time' or 'memory' (got "
