@@ -120,10 +120,18 @@ def _run_sweep_job() -> dict[str, Any]:
     result_path = out / RESULT_FILE
     if proc.returncode == 0 and result_path.is_file():
         return json.loads(result_path.read_text())
-    result = {"status": "failed", "returncode": proc.returncode, "error": "".join(tail)[-3000:],
-              "overrides": list(hc.overrides.task), "output_dir": str(out)}
-    result_path.write_text(json.dumps(result, indent=2))
     print(f"[sweep job {hc.job.num}] failed (exit code {proc.returncode}); see {out / 'run.log'}", flush=True)
+    return _failed_sweep_job({"returncode": proc.returncode, "error": "".join(tail)[-3000:]})
+
+
+def _failed_sweep_job(details: dict[str, Any]) -> dict[str, Any]:
+    """Write the current sweep job's ``result.json`` as failed (``details``: why), for its row in the summary."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    out = Path(hc.runtime.output_dir)
+    result = {"status": "failed", **details, "overrides": list(hc.overrides.task), "output_dir": str(out)}
+    (out / RESULT_FILE).write_text(json.dumps(result, indent=2))
     return result
 
 
@@ -330,9 +338,16 @@ def _hydra_task(cfg: Any) -> dict[str, Any]:
 
     from lightning_pipe.conf import validate_config
 
-    validate_config(cfg)
     if HydraConfig.get().mode == RunMode.MULTIRUN:
+        # A job whose settings are invalid is a failed row of the summary: raised here, it would end the sweep
+        # before the summary is written (Hydra re-raises a job's error after the last job).
+        try:
+            validate_config(cfg)
+        except Exception as err:  # noqa: BLE001 - any invalid setting: reported in its row
+            print(f"[sweep job {HydraConfig.get().job.num}] invalid settings: {err}", flush=True)
+            return _failed_sweep_job({"error": f"{type(err).__name__}: {err}"})
         return _run_sweep_job()
+    validate_config(cfg)
     return run(cfg)
 
 

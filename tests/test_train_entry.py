@@ -115,6 +115,19 @@ def test_sweep_runs_each_setting_and_writes_a_summary(tmp_path: Path) -> None:
     assert "sweep summary" in output
 
 
+@pytest.mark.timeout(120)
+def test_a_sweep_job_with_invalid_settings_is_a_failed_row(tmp_path: Path) -> None:
+    # n_embd=32: 3 and 5 do not divide it, so neither job starts (and the sweep is quick).
+    output = _run([*TRAIN, "-m", *SMOKE, "model.n_head=3,5"], cwd=tmp_path, timeout=100)
+    (sweep,) = list((tmp_path / "multirun").glob("*/*"))
+    for job in ("0", "1"):
+        result = json.loads((sweep / job / "result.json").read_text())
+        assert result["status"] == "failed" and "must divide model.n_embd=32" in result["error"], result
+    with (sweep / "summary.csv").open() as f:  # written: the error used to end the sweep before it
+        assert [(r["model.n_head"], r["status"]) for r in csv.DictReader(f)] == [("3", "failed"), ("5", "failed")]
+    assert "invalid settings" in output
+
+
 def test_summary_prefers_the_strategys_measured_figures(tmp_path: Path) -> None:
     """Without processes: jobs whose CSV logs carry ``pipeline/*`` columns and jobs whose do not."""
     for num, (m, measured) in enumerate([(2, 0.31), (8, None)]):
