@@ -253,6 +253,10 @@ def run(cfg: Any) -> dict[str, Any]:
     pp = getattr(strategy, "num_stages", None) or cfg.strategy.pipeline_parallel_size or trainer.world_size
     m = cfg.strategy.num_microbatches if isinstance(cfg.strategy.num_microbatches, int) else None
     m = m or (2 * pp if cfg.strategy.num_microbatches is None else None)
+    batch_size = getattr(data, "batch_size", None)
+    asked = m
+    if m and isinstance(batch_size, int) and 0 < batch_size < m:
+        m = batch_size  # the strategy runs a batch smaller than m with one micro-batch per sample
     ideal = schedule_bubble(cfg.strategy.schedule, pp, m, cfg.strategy.virtual_stages) if m else None
     baseline = data.unigram_loss() if hasattr(data, "unigram_loss") else None
     if trainer.is_global_zero:
@@ -261,6 +265,8 @@ def run(cfg: Any) -> dict[str, Any]:
               f"{pp} pipeline ranks x {trainer.world_size // pp} replica(s), schedule {cfg.strategy.schedule}"
               + (f" ({cfg.strategy.virtual_stages} chunks per rank)" if cfg.strategy.virtual_stages else "") + ", "
               f"{m or cfg.strategy.num_microbatches} micro-batches"
+              + (f" (of {asked} asked: one per sample of the batch of {m}; data.batch_size sets it)"
+                 if asked != m else "")
               + (f"; schedule's bubble (simulated, backward = 2 x forward) {ideal:.3f}" if ideal is not None else "")
               + (f"; unigram baseline {baseline:.3f}" if baseline is not None else ""), flush=True)
         print(f"output directory: {output_dir}", flush=True)
@@ -284,6 +290,9 @@ def run(cfg: Any) -> dict[str, Any]:
             _consolidate_on_rank_zero(trainer, ckpt_path)
 
     strategy = trainer.strategy
+    if m is None and isinstance(getattr(strategy, "num_microbatches", None), int):  # "auto": chosen during fit
+        m = strategy.num_microbatches
+        ideal = schedule_bubble(cfg.strategy.schedule, pp, m, cfg.strategy.virtual_stages)
     result: dict[str, Any] = {
         "status": "ok",
         "overrides": _task_overrides(),
@@ -291,7 +300,7 @@ def run(cfg: Any) -> dict[str, Any]:
         "schedule": str(cfg.strategy.schedule),
         "pipeline_parallel_size": int(getattr(strategy, "pipeline_parallel_size", None) or pp),
         "data_parallel_size": int(getattr(strategy, "data_parallel_size", None) or trainer.world_size // pp),
-        "num_microbatches": getattr(strategy, "num_microbatches", m),
+        "num_microbatches": m,
         "steps": int(trainer.global_step),
         "fit_time_s": round(fit_time, 3),
         "train_time_s": round(clock.train_time, 3),

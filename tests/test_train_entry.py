@@ -49,7 +49,8 @@ def _check_run_dir(run_dir: Path, steps: int = 4) -> dict:
 
 @pytest.mark.timeout(200)
 def test_entry_point_with_lightnings_launcher(tmp_path: Path) -> None:
-    output = _run([*TRAIN, *SMOKE], cwd=tmp_path)
+    # More micro-batches than the batch's 8 samples: the run has one per sample, and says so.
+    output = _run([*TRAIN, *SMOKE, "strategy.num_microbatches=16"], cwd=tmp_path)
     runs = list((tmp_path / "outputs").glob("*/*"))
     assert len(runs) == 1, f"one output directory for both processes, got {runs}"
     run_dir = runs[0]
@@ -57,8 +58,11 @@ def test_entry_point_with_lightnings_launcher(tmp_path: Path) -> None:
     # The second process ran in the same directory (Lightning passes hydra.run.dir) and left Hydra's files alone.
     assert (run_dir / "train_ddp_process_1.log").is_file()
     assert list(run_dir.rglob("config.yaml")) == [run_dir / ".hydra" / "config.yaml"]
-    _check_run_dir(run_dir)
+    result = _check_run_dir(run_dir)
     assert "final val_loss" in output and "unigram baseline" in output
+    assert "8 micro-batches (of 16 asked: one per sample of the batch of 8" in output
+    from lightning_pipe.conf.progress import schedule_bubble
+    assert result["num_microbatches"] == 8 and result["bubble_schedule"] == schedule_bubble("1f1b", 2, 8, None)
 
 
 @pytest.mark.timeout(200)
