@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -132,8 +133,9 @@ def test_a_sweep_job_with_invalid_settings_is_a_failed_row(tmp_path: Path) -> No
     assert "invalid settings" in output
 
 
-def test_summary_prefers_the_strategys_measured_figures(tmp_path: Path) -> None:
-    """Without processes: jobs whose CSV logs carry ``pipeline/*`` columns and jobs whose do not."""
+def test_summary_shows_each_jobs_own_throughput_and_the_measured_bubble(tmp_path: Path) -> None:
+    """Without processes: jobs whose CSV logs carry ``pipeline/*`` columns and jobs whose do not. The throughput is
+    the job's own (what its "done" line says), the strategy's logged one only where the job has none."""
     for num, (m, measured) in enumerate([(2, 0.31), (8, None)]):
         job = tmp_path / str(num)
         (job / ".hydra").mkdir(parents=True)
@@ -145,10 +147,18 @@ def test_summary_prefers_the_strategys_measured_figures(tmp_path: Path) -> None:
     failed.mkdir()
     (failed / "result.json").write_text(json.dumps({"status": "failed", "overrides": ["strategy.num_microbatches=16",
                                                                                       "experiment=smoke"]}))
+    logged_only = tmp_path / "3"
+    (logged_only / ".hydra").mkdir(parents=True)
+    (logged_only / ".hydra" / "overrides.yaml").write_text("- strategy.num_microbatches=4\n- experiment=smoke\n")
+    (logged_only / "result.json").write_text(json.dumps({"status": "ok", "samples_per_sec_logged": 120.0}))
     swept, rows = collect(tmp_path)
     assert swept == ["strategy.num_microbatches"]
-    assert [r["samples_per_sec"] for r in rows] == [150.0, 800.0, None]
-    assert [r["bubble_measured"] for r in rows] == [0.31, None, None]
+    assert [r["samples_per_sec"] for r in rows] == [200.0, 800.0, None, 120.0]
+    assert [r["bubble_measured"] for r in rows] == [0.31, None, None, None]
+    # After a multirun into a directory used before: only this run's jobs (the older result.json files stay).
+    for job in ("0", "1"):
+        os.utime(tmp_path / job / "result.json", (1_000_000_000, 1_000_000_000))  # written in 2001
+    assert [r["job"] for r in collect(tmp_path, since=1_000_000_001)[1]] == ["2", "3"]
     table = write_summary(tmp_path)
     assert "800.0 *" in table and "failed" in table
     assert (tmp_path / "summary.png").is_file() and (tmp_path / "summary.csv").is_file()

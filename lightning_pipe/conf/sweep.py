@@ -5,9 +5,12 @@
 multirun; ``python -m lightning_pipe.conf.sweep DIR`` writes the same files for a sweep directory afterwards.
 
 Each job leaves ``result.json`` (written by :func:`lightning_pipe.train.run`) and ``.hydra/overrides.yaml`` in its
-directory. Throughput is the job's own wall-time measurement (median time of a training step after the warm-up),
-or the strategy's ``pipeline/samples_per_sec`` where that was logged; the bubble is the strategy's measured
-``pipeline/bubble_fraction`` (mean over the logged steps) where logged, and always the schedule's simulated one.
+directory. Throughput and step time are the job's own wall-time measurement (median time of a training step after
+the warm-up, optimizer step included: the figures of the job's own "done" line), or where a job has none the
+strategy's logged ``pipeline/samples_per_sec`` and ``pipeline/step_time`` (the schedule's actions only); the bubble is
+the strategy's measured ``pipeline/bubble_fraction`` (mean over the logged steps) where logged, and always the
+schedule's simulated one. After a multirun only the jobs it ran are listed (a sweep directory used again keeps the
+``result.json`` of earlier jobs).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,8 +29,8 @@ __all__ = ["SweepSummary", "collect", "write_summary"]
 COLUMNS = ("samples_per_sec", "step_time_ms", "bubble_measured", "bubble_schedule", "val_loss", "status")
 
 
-def _job_dirs(sweep_dir: Path) -> list[Path]:
-    dirs = [p.parent for p in sweep_dir.rglob("result.json")]
+def _job_dirs(sweep_dir: Path, since: float | None = None) -> list[Path]:
+    dirs = [p.parent for p in sweep_dir.rglob("result.json") if since is None or p.stat().st_mtime >= since]
     return sorted(dirs, key=lambda p: (len(p.parts), [int(s) if s.isdigit() else s for s in p.parts]))
 
 
@@ -39,11 +43,12 @@ def _overrides(job_dir: Path, result: dict[str, Any]) -> list[str]:
     return [str(o) for o in result.get("overrides", [])]
 
 
-def collect(sweep_dir: str | Path) -> tuple[list[str], list[dict[str, Any]]]:
-    """The swept keys (overrides whose values differ between jobs) and one row per job."""
+def collect(sweep_dir: str | Path, *, since: float | None = None) -> tuple[list[str], list[dict[str, Any]]]:
+    """The swept keys (overrides whose values differ between jobs) and one row per job (``since``: only jobs whose
+    ``result.json`` was written at or after that time, ``time.time()``)."""
     sweep_dir = Path(sweep_dir)
     jobs = []
-    for job_dir in _job_dirs(sweep_dir):
+    for job_dir in _job_dirs(sweep_dir, since):
         result = json.loads((job_dir / "result.json").read_text())
         pairs = dict(o.lstrip("+~").split("=", 1) for o in _overrides(job_dir, result) if "=" in o)
         jobs.append((job_dir, result, pairs))
@@ -53,8 +58,8 @@ def collect(sweep_dir: str | Path) -> tuple[list[str], list[dict[str, Any]]]:
     swept = [k for k in keys if len({pairs.get(k) for _, _, pairs in jobs}) > 1] or keys
     rows = []
     for job_dir, result, pairs in jobs:
-        sps = result.get("samples_per_sec_logged") or result.get("samples_per_sec")
-        step = result.get("step_time_logged_s") or result.get("step_time_s")
+        sps = result.get("samples_per_sec") or result.get("samples_per_sec_logged")
+        step = result.get("step_time_s") or result.get("step_time_logged_s")
         row: dict[str, Any] = {k: pairs.get(k, "") for k in swept}
         row.update(
             samples_per_sec=sps,
@@ -134,10 +139,11 @@ def _plot(swept: Sequence[str], rows: Sequence[dict[str, Any]], path: Path) -> N
     plt.close(fig)
 
 
-def write_summary(sweep_dir: str | Path) -> str:
-    """Write ``summary.csv``, ``summary.md`` and ``summary.png`` in ``sweep_dir``; return the Markdown table."""
+def write_summary(sweep_dir: str | Path, *, since: float | None = None) -> str:
+    """Write ``summary.csv``, ``summary.md`` and ``summary.png`` in ``sweep_dir``; return the Markdown table
+    (``since``: as for :func:`collect`)."""
     sweep_dir = Path(sweep_dir)
-    swept, rows = collect(sweep_dir)
+    swept, rows = collect(sweep_dir, since=since)
     if not rows:
         return f"no finished jobs (result.json) under {sweep_dir}"
     with (sweep_dir / "summary.csv").open("w", newline="") as f:
@@ -156,9 +162,15 @@ def write_summary(sweep_dir: str | Path) -> str:
 class SweepSummary(Callback):
     """Hydra callback: after a multirun, write and print the sweep's summary."""
 
+    _started: float | None = None
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        # Less a margin for file systems that keep modification times to the second or two.
+        self._started = time.time() - 2.0
+
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        table = write_summary(sweep_dir)
+        table = write_summary(sweep_dir, since=self._started)
         print(f"\nsweep summary ({sweep_dir}/summary.{{csv,md,png}}):\n{table}", flush=True)
 
 
