@@ -39,6 +39,9 @@ CONFIG_DIR = os.environ.get("LIGHTNING_PIPE_CONFIG_DIR") or str(Path(__file__).r
 """The config tree: ``configs/`` next to the package in a source checkout (``pip install -e .``)."""
 
 RESULT_FILE = "result.json"
+SWEEP_UNDER_LAUNCHER = ("lightning-pipe-train: a sweep (-m, or a preset with hydra.mode: MULTIRUN) under "
+                        "torchrun/SLURM is not supported; start one torchrun/srun per setting, or run the sweep with "
+                        "Lightning's launcher (trainer.devices=N)")
 _CONFIG_FLAGS = ("--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd")
 
 
@@ -62,9 +65,8 @@ def _prepare_argv(argv: list[str]) -> list[str]:
     """Arguments for Hydra: on ranks above 0 started by torchrun or SLURM, a private scratch run directory with
     Hydra's files and logging off (rank 0 owns the output directory)."""
     rank = _external_rank()
-    if rank is not None and _is_multirun(argv):
-        raise SystemExit("lightning-pipe-train: a sweep (-m) under torchrun/SLURM is not supported; start one "
-                         "torchrun/srun per setting, or run the sweep with Lightning's launcher (trainer.devices=N)")
+    if rank is not None and _is_multirun(argv):  # a preset's hydra.mode: MULTIRUN is caught when the sweep starts
+        raise SystemExit(SWEEP_UNDER_LAUNCHER)
     if rank:
         scratch = Path(tempfile.gettempdir()) / "lightning_pipe_hydra" / f"rank{rank}-{os.getpid()}"
         atexit.register(_remove_empty, scratch)  # Hydra makes it; nothing is written there

@@ -178,3 +178,18 @@ def test_step_clock_counts_tokens_of_sequences_not_labels() -> None:
     assert (clock.samples_per_batch, clock.tokens_per_sample) == (8, 0)
     clock.on_train_batch_start(trainer, None, (torch.zeros(4, 1, dtype=torch.long),), 2)  # type: ignore[arg-type]
     assert clock.tokens_per_sample == 0  # (batch, 1) integers: labels, as the strategy's tokens_per_sec says
+
+
+def test_a_sweep_under_torchrun_is_refused_however_it_is_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A preset's ``hydra.mode: MULTIRUN`` is not on the command line: the sweep's start refuses it (every torchrun
+    process ran every job of the sweep into one directory)."""
+    from lightning_pipe.conf.sweep import SweepSummary
+    from lightning_pipe.train import _prepare_argv
+
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SystemExit, match="not supported"):
+        _prepare_argv(["-m", "strategy.num_microbatches=2,4"])
+    with pytest.raises(SystemExit, match="or a preset with hydra.mode: MULTIRUN"):
+        SweepSummary().on_multirun_start(config=None)
+    monkeypatch.delenv("RANK")
+    SweepSummary().on_multirun_start(config=None)  # Lightning's launcher: fine

@@ -165,6 +165,12 @@ class SweepSummary(Callback):
     _started: float | None = None
 
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        from lightning_pipe.train import SWEEP_UNDER_LAUNCHER, _external_rank
+
+        # Each torchrun/SLURM process would run every job of the sweep itself (a preset can ask for a sweep, which
+        # the command line check cannot see).
+        if _external_rank() is not None:
+            raise SystemExit(SWEEP_UNDER_LAUNCHER)
         # Less a margin for file systems that keep modification times to the second or two.
         self._started = time.time() - 2.0
 
