@@ -274,7 +274,7 @@ def run(cfg: Any) -> dict[str, Any]:
         print(f"output directory: {output_dir}", flush=True)
 
     fit_start = time.perf_counter()
-    trainer.fit(model, datamodule=data)
+    trainer.fit(model, datamodule=data, ckpt_path=cfg.ckpt_path)
     fit_time = time.perf_counter() - fit_start
     val_loss = progress.val_history[-1][1] if progress.val_history else None
     if cfg.validate_at_end and (not progress.val_history or progress.val_history[-1][0] != trainer.global_step):

@@ -93,6 +93,11 @@ def test_a_rerun_in_the_same_directory_replaces_the_consolidated_checkpoint(tmp_
         stamps.append(consolidated.stat().st_mtime_ns)
     assert stamps[1] > stamps[0]
     _check_run_dir(run_dir)
+    # A third run resumes from the checkpoint the second wrote: max_steps counts its 4 steps.
+    output = _run([*TRAIN, *SMOKE, f"hydra.run.dir={run_dir}", "trainer.max_steps=6",
+                   f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"], cwd=tmp_path)
+    assert "Restored all states from the checkpoint" in output, output[-3000:]
+    assert json.loads((run_dir / "result.json").read_text())["steps"] == 6
     # The consolidated file is an ordinary checkpoint of the shipped GPT: it loads on one device by its class.
     from lightning_pipe.models import GPT
 

@@ -183,7 +183,8 @@ class ExperimentConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpoints written under the output directory."""
     name: str = "gpt"
-    """Name of the experiment (the CSV logger's folder under the output directory)."""
+    """Name of the experiment: part of the output directory's path (``outputs/<name>/<date_time>``,
+    ``multirun/<name>/<date_time>``)."""
     seed: int = 0
     """Seed of every random generator (``seed_everything``), the same on every rank."""
     torch_threads: Optional[int] = 1
@@ -193,6 +194,11 @@ class ExperimentConfig:
     """Print the training loss, throughput and bubble every N steps (rank 0)."""
     warmup_steps: int = 5
     """Steps left out of the throughput figures (start-up, first allocations)."""
+    ckpt_path: Optional[str] = None
+    """Resume training from this checkpoint (``trainer.fit(ckpt_path=...)``): a run's sharded
+    ``checkpoints/last.ckpt`` directory (in any pipeline layout), a consolidated or plain Lightning ``.ckpt`` file,
+    or ``"last"`` (the newest one the periodic ``ModelCheckpoint`` of this output directory wrote); ``null``: start
+    afresh. ``trainer.max_steps`` counts the steps already taken."""
     validate_at_end: bool = True
     """Run a full validation after training and report its loss (with the unigram baseline for text data)."""
 
