@@ -278,11 +278,9 @@ def run(cfg: Any) -> dict[str, Any]:
     fit_time = time.perf_counter() - fit_start
     val_loss = progress.val_history[-1][1] if progress.val_history else None
     if cfg.validate_at_end and (not progress.val_history or progress.val_history[-1][0] != trainer.global_step):
-        metrics = trainer.validate(model, datamodule=data, verbose=False)
+        metrics = trainer.validate(model, datamodule=data, verbose=False)  # PrintProgress prints its loss
         if metrics and "val_loss" in metrics[0]:
             val_loss = float(metrics[0]["val_loss"])
-            if trainer.is_global_zero:
-                print(f"step {trainer.global_step:5d}  val_loss {val_loss:.3f}", flush=True)
 
     ckpt_path = None
     if cfg.checkpoint.enabled:

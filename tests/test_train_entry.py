@@ -198,3 +198,16 @@ def test_a_sweep_under_torchrun_is_refused_however_it_is_asked_for(monkeypatch: 
         SweepSummary().on_multirun_start(config=None)
     monkeypatch.delenv("RANK")
     SweepSummary().on_multirun_start(config=None)  # Lightning's launcher: fine
+
+
+def test_progress_prints_each_step_once_when_batches_accumulate(capsys: pytest.CaptureFixture[str]) -> None:
+    from types import SimpleNamespace
+
+    from lightning_pipe.conf.progress import PrintProgress, StepClock
+
+    progress = PrintProgress(StepClock(), every=2)
+    trainer = SimpleNamespace(is_global_zero=True, callback_metrics={}, global_step=0)
+    for step in (0, 0, 1, 1, 2, 2, 3, 3, 4, 4):  # accumulate_grad_batches=2: two batches per optimizer step
+        trainer.global_step = step
+        progress.on_train_batch_end(trainer, None, None, None, 0)  # type: ignore[arg-type]
+    assert [line.split()[1] for line in capsys.readouterr().out.splitlines()] == ["2", "4"]

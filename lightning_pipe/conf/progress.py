@@ -84,6 +84,7 @@ class PrintProgress(Callback):
         self.clock, self.every = clock, max(1, every)
         self.start = time.monotonic()
         self.val_history: list[tuple[int, float]] = []
+        self._printed = 0  # the last step printed: batches that accumulate gradients share their step
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.start = time.monotonic()
@@ -91,8 +92,9 @@ class PrintProgress(Callback):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         step = trainer.global_step
-        if not trainer.is_global_zero or step % self.every:
+        if not trainer.is_global_zero or step % self.every or step == self._printed:
             return
+        self._printed = step
         metrics = trainer.callback_metrics
         parts = [f"step {step:5d}"]
         if "train_loss" in metrics:
