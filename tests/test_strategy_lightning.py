@@ -153,6 +153,7 @@ def test_bad_input_fails_clearly_on_every_rank(cases: list[str]) -> None:
         ({"balance": "flops"}, "unknown balance='flops'"),
         ({"balance": [2, "x"]}, "balance=[2, 'x'] must be"),
         ({"num_microbatches": 0}, "num_microbatches=0 must be a positive integer"),
+        ({"num_microbatches": "many"}, "num_microbatches='many' must be a positive integer, \"auto\""),
         ({"pipeline_parallel_size": -1}, "pipeline_parallel_size=-1 must be a positive integer"),
         ({"start_method": "spawn"}, "start_method='spawn'"),
         ({"schedule": "gpipe", "virtual_stages": 2}, "virtual_stages=2; use schedule='interleaved_1f1b'"),

@@ -188,6 +188,9 @@ class PipelineStrategy(DDPStrategy):
             )
         _positive("pipeline_parallel_size", pipeline_parallel_size)
         auto_microbatches = num_microbatches == "auto"  # chosen in setup (strategy/profiling.py)
+        if isinstance(num_microbatches, str) and not auto_microbatches:
+            raise PipelineError(f"num_microbatches={num_microbatches!r} must be a positive integer, \"auto\" (chosen "
+                                "by profiling) or None (2 x the pipeline ranks)")
         _positive("num_microbatches", None if auto_microbatches else num_microbatches)
         _positive("data_parallel_size", data_parallel_size)
         if not isinstance(schedule, str) or schedule.lower() not in SCHEDULES:
