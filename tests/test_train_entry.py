@@ -128,7 +128,11 @@ def test_sweep_runs_each_setting_and_writes_a_summary(tmp_path: Path) -> None:
 @pytest.mark.timeout(120)
 def test_a_sweep_job_with_invalid_settings_is_a_failed_row(tmp_path: Path) -> None:
     # n_embd=32: 3 and 5 do not divide it, so neither job starts (and the sweep is quick).
-    output = _run([*TRAIN, "-m", *SMOKE, "model.n_head=3,5"], cwd=tmp_path, timeout=100)
+    run = subprocess.run([*TRAIN, "-m", *SMOKE, "model.n_head=3,5"], env=_clean_env(), capture_output=True,
+                         text=True, timeout=100, cwd=tmp_path)
+    output = run.stdout + run.stderr
+    assert run.returncode == 1 and "2 sweep job(s) failed: 0, 1" in output, output[-3000:]  # after the summary
+    assert "Traceback" not in output, output[-3000:]
     (sweep,) = list((tmp_path / "multirun").glob("*/*"))
     for job in ("0", "1"):
         result = json.loads((sweep / job / "result.json").read_text())

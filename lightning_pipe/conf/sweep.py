@@ -178,6 +178,10 @@ class SweepSummary(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         table = write_summary(sweep_dir, since=self._started)
         print(f"\nsweep summary ({sweep_dir}/summary.{{csv,md,png}}):\n{table}", flush=True)
+        failed = [row["job"] for row in collect(sweep_dir, since=self._started)[1] if row["status"] != "ok"]
+        if failed:  # the summary is written; the command still says that the sweep did not all succeed
+            raise SystemExit(f"lightning-pipe-train: {len(failed)} sweep job(s) failed: {', '.join(failed)} (each "
+                             f"one's output is in its run.log under {sweep_dir})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
