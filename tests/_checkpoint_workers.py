@@ -170,14 +170,15 @@ def meta_fails(rank: int, world_size: int, *, path: str) -> tuple[str, str]:
     return "no error", ""
 
 
-def _unseen_on_rank_1(rank: int, path: str) -> Any:
-    """On rank 1, ``path`` looks absent (a node that does not see the others' storage); elsewhere nothing changes."""
+def _unseen_on_rank_1(rank: int, path: str | None) -> Any:
+    """On rank 1, ``path`` looks absent (a node that does not see the others' storage); elsewhere, or with no
+    ``path``, nothing changes."""
     from contextlib import ExitStack
     from pathlib import Path
     from unittest import mock
 
     stack = ExitStack()
-    if rank == 1:
+    if rank == 1 and path is not None:
         for method in ("is_dir", "is_file"):
             real = getattr(Path, method)
             stack.enter_context(mock.patch.object(
@@ -202,7 +203,7 @@ def damaged(rank: int, world_size: int, *, cases: dict[str, str], save_base: str
         meta = "unseen.pt" if case == "meta_missing_on_rank_1" and rank == 1 else checkpoint.META_FILE
         try:
             with mock.patch.object(checkpoint, "META_FILE", meta), \
-                    _unseen_on_rank_1(rank, path if case == "unseen_on_rank_1" else ""):
+                    _unseen_on_rank_1(rank, path if case == "unseen_on_rank_1" else None):
                 job(rank, world_size, pp=world_size, steps=12, ckpt_in=path, corrupt=case)
             out[case] = ("no error", "")
         except Exception as err:  # noqa: BLE001 - reported to the test

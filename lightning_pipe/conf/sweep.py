@@ -143,7 +143,11 @@ def write_summary(sweep_dir: str | Path, *, since: float | None = None) -> str:
     """Write ``summary.csv``, ``summary.md`` and ``summary.png`` in ``sweep_dir``; return the Markdown table
     (``since``: as for :func:`collect`)."""
     sweep_dir = Path(sweep_dir)
-    swept, rows = collect(sweep_dir, since=since)
+    return _write(sweep_dir, *collect(sweep_dir, since=since))
+
+
+def _write(sweep_dir: Path, swept: list[str], rows: list[dict[str, Any]]) -> str:
+    """:func:`write_summary` for the rows :func:`collect` gave."""
     if not rows:
         return f"no finished jobs (result.json) under {sweep_dir}"
     with (sweep_dir / "summary.csv").open("w", newline="") as f:
@@ -176,9 +180,10 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        table = write_summary(sweep_dir, since=self._started)
+        swept, rows = collect(sweep_dir, since=self._started)  # once: for the files and the exit status
+        table = _write(sweep_dir, swept, rows)
         print(f"\nsweep summary ({sweep_dir}/summary.{{csv,md,png}}):\n{table}", flush=True)
-        failed = [row["job"] for row in collect(sweep_dir, since=self._started)[1] if row["status"] != "ok"]
+        failed = [row["job"] for row in rows if row["status"] != "ok"]
         if failed:  # the summary is written; the command still says that the sweep did not all succeed
             raise SystemExit(f"lightning-pipe-train: {len(failed)} sweep job(s) failed: {', '.join(failed)} (each "
                              f"one's output is in its run.log under {sweep_dir})")

@@ -196,7 +196,7 @@ def save_sharded(path: Path, *, state: dict[str, Any], meta: dict[str, Any] | No
             old.rename(path)
         shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted save
         tmp.mkdir(parents=True)
-    barrier()
+    barrier()  # the check below looks before its collective: rank 0 must have made the directory by then
 
     def check_visible() -> None:
         # DCP makes the directory on a rank that does not see it: each node would then hold a part of the
