@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import gc
 import glob
+import logging
 import os
 import tempfile
 import warnings
@@ -13,12 +14,12 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, ModelSummary
 from lightning.pytorch.loggers import CSVLogger
 
 import lightning_pipe
 from lightning_pipe import PipelineStrategy
-from tests._models import TinyGPT, loader
+from tests._models import SEQ, VOCAB, TinyGPT, loader
 
 
 class _SeeFrozen(Callback):
@@ -60,6 +61,15 @@ def _with_extras(step: Any) -> Any:
     return training_step
 
 
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
 def _read_csv(log_dir: str) -> list[dict[str, str]]:
     files = glob.glob(os.path.join(log_dir, "**", "metrics.csv"), recursive=True)
     if not files:
@@ -86,6 +96,12 @@ def _train(config: dict[str, Any], *, devices: int, strategy: Any, log_dir: str 
     if config.get("extras"):
         model.training_step = _with_extras(model.training_step)  # type: ignore[method-assign]
         callbacks.append(extras)
+    summary = _Lines()
+    if config.get("summary"):
+        # Every layer with its sizes and FLOPs, from a forward of the example (pipelined: the blocks are spread).
+        model.example_input_array = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(5))
+        callbacks.append(ModelSummary(max_depth=-1))
+        logging.getLogger("lightning.pytorch.callbacks.model_summary").addHandler(summary)
     if config.get("callbacks"):
         ckpt_dir = os.path.join(log_dir or tempfile.mkdtemp(), "checkpoints")
         callbacks += [ModelCheckpoint(dirpath=ckpt_dir, monitor="val_loss", save_top_k=1),
@@ -108,7 +124,9 @@ def _train(config: dict[str, Any], *, devices: int, strategy: Any, log_dir: str 
         warnings.simplefilter("always")
         trainer.fit(model, loader(config.get("batch_size", 8), config.get("n", 48)),
                     loader(8, 16, seed=1) if config.get("val_batches") else None)
+    logging.getLogger("lightning.pytorch.callbacks.model_summary").removeHandler(summary)
     result: dict[str, Any] = {
+        "summary": summary.lines,
         "warnings": [str(w.message) for w in caught],
         "params": {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)},
         "buffers": {n: b.detach().clone() for n, b in model.named_buffers()},

@@ -15,6 +15,7 @@ from tests.test_strategy_transparency import TOLERANCE, max_param_diff, referenc
 METRICS_CONFIG: dict[str, Any] = {
     "body": "modulelist", "schedule": "1f1b", "steps": 4, "val_batches": 2, "val_every": 2, "sanity": 2,
     "csv": True, "predict": True, "validate": True, "callbacks": True, "sync_dist": True, "extras": True,
+    "summary": True,
 }
 
 # 16-mixed: matmuls in float16 (11 significant bits, relative rounding 2**-11 = 5e-4) whose shapes, hence rounding,
@@ -80,6 +81,11 @@ def test_metrics_loggers_callbacks_and_evaluation_match_one_device(schedule: str
         # its entries), and self.all_gather without replicas returning the value as on one device.
         assert _close(result["val_rho_by_hand"], ref["val_rho_by_hand"]), (rank, result["val_rho_by_hand"])
         assert result["gathered"].shape == ref["gathered"].shape == ()
+    # ModelSummary prints the whole model on rank 0, as one device does: every stage's layers and parameters (the
+    # head tied to the embedding counted once), and the sizes and FLOPs of the example's pipelined forward.
+    assert len(ref["summary"]) == 1 and "Total Flops" in ref["summary"][0] and "In sizes" in ref["summary"][0]
+    assert results[0]["summary"] == ref["summary"], "\n".join(results[0]["summary"] + ref["summary"])
+    assert results[1]["summary"] == []
     # Rank 0's CSV log holds the single-device values, step by step.
     _rows_close(results[0]["csv"], ref["csv"])
     # The best checkpoint is one file with every stage's weights, loadable on one device.

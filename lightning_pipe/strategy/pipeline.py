@@ -67,6 +67,9 @@ from lightning_pipe.strategy.metrics import PipelineMetrics
 from lightning_pipe.strategy.placement import block_counts, plan_placement
 from lightning_pipe.strategy.profiling import LayoutPlan, plan_layout
 from lightning_pipe.strategy.side_effects import OutsideState
+from lightning_pipe.strategy.summary import (
+    LocalSummary, PipelineSummary, local_summary, merge_summaries, record_example, route_model_summaries, shown,
+)
 
 __all__ = ["PipelineStrategy"]
 
@@ -262,6 +265,8 @@ class PipelineStrategy(DDPStrategy):
         self._executors: dict[int, PipelineExecutor] = {}
         self._warned_short_batch = False
         self._param_order: list[str] = []
+        self._module_order: list[str] = []  # the whole model's module names, before the cut (model summary)
+        self._chain_type = ""  # the chain's class name before the cut
         # Every name of each parameter that has several (a weight tied across blocks): stages that hold it under
         # different names, and checkpoints written in another layout, find its state under any of them.
         self._aliases: dict[str, list[str]] = {}
@@ -420,6 +425,8 @@ class PipelineStrategy(DDPStrategy):
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
         self._install_precision_hooks()
+        if trainer.state.fn == TrainerFn.FITTING:
+            route_model_summaries(trainer.callbacks)  # they call pipeline_summary at fit start
         if self.freeze_gc:
             # After the cut, so that the blocks of other stages are freed (the collection before the freeze takes
             # those in reference cycles); thawed in teardown. engine/heap.py says why.
@@ -465,6 +472,8 @@ class PipelineStrategy(DDPStrategy):
                 "lower pipeline_parallel_size or virtual_stages"
             )
         self._param_order = [name for name, _ in module.named_parameters()]  # the whole model's, before the cut
+        self._module_order = [name for name, _ in module.named_modules()]
+        self._chain_type = type(chain).__name__
         if self.balance in ("time", "memory") or self._auto_microbatches:
             self.layout_plan = plan_layout(self, module, chain,
                                            lambda: block_counts(chain, self.balance, self.num_model_stages))
@@ -530,9 +539,9 @@ class PipelineStrategy(DDPStrategy):
             self._executors[num_microbatches] = executor
         return executor
 
-    def _split_batch(self, batch: Any) -> list[Any]:
-        micro = split_microbatches(batch, self.num_microbatches)
-        if len(micro) < self.num_microbatches and not self._warned_short_batch:
+    def _split_batch(self, batch: Any, num_microbatches: int | None = None) -> list[Any]:
+        micro = split_microbatches(batch, num_microbatches or self.num_microbatches)
+        if len(micro) < (num_microbatches or self.num_microbatches) and not self._warned_short_batch:
             self._warned_short_batch = True
             warnings.warn(f"a batch of {len(micro)} samples is smaller than num_microbatches="
                           f"{self.num_microbatches}; it runs with {len(micro)} micro-batches (shown once)")
@@ -540,19 +549,22 @@ class PipelineStrategy(DDPStrategy):
 
     def _run_step(self, hook: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], *, train: bool,
                   after_run: Callable[[], None] | None = None,
-                  forward_context: Callable[[], Any] = nullcontext) -> tuple[torch.Tensor | None, Any]:
+                  forward_context: Callable[[], Any] = nullcontext, num_microbatches: int | None = None,
+                  check_batches: bool = True) -> tuple[torch.Tensor | None, Any]:
         """Run ``hook`` over the micro-batches of ``args[0]``; relay the loss, the logged values and the outputs
         (merged over micro-batches) from the last stage to every stage. ``forward_context``: entered around each
-        run of the hook (the precision plugin's autocast), not around the backwards, as on one device."""
+        run of the hook (the precision plugin's autocast), not around the backwards, as on one device.
+        ``num_microbatches``: instead of the strategy's; ``check_batches``: compare the stages' batches first
+        (with the strategy's ``check_batches``)."""
         module = self.lightning_module
         runtime = self._runtime
         assert module is not None and runtime is not None
         outside = self._outside_state  # None unless this rank holds several stages
-        if self.check_batches and self.num_stages > 1:
+        if check_batches and self.check_batches and self.num_stages > 1:
             check_same_batch(args[0], device=self.root_device, group=self._pp_group, size=self.num_stages,
                              where=f"{'training' if train else 'evaluation'} step, global step "
                                    f"{self.lightning_module.trainer.global_step}")
-        micro = self._split_batch(args[0])
+        micro = self._split_batch(args[0], num_microbatches)
         sizes = [batch_size_of(mb) for mb in micro]
         weights = microbatch_weights(micro, self.microbatch_weight, sizes=sizes)
         recorder = LogRecorder(module)
@@ -899,6 +911,39 @@ class PipelineStrategy(DDPStrategy):
             return self._run_step(self.lightning_module.predict_step, args, kwargs, train=False)[1]
 
     # -- reductions -------------------------------------------------------------------------------------------------
+    def pipeline_summary(self, module: LightningModule, *, max_depth: int = 1) -> PipelineSummary:
+        """Lightning's model summary of the whole pipelined model (what ``ModelSummary`` prints at fit start): every
+        stage's layers and parameters, and with an ``example_input_array`` the sizes and FLOPs of one pipelined
+        forward of it. Call it on every rank of the pipeline (it gathers)."""
+        assert self._runtime is not None
+        names = [n for n in self._module_order if n and shown(n, max_depth)]
+        local = local_summary(module, chain_path=self._chain_path, chain_type=self._chain_type, aliases=self._aliases)
+        if module.example_input_array is not None:
+            local.runs = record_example(module, runtime=self._runtime, names=names, run=self._run_example)
+        everyone: list[LocalSummary | None] = [None] * self.num_stages
+        dist.all_gather_object(everyone, local, group=self._pp_group)
+        merged = merge_summaries([s for s in everyone if s is not None], max_depth=max_depth,
+                                 order=self._module_order, chain_path=self._chain_path,
+                                 last_stage=self.num_model_stages - 1)
+        return PipelineSummary(module, max_depth=max_depth, merged=merged)
+
+    def _run_example(self, hook: Callable[[Any], None]) -> None:
+        """``hook`` on the module's ``example_input_array`` as a forward-only step of one micro-batch, prepared as
+        Lightning's summary prepares it (the batch transfer hooks; the precision's forward context)."""
+        module = self.lightning_module
+        assert module is not None
+        example = module._apply_batch_transfer_handler(module._on_before_batch_transfer(module.example_input_array))
+        try:
+            with torch.no_grad():
+                # The stages may draw their own random examples: their shapes are what matters.
+                self._run_step(hook, (example,), {}, train=False, num_microbatches=1, check_batches=False,
+                               forward_context=self.precision_plugin.forward_context)
+        except Exception as err:
+            if hasattr(err, "add_note"):
+                err.add_note("(lightning_pipe) raised by the model summary's pipelined forward of "
+                             "example_input_array; Trainer(enable_model_summary=False) skips it")
+            raise
+
     @override
     def reduce(self, tensor: Any, group: Any | None = None, reduce_op: Any = "mean") -> Any:
         # Every stage logs the same relayed values: reducing across stages would count them once per stage.
