@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, ModelSummary
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, ModelSummary, StochasticWeightAveraging
 from lightning.pytorch.loggers import CSVLogger
 
 import lightning_pipe
@@ -339,6 +339,7 @@ def bad_inputs(rank: int, world_size: int, *, cases: list[str]) -> dict[str, tup
         "last_stage_fails_in_validation": (_FailsInValidation, {}),
         "first_stage_fails_in_validation": (_FirstBlockFailsInValidation, {}),
         "stages_see_different_batches": (TinyGPT, {}),
+        "stochastic_weight_averaging": (TinyGPT, {}),
         "memory_budget_too_small": (TinyGPT, {"schedule": "interleaved_1f1b", "virtual_stages": 2, "balance": "memory",
                                               "memory_budget": 1000.0}),
     }
@@ -346,9 +347,10 @@ def bad_inputs(rank: int, world_size: int, *, cases: list[str]) -> dict[str, tup
     for case in cases:
         make_model, kwargs = setups[case]
         seed_everything(0)
+        callbacks = [StochasticWeightAveraging(swa_lrs=0.01)] if case == "stochastic_weight_averaging" else []
         trainer = Trainer(accelerator="cpu", devices=world_size, strategy=PipelineStrategy(timeout=60, **kwargs),
-                          max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                          enable_model_summary=False, use_distributed_sampler=False)
+                          callbacks=callbacks, max_steps=1, logger=False, enable_checkpointing=False,
+                          enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False)
         try:
             model = make_model()
             if case in ("last_stage_fails_in_validation", "first_stage_fails_in_validation"):  # no backward

@@ -120,6 +120,8 @@ BAD_INPUTS = {
     "last_stage_fails_in_validation": "ValueError: validation failed after the chain",
     "first_stage_fails_in_validation": "ValueError: validation failed in the first block",
     "stages_see_different_batches": "the stages of this pipeline got different batches (training step, global step 0",
+    # Its whole copy of the model failed to average with a stage at the first update ("size of tensor a (64)...").
+    "stochastic_weight_averaging": "StochasticWeightAveraging does not support a model cut into pipeline stages",
     "memory_budget_too_small": "MiB per device (each device holds 2 stages: each stage may use 1/2 of the budget)",
 }
 # The rank where the user's code raised keeps its own error; the others raise a PipelineError that relays it.

@@ -26,6 +26,7 @@ from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.fabric.utilities.data import sized_len
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import StochasticWeightAveraging
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
@@ -401,6 +402,14 @@ class PipelineStrategy(DDPStrategy):
         if not module.automatic_optimization:
             raise PipelineError("PipelineStrategy supports automatic optimization only; remove "
                                 "`self.automatic_optimization = False` from the LightningModule")
+        for callback in trainer.callbacks:  # the same callbacks on every rank: every rank raises
+            if isinstance(callback, StochasticWeightAveraging):
+                # Its copy of the model is taken before the cut (every stage), averaged parameter by parameter with
+                # this rank's stage, and saved from rank 0 alone: it would fail at its first update, or later.
+                raise PipelineError(
+                    "StochasticWeightAveraging does not support a model cut into pipeline stages (as Lightning's "
+                    "does not support sharded models): it keeps a whole copy of the model on every process and "
+                    "averages it with this process's stage. Remove the callback from Trainer(callbacks=...)")
         self.accelerator.setup(trainer)
         first_time = self._runtime is None
         if first_time:
