@@ -3,11 +3,14 @@ style) and on one device (in the test process) for the reference."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gc
+import io
 import glob
 import logging
 import os
+import sys
 import tempfile
 import warnings
 from typing import Any
@@ -61,6 +64,18 @@ def _with_extras(step: Any) -> Any:
     return training_step
 
 
+def _with_prints(model: TinyGPT, step: Any) -> Any:
+    """training_step printing after the chain (on the last stage), to stdout and to stderr."""
+
+    def training_step(batch: Any, batch_idx: int) -> Any:
+        out = step(batch, batch_idx)
+        model.print(f"after step {batch_idx}:", out["loss"] if isinstance(out, dict) else out, sep=" ")
+        model.print(f"to stderr {batch_idx}", file=sys.stderr)
+        return out
+
+    return training_step
+
+
 class _Lines(logging.Handler):
     def __init__(self) -> None:
         super().__init__()
@@ -96,6 +111,8 @@ def _train(config: dict[str, Any], *, devices: int, strategy: Any, log_dir: str 
     if config.get("extras"):
         model.training_step = _with_extras(model.training_step)  # type: ignore[method-assign]
         callbacks.append(extras)
+    if config.get("prints"):
+        model.training_step = _with_prints(model, model.training_step)  # type: ignore[method-assign]
     summary = _Lines()
     if config.get("summary"):
         # Every layer with its sizes and FLOPs, from a forward of the example (pipelined: the blocks are spread).
@@ -120,13 +137,17 @@ def _train(config: dict[str, Any], *, devices: int, strategy: Any, log_dir: str 
         # stage reads the whole data set, so the plain loader keeps the reference's order.
         use_distributed_sampler=False,
     )
-    with warnings.catch_warnings(record=True) as caught:
+    out, err = io.StringIO(), io.StringIO()
+    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(out), \
+            contextlib.redirect_stderr(err):
         warnings.simplefilter("always")
         trainer.fit(model, loader(config.get("batch_size", 8), config.get("n", 48)),
                     loader(8, 16, seed=1) if config.get("val_batches") else None)
     logging.getLogger("lightning.pytorch.callbacks.model_summary").removeHandler(summary)
     result: dict[str, Any] = {
         "summary": summary.lines,
+        "printed": [line for line in out.getvalue().splitlines() if line.startswith("after step")],
+        "printed_stderr": [line for line in err.getvalue().splitlines() if line.startswith("to stderr")],
         "warnings": [str(w.message) for w in caught],
         "params": {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)},
         "buffers": {n: b.detach().clone() for n, b in model.named_buffers()},

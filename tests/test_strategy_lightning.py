@@ -15,7 +15,7 @@ from tests.test_strategy_transparency import TOLERANCE, max_param_diff, referenc
 METRICS_CONFIG: dict[str, Any] = {
     "body": "modulelist", "schedule": "1f1b", "steps": 4, "val_batches": 2, "val_every": 2, "sanity": 2,
     "csv": True, "predict": True, "validate": True, "callbacks": True, "sync_dist": True, "extras": True,
-    "summary": True,
+    "summary": True, "prints": True,
 }
 
 # 16-mixed: matmuls in float16 (11 significant bits, relative rounding 2**-11 = 5e-4) whose shapes, hence rounding,
@@ -86,6 +86,13 @@ def test_metrics_loggers_callbacks_and_evaluation_match_one_device(schedule: str
     assert len(ref["summary"]) == 1 and "Total Flops" in ref["summary"][0] and "In sizes" in ref["summary"][0]
     assert results[0]["summary"] == ref["summary"], "\n".join(results[0]["summary"] + ref["summary"])
     assert results[1]["summary"] == []
+    # self.print after the chain (on the last stage) prints on rank 0, once per micro-batch (4 a step), each
+    # micro-batch's loss; on one device once a step. Nothing prints elsewhere.
+    assert len(ref["printed"]) == len(ref["printed_stderr"]) == 4
+    assert [line.split(":")[0] for line in results[0]["printed"]] == [
+        line.split(":")[0] for line in ref["printed"] for _ in range(4)]
+    assert results[0]["printed_stderr"] == [line for line in ref["printed_stderr"] for _ in range(4)]
+    assert results[1]["printed"] == results[1]["printed_stderr"] == []
     # Rank 0's CSV log holds the single-device values, step by step.
     _rows_close(results[0]["csv"], ref["csv"])
     # The best checkpoint is one file with every stage's weights, loadable on one device.

@@ -12,13 +12,14 @@ own copy, which fetches the last stage's state when it is computed (:mod:`.metri
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torchmetrics import Metric
 
-__all__ = ["LogRecord", "LogRecorder", "combine_records", "replay"]
+__all__ = ["LogRecord", "LogRecorder", "combine_records", "replay", "replay_prints"]
 
 _MEAN, _SUM, _MAX, _MIN = "mean", "sum", "max", "min"
 _REDUCE_NAMES: dict[Any, str] = {
@@ -42,15 +43,20 @@ class LogRecord:
 
 @dataclass
 class LogRecorder:
-    """Collects ``self.log`` calls per micro-batch."""
+    """Collects ``self.log`` calls per micro-batch, and ``self.print`` calls."""
 
     module: torch.nn.Module
     calls: dict[str, list[tuple[int, Any, dict[str, Any], str | None]]] = field(default_factory=dict)
+    prints: list[tuple[tuple[Any, ...], dict[str, Any]]] = field(default_factory=list)
+    """``self.print`` calls, in order, made printable on another rank (:func:`replay_prints`)."""
     _metric_names: dict[int, str] | None = None
 
     @contextlib.contextmanager
     def capture(self, microbatch: int) -> Iterator[None]:
-        """Within this block, ``module.log`` records instead of logging."""
+        """Within this block, ``module.log`` and ``module.print`` record instead of logging and printing.
+
+        ``self.print`` prints on global rank 0 only, which holds the first stage: the step's code after the chain
+        runs on the last stage, so its prints are relayed with the logged values and printed there."""
 
         def record(name: str, value: Any, *args: Any, **kwargs: Any) -> None:
             if args:
@@ -65,15 +71,26 @@ class LogRecorder:
                 value = value.detach()
             self.calls.setdefault(name, []).append((microbatch, value, kwargs, attribute))
 
-        own = self.module.__dict__.get("log")  # an instance attribute of the user's, if any, is put back
-        self.module.log = record  # type: ignore[method-assign]
+        def say(*args: Any, **kwargs: Any) -> None:
+            stream = kwargs.pop("file", None)
+            if stream not in (None, sys.stdout, sys.stderr):  # a file of this process: written here, as before
+                type(self.module).print(self.module, *args, file=stream, **kwargs)  # type: ignore[attr-defined]
+                return
+            if stream is sys.stderr:
+                kwargs["file"] = "stderr"
+            # What print would show, in a form that every rank can receive (a tensor shows its str() anyway).
+            self.prints.append((tuple(_plain(a) for a in args), {k: _plain(v) for k, v in kwargs.items()}))
+
+        owned = {name: self.module.__dict__.get(name) for name in ("log", "print")}  # a user's own, put back after
+        self.module.log, self.module.print = record, say  # type: ignore[method-assign]
         try:
             yield
         finally:
-            if own is None:
-                del self.module.log
-            else:
-                self.module.log = own
+            for name, own in owned.items():
+                if own is None:
+                    delattr(self.module, name)
+                else:
+                    setattr(self.module, name, own)
 
     def _metric_name(self, metric: Metric, name: str) -> str:
         if self._metric_names is None:
@@ -83,6 +100,10 @@ class LogRecorder:
         except KeyError:
             raise ValueError(f"self.log({name!r}, metric): the Metric must be an attribute (submodule) of the "
                              "LightningModule so that every pipeline stage can log its own copy") from None
+
+
+def _plain(value: Any) -> Any:
+    return value if value is None or isinstance(value, (str, int, float, bool)) else str(value)
 
 
 def _reduce_name(reduce_fx: Any, name: str) -> str:
@@ -188,6 +209,14 @@ def _combine(name: str, calls: list[tuple[int, Any, dict[str, Any], str | None]]
         integral = not (last_value.is_floating_point() or last_value.is_complex())
         value = value.to(torch.get_default_dtype() if integral and how == _MEAN else last_value.dtype)
     return LogRecord(name, value.cpu() if isinstance(value, torch.Tensor) else value, kwargs)
+
+
+def replay_prints(module: Any, prints: Sequence[tuple[tuple[Any, ...], dict[str, Any]]]) -> None:
+    """Make the ``self.print`` calls the last stage recorded (:class:`LogRecorder`): they print on rank 0."""
+    for args, kwargs in prints:
+        if kwargs.get("file") == "stderr":
+            kwargs = {**kwargs, "file": sys.stderr}
+        module.print(*args, **kwargs)
 
 
 def replay(module: Any, records: list[LogRecord], device: torch.device,

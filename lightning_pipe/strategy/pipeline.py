@@ -62,7 +62,7 @@ from lightning_pipe.strategy.checkpoint import (
 from lightning_pipe.strategy.grads import (
     AsyncGradAverage, GradStash, ReplicatedParams, clip_by_global_norm, make_scaler_agree,
 )
-from lightning_pipe.strategy.logs import LogRecord, LogRecorder, combine_records, replay
+from lightning_pipe.strategy.logs import LogRecord, LogRecorder, combine_records, replay, replay_prints
 from lightning_pipe.strategy.metric_states import MetricStates
 from lightning_pipe.strategy.metrics import PipelineMetrics
 from lightning_pipe.strategy.placement import block_counts, plan_placement
@@ -648,12 +648,13 @@ class PipelineStrategy(DDPStrategy):
         if payload[0][0] == "error":
             raise PipelineError(f"the last pipeline stage ({self.num_model_stages - 1}, on pipeline rank "
                                 f"{self.loss_rank}) failed after the step: {payload[0][1]}")
-        _, loss, records, merged, metric_counts, stop = payload[0]
+        _, loss, records, merged, prints, metric_counts, stop = payload[0]
         if stop and not module.trainer.should_stop:  # the stages stop together, or the others wait for it
             module.trainer.should_stop = True
         if metric_counts and not self.is_last_stage and metrics is not None:
             metrics.apply(metric_counts)
         replay(module, records, self.root_device, same_everywhere=(self.data_parallel_size or 1) == 1)
+        replay_prints(module, prints)
         if train:
             self.pipeline_metrics.after_step(module=module, result=result, batch=args[0], schedule=executor.schedule,
                                              group=self._pp_group, num_ranks=self.num_stages,
@@ -693,9 +694,9 @@ class PipelineStrategy(DDPStrategy):
 
     @staticmethod
     def _step_payload(result: Any, recorder: LogRecorder, weights: list[float], outputs: dict[int, Any], *,
-                      train: bool, sizes: list[int]) -> tuple[str, Any, list[LogRecord], Any]:
-        """What the last stage relays to every stage: the batch loss, the logged values and the merged outputs
-        (for training, what training_step returned besides the loss), on the CPU."""
+                      train: bool, sizes: list[int]) -> tuple[str, Any, list[LogRecord], Any, list[Any]]:
+        """What the last stage relays to every stage: the batch loss, the logged values, the merged outputs (for
+        training, what training_step returned besides the loss), on the CPU, and the ``self.print`` calls."""
         loss = sum(w * result.losses[i].double() for i, w in enumerate(weights)).cpu() if train else None
         merged = None
         values = [outputs[i] for i in sorted(outputs)]
@@ -704,7 +705,7 @@ class PipelineStrategy(DDPStrategy):
         if values and not all(v is None or (isinstance(v, Mapping) and not v) for v in values):
             merged = _to_device(merge_microbatches(values, sizes if len(values) == len(sizes) else None),
                                 torch.device("cpu"))
-        return ("ok", loss, combine_records(recorder, weights, sizes), merged)
+        return ("ok", loss, combine_records(recorder, weights, sizes), merged, recorder.prints)
 
     def _loss_scale(self) -> Callable[[torch.Tensor], torch.Tensor]:
         trainer = self.lightning_module.trainer

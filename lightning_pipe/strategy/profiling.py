@@ -106,6 +106,7 @@ def _profile(module: Any, chain: nn.Module, micro: Any, device: torch.device) ->
         with recorder.capture(0):
             out = module.training_step(micro, 0)
         recorder.calls.clear()
+        recorder.prints.clear()
         loss = out.get("loss") if isinstance(out, Mapping) else out
         if not isinstance(loss, torch.Tensor):
             raise PipelineError("training_step must return the loss to profile the model")
