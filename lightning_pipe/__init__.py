@@ -11,11 +11,12 @@ from lightning_pipe.errors import (
 )
 from lightning_pipe.strategy import PipelineStrategy, register_strategies
 from lightning_pipe.strategy.checkpoint import consolidate
+from lightning_pipe.strategy.grad_norm import grad_norm
 
 register_strategies()
 
 __all__ = [
-    "PipelineStrategy", "consolidate",
+    "PipelineStrategy", "consolidate", "grad_norm",
     "PipelineError", "PipelineCommError", "ScheduleError", "ScheduleDeadlockError", "CheckpointNotFoundError",
 ]
 __version__ = "0.1.0"

@@ -111,6 +111,10 @@ def _train(config: dict[str, Any], *, devices: int, strategy: Any, log_dir: str 
     if config.get("extras"):
         model.training_step = _with_extras(model.training_step)  # type: ignore[method-assign]
         callbacks.append(extras)
+    if config.get("grad_norm"):
+        # The whole model's gradient norms on every rank, the head tied to the embedding under its first name.
+        model.on_before_optimizer_step = (  # type: ignore[method-assign]
+            lambda optimizer: model.log_dict(lightning_pipe.grad_norm(model, 2)))
     if config.get("prints"):
         model.training_step = _with_prints(model, model.training_step)  # type: ignore[method-assign]
     summary = _Lines()

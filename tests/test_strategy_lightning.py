@@ -15,7 +15,7 @@ from tests.test_strategy_transparency import TOLERANCE, max_param_diff, referenc
 METRICS_CONFIG: dict[str, Any] = {
     "body": "modulelist", "schedule": "1f1b", "steps": 4, "val_batches": 2, "val_every": 2, "sanity": 2,
     "csv": True, "predict": True, "validate": True, "callbacks": True, "sync_dist": True, "extras": True,
-    "summary": True, "prints": True,
+    "summary": True, "prints": True, "grad_norm": True,
 }
 
 # 16-mixed: matmuls in float16 (11 significant bits, relative rounding 2**-11 = 5e-4) whose shapes, hence rounding,
@@ -49,6 +49,11 @@ def test_metrics_loggers_callbacks_and_evaluation_match_one_device(schedule: str
     results = [o.unwrap()[0] for o in outcomes]
     ref = reference(config)
     assert {"train_loss", "val_loss", "val_acc", "val_rho", "val_weighted"} <= set(ref["metrics"])
+    # lightning_pipe.grad_norm logged in on_before_optimizer_step: every layer's, and their total, as one device
+    # gives them (compared below with the other values, on every rank); Lightning's own would give a stage's.
+    assert {"grad_2.0_norm/layers.0.fc1.weight", "grad_2.0_norm/layers.3.fc2.bias", "grad_2.0_norm/tok.weight",
+            "grad_2.0_norm_total"} <= set(ref["metrics"])
+    assert "grad_2.0_norm/head.weight" not in ref["metrics"]  # tied to tok.weight: once, under its first name
     assert _close(ref["metrics"]["val_weighted"], 2 / 3)  # (0 x 10 + 1 x 20) / (10 + 20): weighted by batch_size
     for rank, result in enumerate(results):
         for what in ("metrics", "logged", "progress_bar"):

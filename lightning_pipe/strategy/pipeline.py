@@ -62,6 +62,7 @@ from lightning_pipe.strategy.checkpoint import (
 from lightning_pipe.strategy.grads import (
     AsyncGradAverage, GradStash, ReplicatedParams, clip_by_global_norm, make_scaler_agree,
 )
+from lightning_pipe.strategy.grad_norm import gather_grad_norms
 from lightning_pipe.strategy.logs import LogRecord, LogRecorder, combine_records, replay, replay_prints
 from lightning_pipe.strategy.metric_states import MetricStates
 from lightning_pipe.strategy.metrics import PipelineMetrics
@@ -921,6 +922,14 @@ class PipelineStrategy(DDPStrategy):
             return self._run_step(self.lightning_module.predict_step, args, kwargs, train=False)[1]
 
     # -- reductions -------------------------------------------------------------------------------------------------
+    def grad_norms(self, module: LightningModule, norm_type: float | int | str, *,
+                   group_separator: str = "/") -> dict[str, torch.Tensor]:
+        """``lightning.pytorch.utilities.grad_norm`` of the whole pipelined model, on every rank (what
+        :func:`lightning_pipe.grad_norm` calls); call it on every rank of the pipeline (it gathers)."""
+        return gather_grad_norms(module, norm_type, group_separator=group_separator, order=self._param_order,
+                                 aliases=self._aliases, group=self._pp_group, size=self.num_stages,
+                                 device=self.root_device)
+
     def pipeline_summary(self, module: LightningModule, *, max_depth: int = 1) -> PipelineSummary:
         """Lightning's model summary of the whole pipelined model (what ``ModelSummary`` prints at fit start): every
         stage's layers and parameters, and with an ``example_input_array`` the sizes and FLOPs of one pipelined
