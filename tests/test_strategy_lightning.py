@@ -196,6 +196,29 @@ def test_bad_arguments_are_rejected_at_construction(kwargs: dict[str, Any], expe
     assert expected in str(info.value)
 
 
+def test_modules_are_built_on_the_host_not_on_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """trainer.init_module() and configure_model build the whole model in every process: on the host, since only the
+    rank's stages go to its device after the cut (Lightning's strategies build on the device)."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from lightning_pipe import PipelineStrategy
+
+    # A device other than the host, as a GPU would be (meta: no memory).
+    monkeypatch.setattr(DDPStrategy, "root_device", property(lambda self: torch.device("meta")))
+    with DDPStrategy().tensor_init_context():
+        assert torch.nn.Linear(2, 2).weight.device.type == "meta"  # Lightning's: on the rank's device
+    strategy = PipelineStrategy()
+    assert strategy.root_device.type == "meta"
+    for empty_init in (None, False, True):
+        with strategy.tensor_init_context(empty_init=empty_init):
+            torch.manual_seed(0)
+            layer = torch.nn.Linear(64, 64)
+        assert layer.weight.device.type == "cpu"
+        torch.manual_seed(0)
+        # Initialized as usual, or not at all with empty_init=True (the weights to be loaded).
+        assert torch.equal(layer.weight, torch.nn.Linear(64, 64).weight) != bool(empty_init)
+
+
 def test_comm_thread_needs_gloo_on_the_cpu() -> None:
     """Checked in setup_environment, where every rank knows the backend and the device: all raise alike."""
     from lightning_pipe import PipelineError

@@ -15,16 +15,17 @@ import math
 import pickle
 import warnings
 from collections.abc import Mapping
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.fabric.utilities.data import sized_len
+from lightning.fabric.utilities.init import _EmptyInit
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import StochasticWeightAveraging
 from lightning.pytorch.plugins.precision import Precision
@@ -396,6 +397,16 @@ class PipelineStrategy(DDPStrategy):
                          background=self.comm_thread)
 
     # -- model surgery ----------------------------------------------------------------------------------------
+    @override
+    @contextmanager
+    def tensor_init_context(self, empty_init: bool | None = None) -> Iterator[None]:
+        """Where ``trainer.init_module()`` and ``configure_model`` build the model: on the host, not on this rank's
+        device as Lightning's strategies do, since the whole model is built in every process and only this rank's
+        stages go to the device once cut (a model too large for one GPU would not fit there whole).
+        ``empty_init=True`` skips the initialization of the weights (to be loaded from a checkpoint)."""
+        with _EmptyInit(enabled=bool(empty_init)), torch.device("cpu"), self.precision_plugin.tensor_init_context():
+            yield
+
     @override
     def setup(self, trainer: Trainer) -> None:
         module = self.lightning_module
@@ -921,7 +932,7 @@ class PipelineStrategy(DDPStrategy):
         with self.precision_plugin.predict_step_context():
             return self._run_step(self.lightning_module.predict_step, args, kwargs, train=False)[1]
 
-    # -- reductions -------------------------------------------------------------------------------------------------
+    # -- the whole model, seen from every rank ---------------------------------------------------------------------
     def grad_norms(self, module: LightningModule, norm_type: float | int | str, *,
                    group_separator: str = "/") -> dict[str, torch.Tensor]:
         """``lightning.pytorch.utilities.grad_norm`` of the whole pipelined model, on every rank (what
@@ -963,6 +974,7 @@ class PipelineStrategy(DDPStrategy):
                              "example_input_array; Trainer(enable_model_summary=False) skips it")
             raise
 
+    # -- reductions -------------------------------------------------------------------------------------------------
     @override
     def reduce(self, tensor: Any, group: Any | None = None, reduce_op: Any = "mean") -> Any:
         # Every stage logs the same relayed values: reducing across stages would count them once per stage.
