@@ -13,6 +13,10 @@ stage is less often left waiting for a gradient when the next stage runs late. T
    simulates it next to 1F1B (step time, bubble, activations held per rank);
 2. runs it with the engine (``PipelineExecutor``) on 2 processes over an MLP cut where ``--balance`` says, and
    checks that each stage's gradients equal those of the whole model run on one process.
+
+To train with such a schedule through Lightning, register it by name in every process (at import of the module
+that defines it): ``register_schedule("eager_1f1b", lambda p, m, v=1: eager_1f1b(p, m))``, then
+``PipelineStrategy(schedule="eager_1f1b")`` (``lightning_pipe.schedules.register_schedule``; see the README).
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 import lightning_pipe
 from lightning_pipe import PipelineStrategy
+import tests._schedules  # noqa: F401 - registers "eager_1f1b" in every launched process
 from tests._models import SEQ, VOCAB, TinyGPT, loader
 
 

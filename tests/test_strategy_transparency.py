@@ -69,6 +69,8 @@ def _configs(world_size: int) -> list[dict[str, Any]]:
         {"body": "modulelist", "schedule": "interleaved_1f1b", "n_layer": 8, "tie_blocks": True, "clip": 0.05,
          "optimizer": "sgd"},
         {"body": "sequential", "schedule": "zero_bubble", "clip": 0.05, "tie_blocks": True},
+        # A schedule of our own, registered by name (tests/_schedules.py).
+        {"body": "modulelist", "schedule": "eager_1f1b", "clip": 0.05, "tie_blocks": True, "microbatches": 5},
         # SGD where there are 8 blocks: with clipping, AdamW turns rounding-level differences of a few near-zero
         # gradients into up to 1.2e-5 under every schedule, 1F1B included (with SGD: 1.5e-8).
         {"body": "modulelist", "schedule": "zero_bubble", "virtual_stages": 2, "n_layer": 8, "clip": 0.05,
@@ -152,7 +154,7 @@ def test_pipeline_matches_one_device(world_size: int) -> None:
                  for r in range(world_size)]
         flat = [b for blocks in owned for b in blocks]
         assert sorted(flat) == list(range(config.get("n_layer", 4))), owned
-        if config["schedule"] in ("gpipe", "1f1b") or (config["schedule"] == "zero_bubble"
+        if config["schedule"] in ("gpipe", "1f1b", "eager_1f1b") or (config["schedule"] == "zero_bubble"
                                                         and config.get("virtual_stages", 1) == 1):
             assert flat == sorted(flat), owned
         else:

@@ -2,12 +2,14 @@
 
 from lightning_pipe.schedules.actions import Action, ActionKind, B, F, Schedule, Transfer, W
 from lightning_pipe.schedules.generators import (
+    BUILTIN_SCHEDULES,
     DEFAULT_VIRTUAL_STAGES,
     SCHEDULES,
     Generator,
     build_schedule,
     gpipe,
     one_f_one_b,
+    register_schedule,
     stage_to_rank,
     with_early_input_grads,
 )
@@ -17,6 +19,7 @@ from lightning_pipe.schedules.zbv import zbv
 
 __all__ = [
     "Action", "ActionKind", "B", "F", "W", "Schedule", "Transfer",
-    "DEFAULT_VIRTUAL_STAGES", "SCHEDULES", "Generator", "build_schedule", "stage_to_rank",
+    "BUILTIN_SCHEDULES", "DEFAULT_VIRTUAL_STAGES", "SCHEDULES", "Generator", "build_schedule", "stage_to_rank",
+    "register_schedule",
     "gpipe", "one_f_one_b", "interleaved_1f1b", "zero_bubble", "zbv", "validate_schedule", "with_early_input_grads",
 ]

@@ -46,7 +46,9 @@ from lightning_pipe.engine import (
     split_microbatches,
 )
 from lightning_pipe.errors import PipelineError, on_every_rank, peers_reachable
-from lightning_pipe.schedules import DEFAULT_VIRTUAL_STAGES, SCHEDULES, Schedule, build_schedule, stage_to_rank
+from lightning_pipe.schedules import (
+    BUILTIN_SCHEDULES, DEFAULT_VIRTUAL_STAGES, SCHEDULES, Schedule, build_schedule, stage_to_rank,
+)
 from lightning_pipe.strategy.batch_check import check_same_batch, gather_rows, seed_alike
 from lightning_pipe.strategy.chain import ChainRuntime, StageExit, find_chain, is_cut, split_chain
 from lightning_pipe.strategy.checkpoint import (
@@ -202,7 +204,8 @@ class PipelineStrategy(DDPStrategy):
         if not isinstance(schedule, str) or schedule.lower() not in SCHEDULES:
             raise PipelineError(f"unknown schedule={schedule!r}; choose one of {sorted(SCHEDULES)}")
         _positive("virtual_stages", virtual_stages)
-        stage_to_rank(schedule, num_ranks=1, virtual_stages=virtual_stages)  # e.g. gpipe with virtual_stages=2
+        if schedule.lower() in BUILTIN_SCHEDULES:  # e.g. gpipe with virtual_stages=2 (a registered one: at set-up)
+            stage_to_rank(schedule, num_ranks=1, virtual_stages=virtual_stages)
         if isinstance(balance, str):
             if balance not in _BALANCES:
                 raise PipelineError(f"unknown balance={balance!r}; choose one of {list(_BALANCES)} or a list of "

@@ -106,9 +106,9 @@ def record_example(module: LightningModule, *, runtime: ChainRuntime, names: Ite
     handles = []
 
     def watch(name: str, sub: nn.Module) -> None:
-        # Lightning takes a layer's sizes from its first call; the input before the call (a stage's last block
-        # and the chain's container end the stage from a hook of their own, so never return there), after the
-        # hooks that swap in the received hidden state.
+        # As Lightning's, the sizes of the first call. The input is taken before the call (after the hook that
+        # swaps in the received hidden state): on all but the last stage the chain's container never returns (the
+        # stage ends by raising from its last block's hook; ours on that block runs first, so it gets the output).
         def before(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             seen = current[0]
             if seen is not None and name not in seen.sizes:
