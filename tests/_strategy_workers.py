@@ -114,8 +114,10 @@ def _train(config: dict[str, Any], *, devices: int, strategy: Any, log_dir: str 
         callbacks.append(extras)
     if config.get("grad_norm"):
         # The whole model's gradient norms on every rank, the head tied to the embedding under its first name.
+        # And of a submodule holding the chain (the blocks' own names), as Lightning's docs call it on submodules.
         model.on_before_optimizer_step = (  # type: ignore[method-assign]
-            lambda optimizer: model.log_dict(lightning_pipe.grad_norm(model, 2)))
+            lambda optimizer: model.log_dict({**lightning_pipe.grad_norm(model, 2), **{
+                f"chain_{k}": v for k, v in lightning_pipe.grad_norm(model.layers, 1).items()}}))
     if config.get("prints"):
         model.training_step = _with_prints(model, model.training_step)  # type: ignore[method-assign]
     summary = _Lines()
@@ -734,3 +736,64 @@ def stop_in_step(rank: int, world_size: int) -> tuple[int, bool]:
                       use_distributed_sampler=False, limit_val_batches=0, log_every_n_steps=1)
     trainer.fit(_StopsAfterTheChain(), loader())
     return trainer.global_step, trainer.should_stop
+
+
+class _ForwardLeavesTheChainOut(TinyGPT):
+    """forward gives the embeddings only (what example_input_array runs for the model summary); the steps run the
+    blocks and the head themselves."""
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
+
+    def _loss(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        idx, target = batch
+        logits = self.head(self.ln_f(self.blocks(self(idx))))
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), target.reshape(-1)), logits
+
+
+class _PrintsThenFails(TinyGPT):
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        self.print(f"DEBUG step {batch_idx}")
+        with open(self.path, "a") as f:  # a file of this process: written where the step's code ran
+            self.print(f"to file {batch_idx}", file=f)
+        if batch_idx == 1:
+            raise ValueError("failed after printing")
+        return loss
+
+
+def summary_and_prints(rank: int, world_size: int, *, files: list[str]) -> dict[str, Any]:
+    """The model summary of a forward that leaves the chain out (it trains), then a step that prints and fails:
+    what rank 0 printed, and what each file holds. With ``world_size`` 1, one device's."""
+    out: dict[str, Any] = {}
+    strategy: Any = PipelineStrategy(timeout=30) if world_size > 1 else "auto"
+    for case in ("summary", "prints"):
+        seed_everything(0)
+        lines = _Lines()
+        logging.getLogger("lightning.pytorch.callbacks.model_summary").addHandler(lines)
+        trainer = Trainer(accelerator="cpu", devices=world_size, max_steps=3, strategy=strategy, logger=False,
+                          enable_checkpointing=False, enable_progress_bar=False, use_distributed_sampler=False,
+                          callbacks=[ModelSummary(max_depth=1)] if case == "summary" else [],
+                          enable_model_summary=case == "summary", limit_val_batches=0)
+        printed = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(printed):
+                if case == "summary":
+                    model: TinyGPT = _ForwardLeavesTheChainOut()
+                    model.example_input_array = torch.randint(0, VOCAB, (2, SEQ))
+                    trainer.fit(model, loader())
+                    out["steps"] = trainer.global_step
+                else:
+                    trainer.fit(_PrintsThenFails(files[rank]), loader())
+        except Exception as err:  # noqa: BLE001 - reported to the test
+            out[f"{case}_error"] = f"{type(err).__name__}: {err}"
+        finally:
+            logging.getLogger("lightning.pytorch.callbacks.model_summary").removeHandler(lines)
+        out[case] = lines.lines if case == "summary" else printed.getvalue().splitlines()
+        strategy = PipelineStrategy(timeout=30) if world_size > 1 else "auto"
+    out["file"] = open(files[rank]).read().splitlines() if os.path.exists(files[rank]) else []
+    return out

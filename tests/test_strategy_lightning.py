@@ -54,6 +54,8 @@ def test_metrics_loggers_callbacks_and_evaluation_match_one_device(schedule: str
     assert {"grad_2.0_norm/layers.0.fc1.weight", "grad_2.0_norm/layers.3.fc2.bias", "grad_2.0_norm/tok.weight",
             "grad_2.0_norm_total"} <= set(ref["metrics"])
     assert "grad_2.0_norm/head.weight" not in ref["metrics"]  # tied to tok.weight: once, under its first name
+    assert {"chain_grad_1.0_norm/0.fc1.weight", "chain_grad_1.0_norm/3.fc2.bias", "chain_grad_1.0_norm_total"} <= set(
+        ref["metrics"])
     assert _close(ref["metrics"]["val_weighted"], 2 / 3)  # (0 x 10 + 1 x 20) / (10 + 20): weighted by batch_size
     for rank, result in enumerate(results):
         for what in ("metrics", "logged", "progress_bar"):
@@ -257,6 +259,27 @@ def test_should_stop_set_after_the_chain_stops_every_stage() -> None:
     every stage stops after that step, as one device does (it hung in a collective of the next step before)."""
     outcomes = launch("tests._strategy_workers.stop_in_step", 2, deadline=90)
     assert [o.unwrap() for o in outcomes] == [(3, True), (3, True)]
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(150)
+def test_summary_of_a_forward_without_the_chain_and_prints_of_a_failing_step(tmp_path: Any) -> None:
+    """A forward that leaves the chain out (the steps run it) still trains and its summary is one device's ("?" for
+    what it does not run; it failed fit on every rank). A step's prints reach rank 0 also when the step fails, and a
+    print to a file of the process is written by the last stage's process, as by one device's."""
+    from tests._strategy_workers import summary_and_prints
+
+    files = [str(tmp_path / f"rank{r}.txt") for r in range(2)]
+    ours = [o.unwrap() for o in launch("tests._strategy_workers.summary_and_prints", 2, deadline=120, files=files)]
+    ref = summary_and_prints(0, 1, files=[str(tmp_path / "one.txt")])
+    assert ours[0]["steps"] == ours[1]["steps"] == ref["steps"] == 3
+    assert ours[0]["summary"] == ref["summary"] and "?" in ref["summary"][0], ref["summary"]
+    # One device: each step's print once, the failing step's too, then the error (4 micro-batches here).
+    assert ref["prints"] == ["DEBUG step 0", "DEBUG step 1"] and ref["file"] == ["to file 0", "to file 1"]
+    assert ours[0]["prints"] == ["DEBUG step 0"] * 4 + ["DEBUG step 1"] and ours[1]["prints"] == []
+    assert ours[1]["file"] == ["to file 0"] * 4 + ["to file 1"] and ours[0]["file"] == []
+    for result in ours:
+        assert "failed after printing" in result["prints_error"]
 
 
 @pytest.mark.distributed

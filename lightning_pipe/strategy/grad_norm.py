@@ -8,25 +8,44 @@ names in the same order (a parameter shared between stages under its first name)
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+import weakref
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import grad_norm as lightning_grad_norm
 from torch import nn
 
-__all__ = ["grad_norm", "gather_grad_norms", "local_grad_norms", "merge_grad_norms"]
+__all__ = ["grad_norm", "gather_grad_norms", "local_grad_norms", "merge_grad_norms", "note_cut"]
 
 
 def grad_norm(module: nn.Module, norm_type: float | int | str, group_separator: str = "/") -> dict[str, torch.Tensor]:
     """Each parameter's gradient norm and their total, as ``lightning.pytorch.utilities.grad_norm`` gives them on
-    one device, for a LightningModule trained under ``PipelineStrategy`` (call it on every rank, e.g. in
-    ``on_before_optimizer_step``: it gathers); elsewhere Lightning's own."""
+    one device, for a LightningModule trained under ``PipelineStrategy`` or a submodule of it holding the chain of
+    blocks (call it on every rank, e.g. in ``on_before_optimizer_step``: it gathers); elsewhere Lightning's own
+    (a submodule outside the chain is whole on every stage)."""
     trainer = getattr(module, "_trainer", None)
-    gather = getattr(trainer.strategy, "grad_norms", None) if trainer is not None else None
+    strategy = trainer.strategy if trainer is not None else _strategy_of_chain_in(module)
+    gather = getattr(strategy, "grad_norms", None)
     if gather is None:
         return lightning_grad_norm(module, norm_type, group_separator)
     return gather(module, norm_type, group_separator=group_separator)
+
+
+_CUT_BY: weakref.WeakKeyDictionary[nn.Module, weakref.ref[Any]] = weakref.WeakKeyDictionary()
+
+
+def note_cut(chain: nn.Module, strategy: Any) -> None:
+    """Record that ``strategy`` cut ``chain`` (weakly: neither is kept alive, and the model still pickles)."""
+    _CUT_BY[chain] = weakref.ref(strategy)
+
+
+def _strategy_of_chain_in(module: nn.Module) -> Any:
+    for sub in module.modules():
+        ref = _CUT_BY.get(sub)
+        if ref is not None:
+            return ref()
+    return None
 
 
 def gather_grad_norms(module: nn.Module, norm_type: float | int | str, *, group_separator: str, order: Sequence[str],

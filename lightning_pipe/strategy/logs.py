@@ -49,6 +49,9 @@ class LogRecorder:
     calls: dict[str, list[tuple[int, Any, dict[str, Any], str | None]]] = field(default_factory=dict)
     prints: list[tuple[tuple[Any, ...], dict[str, Any]]] = field(default_factory=list)
     """``self.print`` calls, in order, made printable on another rank (:func:`replay_prints`)."""
+    local_files: bool = False
+    """Whether ``self.print(..., file=f)`` to a file of this process writes it here (as rank 0 of one device would:
+    the last stage of the first replica); such a call cannot be relayed."""
     _metric_names: dict[int, str] | None = None
 
     @contextlib.contextmanager
@@ -73,8 +76,9 @@ class LogRecorder:
 
         def say(*args: Any, **kwargs: Any) -> None:
             stream = kwargs.pop("file", None)
-            if stream not in (None, sys.stdout, sys.stderr):  # a file of this process: written here, as before
-                type(self.module).print(self.module, *args, file=stream, **kwargs)  # type: ignore[attr-defined]
+            if stream not in (None, sys.stdout, sys.stderr):  # a file of this process: written here, or nowhere
+                if self.local_files:
+                    print(*args, file=stream, **kwargs)
                 return
             if stream is sys.stderr:
                 kwargs["file"] = "stderr"

@@ -65,7 +65,7 @@ from lightning_pipe.strategy.checkpoint import (
 from lightning_pipe.strategy.grads import (
     AsyncGradAverage, GradStash, ReplicatedParams, clip_by_global_norm, make_scaler_agree,
 )
-from lightning_pipe.strategy.grad_norm import gather_grad_norms
+from lightning_pipe.strategy.grad_norm import gather_grad_norms, note_cut
 from lightning_pipe.strategy.logs import LogRecord, LogRecorder, combine_records, replay, replay_prints
 from lightning_pipe.strategy.metric_states import MetricStates
 from lightning_pipe.strategy.metrics import PipelineMetrics
@@ -73,7 +73,8 @@ from lightning_pipe.strategy.placement import block_counts, plan_placement
 from lightning_pipe.strategy.profiling import LayoutPlan, plan_layout
 from lightning_pipe.strategy.side_effects import OutsideState
 from lightning_pipe.strategy.summary import (
-    LocalSummary, PipelineSummary, local_summary, merge_summaries, record_example, route_model_summaries, shown,
+    LocalSummary, PipelineSummary, local_summary, merge_summaries, record_example, route_model_summaries,
+    summary_rows,
 )
 
 __all__ = ["PipelineStrategy"]
@@ -92,8 +93,9 @@ def _destroy_process_group_at_exit() -> None:
     atexit.register(destroy_process_group)  # then frees what still refers to the groups (works, meshes)
 
 
-def _step_error(error: BaseException) -> tuple[str, str]:
-    return "error", f"{type(error).__name__}: {error}"
+def _step_error(error: BaseException, prints: Sequence[Any] = ()) -> tuple[str, str, list[Any]]:
+    """The payload of a failed step: the error, and the ``self.print`` calls made before it (printed on rank 0)."""
+    return "error", f"{type(error).__name__}: {error}", list(prints)
 
 
 def _to_device(value: Any, device: torch.device) -> Any:
@@ -272,6 +274,7 @@ class PipelineStrategy(DDPStrategy):
         self._warned_short_batch = False
         self._param_order: list[str] = []
         self._module_order: list[str] = []  # the whole model's module names, before the cut (model summary)
+        self._module_children: list[str] = []  # and the root's children
         self._chain_type = ""  # the chain's class name before the cut
         # Every name of each parameter that has several (a weight tied across blocks): stages that hold it under
         # different names, and checkpoints written in another layout, find its state under any of them.
@@ -497,6 +500,7 @@ class PipelineStrategy(DDPStrategy):
             )
         self._param_order = [name for name, _ in module.named_parameters()]  # the whole model's, before the cut
         self._module_order = [name for name, _ in module.named_modules()]
+        self._module_children = [name for name, _ in module.named_children()]
         self._chain_type = type(chain).__name__
         if self.balance in ("time", "memory") or self._auto_microbatches:
             self.layout_plan = plan_layout(self, module, chain,
@@ -511,6 +515,7 @@ class PipelineStrategy(DDPStrategy):
         placement = plan_placement(module, path, counts, self._layout)
         held = [s for s, r in enumerate(self._layout) if r == self.pp_rank]
         self._runtime = split_chain(module, path, chain, counts=counts, stages=held)
+        note_cut(chain, self)  # where lightning_pipe.grad_norm of a submodule holding the chain finds the strategy
         if len(held) > 1:
             self._outside_state = OutsideState(
                 module, [name for name, _ in outside],
@@ -574,12 +579,13 @@ class PipelineStrategy(DDPStrategy):
     def _run_step(self, hook: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], *, train: bool,
                   after_run: Callable[[], None] | None = None,
                   forward_context: Callable[[], Any] = nullcontext, num_microbatches: int | None = None,
-                  check_batches: bool = True) -> tuple[torch.Tensor | None, Any]:
+                  check_batches: bool = True, chain_optional: bool = False) -> tuple[torch.Tensor | None, Any]:
         """Run ``hook`` over the micro-batches of ``args[0]``; relay the loss, the logged values and the outputs
         (merged over micro-batches) from the last stage to every stage. ``forward_context``: entered around each
         run of the hook (the precision plugin's autocast), not around the backwards, as on one device.
         ``num_microbatches``: instead of the strategy's; ``check_batches``: compare the stages' batches first
-        (with the strategy's ``check_batches``)."""
+        (with the strategy's ``check_batches``); ``chain_optional``: the hook may leave the chain out (a forward-only
+        step: a stage passes on a placeholder, which no later stage reads)."""
         module = self.lightning_module
         runtime = self._runtime
         assert module is not None and runtime is not None
@@ -591,7 +597,7 @@ class PipelineStrategy(DDPStrategy):
         micro = self._split_batch(args[0], num_microbatches)
         sizes = [batch_size_of(mb) for mb in micro]
         weights = microbatch_weights(micro, self.microbatch_weight, sizes=sizes)
-        recorder = LogRecorder(module)
+        recorder = LogRecorder(module, local_files=self.dp_rank == 0)
         outputs: dict[int, Any] = {}
 
         def forward_fn(stage: int, microbatch: int, inputs: Any) -> Any:
@@ -613,9 +619,12 @@ class PipelineStrategy(DDPStrategy):
             finally:
                 runtime.end()
             if not runtime.is_last_stage:
+                if chain_optional and runtime.next_index == 0:
+                    return torch.zeros(1, device=self.root_device)
                 raise PipelineError(f"the step hook returned before block {runtime.stop - 1} of `{runtime.path}` "
                                     f"ran on pipeline stage {stage}; the chain must run in full in every step")
-            runtime.check_finished()
+            if not (chain_optional and runtime.next_index == 0):
+                runtime.check_finished()
             if not train:
                 return out
             loss = out.get("loss") if isinstance(out, Mapping) else out
@@ -640,7 +649,9 @@ class PipelineStrategy(DDPStrategy):
             # below. So a failed rank joins it too, the last stage sending its error there, and every rank raises.
             # Not after a timeout or a broken connection: a peer is gone or stuck, and would not join.
             if self.num_stages > 1 and peers_reachable(err):
-                self._join_payload_broadcast(err)
+                self._join_payload_broadcast(err, recorder.prints)
+            else:
+                replay_prints(module, recorder.prints)  # what the step printed before it failed, as on one device
             raise
         finally:
             MetricStates.stepping(False)
@@ -655,12 +666,13 @@ class PipelineStrategy(DDPStrategy):
                               # Set by the step's code after the chain (a loss threshold), which runs only here.
                               bool(module.trainer.should_stop))]
             except Exception as err:  # noqa: BLE001 - every stage must learn of it, not wait in the broadcast
-                payload = [_step_error(err)]
+                payload = [_step_error(err, recorder.prints)]
                 if self.num_stages == 1:
                     raise
         if self.num_stages > 1:
             self._broadcast_payload(payload)
         if payload[0][0] == "error":
+            replay_prints(module, payload[0][2])
             raise PipelineError(f"the last pipeline stage ({self.num_model_stages - 1}, on pipeline rank "
                                 f"{self.loss_rank}) failed after the step: {payload[0][1]}")
         _, loss, records, merged, prints, metric_counts, stop = payload[0]
@@ -692,18 +704,20 @@ class PipelineStrategy(DDPStrategy):
                 payload[0] = _step_error(PipelineError(
                     f"what the step returned or logged cannot be sent to the other stages: {type(err).__name__}: "
                     f"{err}. Return and log tensors, numbers and standard containers of them (a class defined "
-                    "inside the step cannot be pickled)"))
+                    "inside the step cannot be pickled)"), payload[0][4] if payload[0][0] == "ok" else ())
                 box[0] = pickle.dumps(payload[0])
         dist.broadcast_object_list(box, src=self._pp_ranks[self.loss_rank], group=self._pp_group)
         if not self.is_last_stage:
             payload[0] = pickle.loads(box[0])
 
-    def _join_payload_broadcast(self, error: BaseException) -> None:
-        """The payload broadcast of :meth:`_run_step` on a rank whose step failed: the last stage sends ``error``,
-        the others take part and drop what comes (best effort: a peer may be gone)."""
+    def _join_payload_broadcast(self, error: BaseException, prints: Sequence[Any]) -> None:
+        """The payload broadcast of :meth:`_run_step` on a rank whose step failed: the last stage sends ``error``
+        and ``prints`` (its step's ``self.print`` calls), the others take part and print those (best effort: a peer
+        may be gone)."""
+        box = [pickle.dumps(_step_error(error, prints))] if self.is_last_stage else [None]
         try:  # pickled as _broadcast_payload sends it: the stages that did not fail are in that one
-            dist.broadcast_object_list([pickle.dumps(_step_error(error))] if self.is_last_stage else [None],
-                                       src=self._pp_ranks[self.loss_rank], group=self._pp_group)
+            dist.broadcast_object_list(box, src=self._pp_ranks[self.loss_rank], group=self._pp_group)
+            replay_prints(self.lightning_module, pickle.loads(box[0])[2])
         except Exception:  # noqa: BLE001 - the original error is what this rank raises
             log.debug("the payload broadcast after a failed step failed too", exc_info=True)
 
@@ -936,28 +950,36 @@ class PipelineStrategy(DDPStrategy):
             return self._run_step(self.lightning_module.predict_step, args, kwargs, train=False)[1]
 
     # -- the whole model, seen from every rank ---------------------------------------------------------------------
-    def grad_norms(self, module: LightningModule, norm_type: float | int | str, *,
+    def grad_norms(self, module: torch.nn.Module, norm_type: float | int | str, *,
                    group_separator: str = "/") -> dict[str, torch.Tensor]:
-        """``lightning.pytorch.utilities.grad_norm`` of the whole pipelined model, on every rank (what
-        :func:`lightning_pipe.grad_norm` calls); call it on every rank of the pipeline (it gathers)."""
-        return gather_grad_norms(module, norm_type, group_separator=group_separator, order=self._param_order,
-                                 aliases=self._aliases, group=self._pp_group, size=self.num_stages,
-                                 device=self.root_device)
+        """``lightning.pytorch.utilities.grad_norm`` of the whole pipelined model, or of a submodule of it, as on one
+        device, on every rank (what :func:`lightning_pipe.grad_norm` calls); call it on every rank of the pipeline
+        (it gathers)."""
+        root = self.lightning_module
+        prefix = next((f"{name}." if name else "" for name, m in root.named_modules() if m is module), None)
+        if prefix is None:
+            raise PipelineError(f"grad_norm: the {type(module).__name__} given is not a module of the "
+                                f"{type(root).__name__} this strategy trains")
+        strip = len(prefix)
+        order = [n[strip:] for n in self._param_order if n.startswith(prefix)]
+        aliases = {n[strip:]: [a[strip:] for a in names if a.startswith(prefix)]
+                   for n, names in self._aliases.items() if n.startswith(prefix)}
+        return gather_grad_norms(module, norm_type, group_separator=group_separator, order=order, aliases=aliases,
+                                 group=self._pp_group, size=self.num_stages, device=self.root_device)
 
     def pipeline_summary(self, module: LightningModule, *, max_depth: int = 1) -> PipelineSummary:
         """Lightning's model summary of the whole pipelined model (what ``ModelSummary`` prints at fit start): every
         stage's layers and parameters, and with an ``example_input_array`` the sizes and FLOPs of one pipelined
         forward of it. Call it on every rank of the pipeline (it gathers)."""
         assert self._runtime is not None
-        names = [n for n in self._module_order if n and shown(n, max_depth)]
+        rows = summary_rows(self._module_order, self._module_children, max_depth)
         local = local_summary(module, chain_path=self._chain_path, chain_type=self._chain_type, aliases=self._aliases)
         if module.example_input_array is not None:
-            local.runs = record_example(module, runtime=self._runtime, names=names, run=self._run_example)
+            local.runs = record_example(module, runtime=self._runtime, names=rows, run=self._run_example)
         everyone: list[LocalSummary | None] = [None] * self.num_stages
         dist.all_gather_object(everyone, local, group=self._pp_group)
-        merged = merge_summaries([s for s in everyone if s is not None], max_depth=max_depth,
-                                 order=self._module_order, chain_path=self._chain_path,
-                                 last_stage=self.num_model_stages - 1)
+        merged = merge_summaries([s for s in everyone if s is not None], rows=rows, modules_once=self._module_order,
+                                 chain_path=self._chain_path, last_stage=self.num_model_stages - 1)
         return PipelineSummary(module, max_depth=max_depth, merged=merged)
 
     def _run_example(self, hook: Callable[[Any], None]) -> None:
@@ -969,8 +991,9 @@ class PipelineStrategy(DDPStrategy):
         try:
             with torch.no_grad():
                 # The stages may draw their own random examples: their shapes are what matters.
+                # A forward that leaves the chain out (the model's steps call it) shows "?" there, as on one device.
                 self._run_step(hook, (example,), {}, train=False, num_microbatches=1, check_batches=False,
-                               forward_context=self.precision_plugin.forward_context)
+                               forward_context=self.precision_plugin.forward_context, chain_optional=True)
         except Exception as err:
             if hasattr(err, "add_note"):
                 err.add_note("(lightning_pipe) raised by the model summary's pipelined forward of "

@@ -30,7 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from lightning_pipe.strategy.chain import ChainRuntime
 
 __all__ = ["StageRun", "LocalSummary", "MergedSummary", "PipelineSummary", "local_summary", "record_example",
-           "merge_summaries", "route_model_summaries", "shown"]
+           "merge_summaries", "route_model_summaries", "summary_rows"]
 
 
 @dataclass
@@ -52,7 +52,7 @@ class LocalSummary:
     params: list[tuple[tuple[str, ...], int, bool]]
     """Per parameter: every name it has in the whole model, its element count, whether it is trained."""
     modules: dict[str, tuple[str, bool]]
-    """Module name (the root excluded) -> (class name, in training mode)."""
+    """Every name of each module held here (the root excluded) -> (class name, in training mode)."""
     runs: list[StageRun] = field(default_factory=list)
 
 
@@ -73,9 +73,13 @@ class MergedSummary:
     total_flops: int
 
 
-def shown(name: str, max_depth: int) -> bool:
-    """Whether Lightning's summary of ``max_depth`` has a row for the module ``name``."""
-    return max_depth == -1 or (max_depth > 0 and name.count(".") < max_depth)
+def summary_rows(modules: Sequence[str], children: Sequence[str], max_depth: int) -> list[str]:
+    """The rows of Lightning's summary of ``max_depth``: the root's children for 1, else every module (each once,
+    under its first name) down to that depth. ``modules``, ``children``: the uncut model's ``named_modules()`` and
+    ``named_children()`` names."""
+    if max_depth == 1:
+        return list(children)
+    return [n for n in modules if n and (max_depth == -1 or (max_depth > 0 and n.count(".") < max_depth))]
 
 
 def local_summary(module: nn.Module, *, chain_path: str, chain_type: str,
@@ -90,7 +94,7 @@ def local_summary(module: nn.Module, *, chain_path: str, chain_type: str,
     entries = [(tuple(sorted(set(names[k]))), 0 if isinstance(p, UninitializedParameter) else p.numel(),
                 p.requires_grad) for k, p in params.items()]
     modules = {name: (chain_type if name == chain_path else type(m).__name__, m.training)
-               for name, m in module.named_modules() if name}
+               for name, m in module.named_modules(remove_duplicate=False) if name}
     return LocalSummary(params=entries, modules=modules)
 
 
@@ -124,7 +128,7 @@ def record_example(module: LightningModule, *, runtime: ChainRuntime, names: Ite
         handles.append(sub.register_forward_hook(after, with_kwargs=True, prepend=True))
 
     wanted = set(names)
-    for name, sub in module.named_modules():
+    for name, sub in module.named_modules(remove_duplicate=False):  # a row may name a module shared under others
         if name in wanted:
             watch(name, sub)
     root = type(module).__name__
@@ -165,20 +169,21 @@ def _row_prefixes(name: str, rows: set[str]) -> set[str]:
     return {p for p in (".".join(parts[:i]) for i in range(1, len(parts))) if p in rows}
 
 
-def merge_summaries(summaries: Sequence[LocalSummary], *, max_depth: int, order: Sequence[str], chain_path: str,
-                    last_stage: int) -> MergedSummary:
+def merge_summaries(summaries: Sequence[LocalSummary], *, rows: Sequence[str], modules_once: Sequence[str],
+                    chain_path: str, last_stage: int) -> MergedSummary:
     """The whole model's summary from every pipeline rank's :class:`LocalSummary` (and their stage runs).
 
-    ``order``: the model's module names before the cut (the rows' order). A layer's sizes and FLOPs come from the
-    stage that ran it for real: the chain's blocks from their stage; the chain's container its input from stage 0,
-    its output from the last stage and its FLOPs summed over the stages; every other module (run before or after
-    the chain) from the last stage, where everything outside the chain runs on real values."""
+    ``rows``: the rows one device shows (:func:`summary_rows`); ``modules_once``: the uncut model's module names,
+    each module once (``named_modules()``), which the train/eval counts go over. A layer's sizes and FLOPs come
+    from the stage that ran it for real: the chain's blocks from their stage; the chain's container its input from
+    stage 0, its output from the last stage and its FLOPs summed over the stages; every other module (run before
+    or after the chain) from the last stage, where everything outside the chain runs on real values, plus, for a
+    module holding the chain, the other stages' blocks."""
     modules: dict[str, tuple[str, bool]] = {}
     for s in summaries:
         for name, info in s.modules.items():
             modules.setdefault(name, info)
-    position = {name: i for i, name in enumerate(order)}
-    rows = sorted((n for n in modules if shown(n, max_depth)), key=lambda n: (position.get(n, len(position)), n))
+    rows = [n for n in rows if n in modules]
     row_set = set(rows)
 
     params: dict[str, tuple[set[str], int, bool]] = {}  # by the parameter's first name in sorted order
@@ -197,6 +202,13 @@ def merge_summaries(summaries: Sequence[LocalSummary], *, max_depth: int, order:
     first = [r for r in runs if r.stage == 0]
     inside = f"{chain_path}."
 
+    def blocks_flops(run: StageRun) -> int:
+        held = {key[len(inside):].split(".", 1)[0] for key in run.flops if key.startswith(inside)}
+        return sum(run.flops.get(f"{inside}{block}", 0) for block in held)
+
+    # The ops the last stage did not run: the other stages' blocks.
+    elsewhere = sum(blocks_flops(r) for r in runs if r.stage != last_stage)
+
     def from_runs(name: str) -> tuple[int, Any, Any]:
         if name == chain_path:
             return (sum(r.flops.get(name, 0) for r in runs),
@@ -204,17 +216,15 @@ def merge_summaries(summaries: Sequence[LocalSummary], *, max_depth: int, order:
                     next((r.sizes[name][1] for r in last if name in r.sizes), None))
         source = [r for r in runs if name in r.sizes or name in r.flops] if name.startswith(inside) else last
         flops = next((r.flops.get(name, 0) for r in source if name in r.flops), 0)
+        if chain_path.startswith(f"{name}.") and any(name in r.flops for r in last):
+            flops += elsewhere  # a module holding the chain
         sizes = next((r.sizes[name] for r in source if name in r.sizes), [None, None])
         return flops, sizes[0], sizes[1]
 
-    def blocks_flops(run: StageRun) -> int:
-        held = {key[len(inside):].split(".", 1)[0] for key in run.flops if key.startswith(inside)}
-        return sum(run.flops.get(f"{inside}{block}", 0) for block in held)
-
     measured = [from_runs(n) for n in rows]
     # Every op once: the last stage's run has the code outside the chain, each other run adds its blocks' ops.
-    total_flops = sum(r.total_flops for r in last[:1]) + sum(blocks_flops(r) for r in runs if r.stage != last_stage)
-    modes = [info[1] for info in modules.values()]
+    total_flops = sum(r.total_flops for r in last[:1]) + elsewhere
+    modes = [modules[n][1] for n in modules_once if n in modules]
     return MergedSummary(
         names=rows,
         types=[modules[n][0] for n in rows],
