@@ -58,8 +58,9 @@ class LogRecorder:
     def capture(self, microbatch: int) -> Iterator[None]:
         """Within this block, ``module.log`` and ``module.print`` record instead of logging and printing.
 
-        ``self.print`` prints on global rank 0 only, which holds the first stage: the step's code after the chain
-        runs on the last stage, so its prints are relayed with the logged values and printed there."""
+        ``self.print`` prints on global rank 0 only, which holds the first stage (but under ``zbv``): the step's
+        code after the chain runs on the last stage, so its prints are relayed with the logged values and printed
+        on rank 0 (:func:`replay_prints`)."""
 
         def record(name: str, value: Any, *args: Any, **kwargs: Any) -> None:
             if args:
