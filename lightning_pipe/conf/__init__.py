@@ -95,7 +95,8 @@ class TrainerConfig:
     enable_progress_bar: bool = False
     """A tqdm bar (off: the entry point prints the loss curve instead, one line per ``print_every`` steps)."""
     enable_model_summary: bool = False
-    """Lightning's table of parameter counts before training."""
+    """Lightning's table of the layers and parameter counts before training (under the pipeline: the whole model,
+    gathered from every stage)."""
     default_root_dir: Optional[str] = "${hydra:runtime.output_dir}"
     """Where Lightning writes by default: Hydra's output directory of the job."""
 
