@@ -17,7 +17,9 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, ModelSummary, StochasticWeightAveraging
+from lightning.pytorch.callbacks import (
+    BasePredictionWriter, EarlyStopping, ModelCheckpoint, ModelSummary, StochasticWeightAveraging,
+)
 from lightning.pytorch.loggers import CSVLogger
 
 import lightning_pipe
@@ -766,10 +768,30 @@ class _PrintsThenFails(TinyGPT):
         return loss
 
 
+class _Writer(BasePredictionWriter):
+    def __init__(self, path: str) -> None:
+        super().__init__("batch_and_epoch")
+        self.path = path
+
+    def write_on_batch_end(self, trainer: Trainer, pl_module: Any, prediction: Any, batch_indices: Any, batch: Any,
+                           batch_idx: int, dataloader_idx: int = 0) -> None:
+        with open(self.path, "a") as f:
+            f.write(f"batch {batch_idx}: {len(prediction)}\n")
+
+    def write_on_epoch_end(self, trainer: Trainer, pl_module: Any, predictions: Any, batch_indices: Any) -> None:
+        with open(self.path, "a") as f:
+            f.write(f"epoch: {len(predictions)} batches\n")
+
+
 def summary_and_prints(rank: int, world_size: int, *, files: list[str]) -> dict[str, Any]:
-    """The model summary of a forward that leaves the chain out (it trains), then a step that prints and fails:
-    what rank 0 printed, and what each file holds. With ``world_size`` 1, one device's."""
+    """The model summary of a forward that leaves the chain out (it trains), a prediction writer, then a step that
+    prints and fails: what rank 0 printed, and what each file holds. With ``world_size`` 1, one device's."""
     out: dict[str, Any] = {}
+    seed_everything(0)
+    trainer = Trainer(accelerator="cpu", devices=world_size, logger=False, enable_progress_bar=False,
+                      strategy=PipelineStrategy(timeout=30) if world_size > 1 else "auto",
+                      callbacks=[_Writer(files[rank] + ".pred")], use_distributed_sampler=False)
+    trainer.predict(TinyGPT(), loader(8, 16), return_predictions=False)
     strategy: Any = PipelineStrategy(timeout=30) if world_size > 1 else "auto"
     for case in ("summary", "prints"):
         seed_everything(0)
@@ -795,5 +817,6 @@ def summary_and_prints(rank: int, world_size: int, *, files: list[str]) -> dict[
             logging.getLogger("lightning.pytorch.callbacks.model_summary").removeHandler(lines)
         out[case] = lines.lines if case == "summary" else printed.getvalue().splitlines()
         strategy = PipelineStrategy(timeout=30) if world_size > 1 else "auto"
-    out["file"] = open(files[rank]).read().splitlines() if os.path.exists(files[rank]) else []
+    for key, path in (("file", files[rank]), ("predictions", files[rank] + ".pred")):
+        out[key] = open(path).read().splitlines() if os.path.exists(path) else None
     return out

@@ -266,7 +266,8 @@ def test_should_stop_set_after_the_chain_stops_every_stage() -> None:
 def test_summary_of_a_forward_without_the_chain_and_prints_of_a_failing_step(tmp_path: Any) -> None:
     """A forward that leaves the chain out (the steps run it) still trains and its summary is one device's ("?" for
     what it does not run; it failed fit on every rank). A step's prints reach rank 0 also when the step fails, and a
-    print to a file of the process is written by the last stage's process, as by one device's."""
+    print to a file of the process is written by the last stage's process, as by one device's. A prediction writer
+    writes once per replica (it wrote once per stage)."""
     from tests._strategy_workers import summary_and_prints
 
     files = [str(tmp_path / f"rank{r}.txt") for r in range(2)]
@@ -277,7 +278,10 @@ def test_summary_of_a_forward_without_the_chain_and_prints_of_a_failing_step(tmp
     # One device: each step's print once, the failing step's too, then the error (4 micro-batches here).
     assert ref["prints"] == ["DEBUG step 0", "DEBUG step 1"] and ref["file"] == ["to file 0", "to file 1"]
     assert ours[0]["prints"] == ["DEBUG step 0"] * 4 + ["DEBUG step 1"] and ours[1]["prints"] == []
-    assert ours[1]["file"] == ["to file 0"] * 4 + ["to file 1"] and ours[0]["file"] == []
+    assert ours[1]["file"] == ["to file 0"] * 4 + ["to file 1"] and ours[0]["file"] is None
+    # A prediction writer writes once per replica, on its first stage, what one device writes (not once per stage).
+    assert ref["predictions"] == ["batch 0: 8", "batch 1: 8", "epoch: 2 batches"]
+    assert ours[0]["predictions"] == ref["predictions"] and ours[1]["predictions"] is None
     for result in ours:
         assert "failed after printing" in result["prints_error"]
 

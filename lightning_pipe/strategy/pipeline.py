@@ -76,6 +76,7 @@ from lightning_pipe.strategy.summary import (
     LocalSummary, PipelineSummary, local_summary, merge_summaries, record_example, route_model_summaries,
     summary_rows,
 )
+from lightning_pipe.strategy.writers import write_once_per_replica
 
 __all__ = ["PipelineStrategy"]
 
@@ -313,6 +314,12 @@ class PipelineStrategy(DDPStrategy):
         return self._layout[-1]
 
     @property
+    def writes_predictions(self) -> bool:
+        """Whether a ``BasePredictionWriter`` writes on this process: on the first stage of each replica, as each DDP
+        process writes its shard (every stage gets the same predictions)."""
+        return self.pp_rank == 0
+
+    @property
     def is_last_stage(self) -> bool:
         """Whether this rank holds the last stage (computes the loss)."""
         return self.pp_rank == self.loss_rank
@@ -454,6 +461,8 @@ class PipelineStrategy(DDPStrategy):
         self._install_precision_hooks()
         if trainer.state.fn == TrainerFn.FITTING:
             route_model_summaries(trainer.callbacks)  # they call pipeline_summary at fit start
+        if trainer.state.fn == TrainerFn.PREDICTING:
+            write_once_per_replica(trainer.callbacks)  # on the first stage of each replica only
         if self.freeze_gc:
             # After the cut, so that the blocks of other stages are freed (the collection before the freeze takes
             # those in reference cycles); thawed in teardown. engine/heap.py says why.
