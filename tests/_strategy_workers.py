@@ -147,8 +147,10 @@ def _train(config: dict[str, Any], *, devices: int, strategy: Any, log_dir: str 
         use_distributed_sampler=False,
     )
     out, err = io.StringIO(), io.StringIO()
-    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(out), \
-            contextlib.redirect_stderr(err):
+    printing = config.get("prints")  # only then: the output of other runs stays visible when a test fails
+    with warnings.catch_warnings(record=True) as caught, \
+            contextlib.redirect_stdout(out) if printing else contextlib.nullcontext(), \
+            contextlib.redirect_stderr(err) if printing else contextlib.nullcontext():
         warnings.simplefilter("always")
         trainer.fit(model, loader(config.get("batch_size", 8), config.get("n", 48)),
                     loader(8, 16, seed=1) if config.get("val_batches") else None)
