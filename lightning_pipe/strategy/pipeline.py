@@ -578,11 +578,12 @@ class PipelineStrategy(DDPStrategy):
         return executor
 
     def _split_batch(self, batch: Any, num_microbatches: int | None = None) -> list[Any]:
-        micro = split_microbatches(batch, num_microbatches or self.num_microbatches)
-        if len(micro) < (num_microbatches or self.num_microbatches) and not self._warned_short_batch:
+        num_microbatches = num_microbatches or self.num_microbatches
+        micro = split_microbatches(batch, num_microbatches)
+        if len(micro) < num_microbatches and not self._warned_short_batch:
             self._warned_short_batch = True
             warnings.warn(f"a batch of {len(micro)} samples is smaller than num_microbatches="
-                          f"{self.num_microbatches}; it runs with {len(micro)} micro-batches (shown once)")
+                          f"{num_microbatches}; it runs with {len(micro)} micro-batches (shown once)")
         return micro
 
     def _run_step(self, hook: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], *, train: bool,
@@ -627,12 +628,13 @@ class PipelineStrategy(DDPStrategy):
                 raise
             finally:
                 runtime.end()
+            left_out = chain_optional and runtime.next_index == 0  # the hook did not run the chain at all
             if not runtime.is_last_stage:
-                if chain_optional and runtime.next_index == 0:
+                if left_out:
                     return torch.zeros(1, device=self.root_device)
                 raise PipelineError(f"the step hook returned before block {runtime.stop - 1} of `{runtime.path}` "
                                     f"ran on pipeline stage {stage}; the chain must run in full in every step")
-            if not (chain_optional and runtime.next_index == 0):
+            if not left_out:
                 runtime.check_finished()
             if not train:
                 return out
