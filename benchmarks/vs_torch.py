@@ -45,6 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lightning_pipe.engine import (  # noqa: E402
     PipelineExecutor, StepResult, Transport, active_collector, destroy_process_group, split_microbatches,
 )
+from lightning_pipe.engine.shm import TRANSPORT_KINDS, make_transport  # noqa: E402
 from lightning_pipe.schedules import build_schedule, stage_to_rank  # noqa: E402
 from lightning_pipe.simulate import Costs, simulate  # noqa: E402
 import schedule_efficiency as se  # noqa: E402  (benchmarks/ is on the path: this script's folder)
@@ -60,6 +61,8 @@ PAIRS = [
 OURS_ONLY = [("zero_bubble", 1)]  # ZB-H1: no one-chunk counterpart in torch
 EARLY = {"1f1b"}  # also timed with early_input_grads, beside the textbook schedule and torch's
 TARGETS = [("1f1b", 1), ("zero_bubble", 1), ("zbv", 2)]  # issue 5's targets: sleeping, p=4, m=16, against 1F1B
+_CPU_TRANSPORT = ["auto"]  # --cpu-transport, as PipelineStrategy(cpu_transport=...): what our runners send through
+_OPEN: list[Transport] = []  # transports of this row's runners, closed when the row is done
 
 
 # -- the sleeping workload ----------------------------------------------------------------------------------------
@@ -158,6 +161,9 @@ def ours(rank: int, world: int, name: str, v: int, m: int, chunks: dict[int, nn.
     """A step of our executor (``transport``: one of the caller's; ``results``: where each step's result goes;
     ``early``: the schedule with early input gradients)."""
     schedule = build_schedule(name, num_ranks=world, num_microbatches=m, virtual_stages=v, early_input_grads=early)
+    if transport is None:
+        transport = make_transport(kind=_CPU_TRANSPORT[0], timeout=120)
+        _OPEN.append(transport)
     executor = PipelineExecutor(schedule, rank=rank, timeout=120, transport=transport)
     last = schedule.num_stages - 1
     micro_x, micro_y = split_microbatches(batch[0], m), split_microbatches(batch[1], m)
@@ -226,8 +232,15 @@ def _paired(mine: list[float], other: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(mine, other)) if other else float("nan")
 
 
+def _close_open() -> None:
+    dist.barrier()  # every rank is done with the row's transfers
+    while _OPEN:
+        _OPEN.pop().close()
+
+
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: Any) -> None:
     se.start_worker(rank, world, port)  # also for torch's runner: the same processes
+    _CPU_TRANSPORT[0] = args.cpu_transport
     rows = []
     for workload in args.workloads:
         for m in args.ms:
@@ -240,6 +253,9 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: A
                 held = _held(name, v, world, rank)
                 runners: dict[str, Callable[[], None]] = {
                     "ours": ours(rank, world, name, v, m, make_chunks(workload, held, v, args), batch)}
+                if args.with_gloo and _CPU_TRANSPORT[0] != "gloo":
+                    runners["gloo"] = ours(rank, world, name, v, m, make_chunks(workload, held, v, args), batch,
+                                           transport=Transport(timeout=120))
                 if name in EARLY and v == 1:
                     runners["early"] = ours(rank, world, name, v, m, make_chunks(workload, held, v, args), batch,
                                             early=True)
@@ -252,6 +268,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: A
                         if rank == 0:
                             print(f"torch {cls_name} p={world} m={m}: {type(err).__name__}: {err}", flush=True)
                 times = in_turn(runners, args.steps)
+                _close_open()
                 medians = {k: statistics.median(t) if t else float("nan") for k, t in times.items()}
                 rows.append((workload, world, m, name, v, False, medians, _paired(times["ours"],
                                                                                    times.get("torch", []))))
@@ -269,6 +286,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: A
             held = _held(name, v, world, rank)
             runners[name] = ours(rank, world, name, v, m, make_chunks("sleep", held, v, args), batch)
         times = in_turn(runners, args.target_steps)
+        _close_open()
         targets = {name: (statistics.median(times[name]) / statistics.median(times["1f1b"]),
                           _paired(times[name], times["1f1b"])) for name in runners}
     if rank == 0:
@@ -302,6 +320,12 @@ def main() -> None:
     parser.add_argument("--workloads", nargs="+", default=["sleep", "transformer"])
     parser.add_argument("--schedules", nargs="*", default=[], help="only these of ours (default: all)")
     parser.add_argument("--no-torch", action="store_true", help="time ours only")
+    parser.add_argument("--cpu-transport", choices=TRANSPORT_KINDS, default="auto",
+                        help="how our runners pass values (PipelineStrategy(cpu_transport=...)): 'auto' (shared "
+                             "memory between the processes of this host, the strategy's default) or 'gloo' (the "
+                             "process group's send/recv, which torch's runners use)")
+    parser.add_argument("--with-gloo", action="store_true",
+                        help="also time ours over gloo in each row (a column of its own), in turn with the others")
     parser.add_argument("--target-steps", type=int, default=15,
                         help="rounds of the in-turn timing of our 1f1b, zero_bubble and zbv (sleeping, p=4, m=16)")
     args = parser.parse_args()
@@ -314,15 +338,20 @@ def main() -> None:
           f"tb=2tf split evenly into B and W; transformer d={args.d}, seq={args.seq}, "
           f"{args.mbs} samples per micro-batch, {args.blocks} blocks per rank; 'paired': median over the steps of "
           "ours/torch, each pair timed one after the other")
+    gloo = args.with_gloo and args.cpu_transport != "gloo"
     print(f"{'workload':11s} {'p':>2s} {'m':>3s} {'schedule':20s} {'ideal':>7s} {'ours':>8s} {'torch':>8s} "
-          f"{'ours/torch':>10s} {'paired':>7s}")
+          f"{'ours/torch':>10s} {'paired':>7s}" + (f" {'ours gloo':>9s} {'/torch':>7s}" if gloo else ""))
     ours_1f1b: dict[tuple[str, int, int], float] = {}
     for workload, p, m, name, v, early, t, paired in rows:
         label = f"{name}" + (f" (v={v})" if v > 1 or name == "zero_bubble" else "") + (" early" if early else "")
         ideal = f"{ideal_ms(name, v, p, m, args.tf_ms, early):7.1f}" if workload == "sleep" else f"{'':7s}"
         mine, other = 1e3 * t["ours"], 1e3 * t.get("torch", float("nan"))
         ratio = mine / other if other == other else float("nan")
-        print(f"{workload:11s} {p:2d} {m:3d} {label:20s} {ideal} {mine:8.1f} {other:8.1f} {ratio:10.3f} {paired:7.3f}")
+        extra = ""
+        if gloo and not early:
+            extra = f" {1e3 * t['gloo']:9.1f} {1e3 * t['gloo'] / other:7.3f}"
+        print(f"{workload:11s} {p:2d} {m:3d} {label:20s} {ideal} {mine:8.1f} {other:8.1f} {ratio:10.3f} "
+              f"{paired:7.3f}{extra}")
         if name == "1f1b" and not early:
             ours_1f1b[(workload, p, m)] = mine
     print("\nours against our 1F1B (same workload, p, m; medians from the table above, timed minutes apart)")

@@ -16,7 +16,9 @@ from torch import nn
 from lightning_pipe.engine import (
     ModuleStages,
     PipelineExecutor,
+    ShmTransport,
     Transport,
+    make_transport,
     microbatch_weights,
     split_microbatches,
     split_sequential,
@@ -114,13 +116,14 @@ def _balance(n: int, p: int) -> list[int]:
 def transparency(rank: int, world_size: int, *, models: list[str], schedules: list[str], ms: list[int],
                  steps: int = 2, batch_size: int = 10, unweighted: bool = False,
                  exact: bool = False, post_ahead: int | None = None, one_group: bool = False,
-                 background: bool | None = None) -> dict[str, float]:
+                 background: bool | None = None, shm: bool = False) -> dict[str, float]:
     """For each configuration, the largest |pipelined - reference| over this rank's loss and gradients.
 
     ``unweighted=True`` sums the micro-batch losses instead of weighting them: a control that must show a
     difference, so the comparison is known to be able to fail. ``post_ahead``: receives gloo keeps posted ahead.
     ``one_group`` (with ``exact``): no group of their own for messages to lower ranks. ``background``: the gloo
-    transport's poster thread on (True), off (False) or chosen each step (None, as by default).
+    transport's poster thread on (True), off (False) or chosen each step (None, as by default). ``shm``: through
+    shared memory (``ShmTransport``), with rings small enough that the values move each pair to larger ones.
     """
     loss_fn = nn.MSELoss()
     report: dict[str, float] = {}
@@ -130,7 +133,7 @@ def transparency(rank: int, world_size: int, *, models: list[str], schedules: li
     # across both.
     reverse_group = None if one_group else dist.new_group(list(range(world_size))) if exact else None
     transport = Transport(exact=True, reverse_group=reverse_group, timeout=60) if exact \
-        else Transport(timeout=60, background=background)
+        else ShmTransport(timeout=60, ring_bytes=1024) if shm else Transport(timeout=60, background=background)
     for kind in models:
         reference = make_model(kind)
         ref_grads, ref_losses = [], []
@@ -234,17 +237,19 @@ def exact_traces(rank: int, world_size: int, *, schedules: list[str], m: int) ->
 
 
 def failing_step(rank: int, world_size: int, *, fail_rank: int, mode: str, timeout: float,
-                 background: bool | None = None, train: bool = True, microbatches: int = 4) -> str:
+                 background: bool | None = None, train: bool = True, microbatches: int = 4,
+                 shm: bool = False) -> str:
     """Run 1F1B steps in which ``fail_rank`` raises (``mode="raise"``), dies (``"exit"``) or stalls (``"hang"``)
-    in the middle of the second step (``background``: as in :func:`transparency`; ``train=False``: that step runs
-    the forwards only)."""
+    in the middle of the second step (``background``, ``shm``: as in :func:`transparency`; ``train=False``: that
+    step runs the forwards only)."""
     model = make_model("mlp")
     mine = split_sequential(model, _balance(len(model), world_size))[rank]
     x, y = make_batch("mlp", 0, 2 * microbatches)
     micro_x, micro_y = split_microbatches(x, microbatches), split_microbatches(y, microbatches)
     executor = PipelineExecutor(build_schedule("1f1b", num_ranks=world_size, num_microbatches=microbatches),
                                 rank=rank,
-                                transport=Transport(timeout=timeout, background=background))
+                                transport=ShmTransport(timeout=timeout) if shm else
+                                Transport(timeout=timeout, background=background))
     stages = ModuleStages({rank: mine}, num_stages=world_size, microbatches=micro_x, targets=micro_y,
                           loss_fn=nn.MSELoss())
 
@@ -331,6 +336,15 @@ def _sequence_value(i: int) -> Any:
 SEQUENCE_LENGTH = 12
 
 
+def _check_sequence_value(i: int, value: Any) -> None:
+    """``value`` is :func:`_sequence_value` ``i``: same tensors, flags and leaves."""
+    expected = _sequence_value(i)
+    got, want = (value[0], expected[0]) if isinstance(expected, tuple) else (value, expected)
+    assert torch.equal(got.detach(), want.detach()) and got.requires_grad == want.requires_grad, i
+    if isinstance(expected, tuple):
+        assert value[1]["n"] == expected[1]["n"] and torch.equal(value[1]["m"], expected[1]["m"]), i
+
+
 class _PolicySpy:
     """Stands for a process group: records the scheduling policies of the guarded gloo I/O threads during each send
     and receive call, then makes the call."""
@@ -390,11 +404,7 @@ def message_sequence(rank: int, world_size: int, *, background: bool) -> dict[st
         prepared = pending._expected[1] if pending._expected is not None else None  # set once posted
         counts["prepared" if value is prepared and prepared is not None else "parsed"] += 1
         posted.append(transport.recv(0, i + 2, f"value {i + 2}", channel="c"))
-        expected = _sequence_value(i)
-        got, want = (value[0], expected[0]) if isinstance(expected, tuple) else (value, expected)
-        assert torch.equal(got.detach(), want.detach()) and got.requires_grad == want.requires_grad, i
-        if isinstance(expected, tuple):
-            assert value[1]["n"] == expected[1]["n"] and torch.equal(value[1]["m"], expected[1]["m"]), i
+        _check_sequence_value(i, value)
     try:
         posted[SEQUENCE_LENGTH].wait()
     except PipelineCommError as error:
@@ -507,5 +517,75 @@ def poster_modes(rank: int, world_size: int) -> dict[str, Any]:
     report["closed"] = not transport.posting_in_background
     # Rank 0 stays until rank 1 has read the failure notice: its send may still be in flight (the executor drains
     # it after a failure), and leaving closes the connection.
+    dist.barrier()
+    return report
+
+
+def _shm_files(prefix: str = "lightning_pipe-") -> list[str]:
+    from lightning_pipe.engine.shm import SHM_DIR
+
+    return sorted(name for name in os.listdir(SHM_DIR) if name.startswith(prefix))
+
+
+def shm_channels(rank: int, world_size: int) -> dict[str, Any]:
+    """The shared-memory transport between two ranks. Rank 0 sends :func:`_sequence_value` 0, 1, ... on one channel
+    (rings of 512 bytes: values pad to the ring's start and move the pair to larger rings), then two values on tags
+    that rank 1 takes in the other order, then a failure notice; rank 1 keeps two receives posted ahead and checks
+    every value, then sends one back. Also: no file left in /dev/shm once the channels are open; ``make_transport``
+    picks shared memory here, and gloo (``"auto"``) or an error on every rank (``"shm"``) where the ranks report
+    different hosts. Returns what rank 1 saw."""
+    from lightning_pipe.engine import shm
+    from lightning_pipe.errors import PipelineCommError, PipelineError
+
+    before = _shm_files()
+    transport = ShmTransport(timeout=60, ring_bytes=512)
+    report: dict[str, Any] = {"left_after_setup": [f for f in _shm_files() if f not in before]}
+    if rank == 0:
+        for i in range(SEQUENCE_LENGTH):
+            transport.send(_sequence_value(i), 1, i, f"value {i}", channel="c")
+        transport.send(torch.ones(3), 1, 100, "first")
+        transport.send(torch.zeros(3), 1, 101, "second")
+        transport.send_failure(RuntimeError("boom on purpose"), 1, SEQUENCE_LENGTH)
+        back = transport.recv(1, 7, "back").wait()
+        assert torch.equal(back, torch.arange(5.0)), back
+        report["generations"] = transport._outbound[1].generation
+    else:
+        report.update(prepared=0, parsed=0)
+        posted = [transport.recv(0, i, f"value {i}", channel="c") for i in range(2)]
+        for i in range(SEQUENCE_LENGTH):
+            pending = posted[i]
+            prepared = pending._prebuilt[1] if pending._prebuilt is not None else None
+            value = pending.wait()
+            report["prepared" if prepared is not None and value is prepared else "parsed"] += 1
+            posted.append(transport.recv(0, i + 2, f"value {i + 2}", channel="c"))
+            _check_sequence_value(i, value)
+        second = transport.recv(0, 101, "second").wait()  # sent after "first", which waits in its queue
+        first = transport.recv(0, 100, "first").wait()
+        report["out_of_order"] = bool(torch.equal(first, torch.ones(3)) and torch.equal(second, torch.zeros(3)))
+        try:
+            posted[SEQUENCE_LENGTH].wait()
+        except PipelineCommError as error:
+            report["failure"] = str(error)
+        transport.send(torch.arange(5.0), 0, 7, "back")
+        report["generations"] = transport._inbounds[0].generation
+    dist.barrier()
+    transport.close()
+    dist.barrier()
+    report["left_after_close"] = [f for f in _shm_files() if f not in before]
+    # Ranks that report different hosts: "auto" falls back to gloo on every rank, "shm" raises on every rank.
+    real = shm._host_key
+    shm._host_key = lambda: (f"host{rank}", *real()[1:])  # type: ignore[misc]
+    try:
+        report["auto_elsewhere"] = type(make_transport(kind="auto", timeout=60)).__name__
+        try:
+            make_transport(kind="shm", timeout=60)
+        except PipelineError as error:
+            report["shm_elsewhere"] = str(error)
+    finally:
+        shm._host_key = real
+    chosen = make_transport(kind="auto", timeout=60)
+    report["auto_here"] = type(chosen).__name__
+    chosen.close()
+    report["gloo_here"] = type(make_transport(kind="gloo", timeout=60)).__name__
     dist.barrier()
     return report

@@ -35,7 +35,7 @@ class _SeeFrozen(Callback):
 
     def __init__(self) -> None:
         self.counts: list[int] = []
-        self.transport: list[tuple[bool, bool]] = []
+        self.transport: list[tuple[bool, bool, str]] = []
         self.split: list[bool] = []
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
@@ -44,7 +44,8 @@ class _SeeFrozen(Callback):
     def on_train_batch_end(self, trainer: Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         transport = getattr(trainer.strategy, "_transport", None)
         if transport is not None:
-            self.transport.append((transport.posting_in_background, transport.io_guard.active))
+            self.transport.append((transport.posting_in_background, transport.io_guard.active,
+                                   type(transport).__name__))
             self.split.append(any(e.schedule.split_backward for e in trainer.strategy._executors.values()))
 
 
@@ -219,6 +220,7 @@ def pipeline_jobs(rank: int, world_size: int, *, configs: list[dict[str, Any]]) 
                                     freeze_gc=config.get("freeze_gc", True),
                                     comm_thread=config.get("comm_thread"),
                                     guard_io_threads=config.get("guard_io_threads"),
+                                    cpu_transport=config.get("cpu_transport", "auto"),
                                     microbatch_weight=_tokens_left if config.get("token_weights") else None)
         results.append(train(config, devices=world_size, strategy=strategy))
     return results

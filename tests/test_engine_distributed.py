@@ -162,13 +162,13 @@ def test_control_unweighted_losses_differ() -> None:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("background", [False, True])
-def test_a_rank_that_raises_stops_every_other_rank_quickly(background: bool) -> None:
-    """Also with the calls made on the transport's poster thread: the failure notices go out after the sends
-    queued before them."""
+@pytest.mark.parametrize("transport", ["gloo", "poster", "shm"])
+def test_a_rank_that_raises_stops_every_other_rank_quickly(transport: str) -> None:
+    """Also with the calls made on the transport's poster thread (the failure notices go out after the sends
+    queued before them), and through shared memory."""
     timeout = 30.0
     outcomes = launch("tests._engine_workers.failing_step", 4, deadline=90, fail_rank=1, mode="raise",
-                      timeout=timeout, background=background)
+                      timeout=timeout, background=transport == "poster", shm=transport == "shm")
     assert outcomes[1].error_type == "ValueError" and "injected failure" in outcomes[1].error
     for outcome in outcomes:
         assert not outcome.hung
@@ -201,11 +201,13 @@ def test_a_last_stage_failing_in_a_forward_only_step_leaves_no_sender_waiting() 
 
 
 @pytest.mark.timeout(120)
-def test_a_crashed_process_is_noticed_without_waiting_for_the_timeout() -> None:
-    """A rank that dies without a word (os._exit) is noticed through the closed connection."""
+@pytest.mark.parametrize("shm", [False, True])
+def test_a_crashed_process_is_noticed_without_waiting_for_the_timeout(shm: bool) -> None:
+    """A rank that dies without a word (os._exit) is noticed through the closed connection (gloo), or the closed
+    pipe (shared memory)."""
     timeout = 30.0
     outcomes = launch("tests._engine_workers.failing_step", 2, deadline=90, fail_rank=1, mode="exit",
-                      timeout=timeout)
+                      timeout=timeout, shm=shm)
     assert outcomes[1].error_type == "ProcessDied"
     rank0 = outcomes[0]
     assert rank0.error_type == "PipelineCommError", (rank0.error_type, rank0.error)
@@ -215,10 +217,11 @@ def test_a_crashed_process_is_noticed_without_waiting_for_the_timeout() -> None:
 
 
 @pytest.mark.timeout(120)
-def test_a_rank_that_stalls_turns_into_a_timeout_error() -> None:
+@pytest.mark.parametrize("shm", [False, True])
+def test_a_rank_that_stalls_turns_into_a_timeout_error(shm: bool) -> None:
     timeout = 4.0
     outcomes = launch("tests._engine_workers.failing_step", 2, deadline=60, fail_rank=1, mode="hang",
-                      timeout=timeout)
+                      timeout=timeout, shm=shm)
     assert outcomes[1].error_type == "TimeoutError"
     rank0 = outcomes[0]
     assert rank0.error_type == "PipelineCommError", (rank0.error_type, rank0.error)
@@ -270,12 +273,36 @@ def test_the_transport_moves_its_calls_to_the_poster_thread_while_steps_leave_th
 
 
 @pytest.mark.timeout(240)
-def test_transparency_with_the_poster_thread() -> None:
-    """Every schedule with the transport's sends and receive posts made on its poster thread (what it does by
-    default while the cores sit idle): the same loss and gradients as one process, trees, dataclasses, complex
-    tensors and changing shapes included."""
+@pytest.mark.parametrize("transport", ["poster", "shm"])
+def test_transparency_with_the_poster_thread_and_over_shared_memory(transport: str) -> None:
+    """Every schedule with the gloo transport's sends and receive posts made on its poster thread (what it does by
+    default while the cores sit idle), and through the shared-memory transport (what CPU ranks of one host use by
+    default) with rings of 1 KiB that the values outgrow: the same loss and gradients as one process, trees,
+    dataclasses, complex tensors and changing shapes included."""
     outcomes = launch("tests._engine_workers.transparency", 2, deadline=200,
-                      models=["mlp", "transformer", "dataclass"], schedules=SCHEDULES, ms=[1, 5], background=True)
+                      models=["mlp", "transformer", "dataclass"], schedules=SCHEDULES, ms=[1, 5],
+                      background=transport == "poster", shm=transport == "shm")
     for outcome in outcomes:
         report = outcome.unwrap()
         assert len(report) == 3 * len(SCHEDULES) * 2 and max(report.values()) <= TOLERANCE, report
+
+
+@pytest.mark.timeout(120)
+def test_shared_memory_channels_deliver_every_message_and_leave_no_file() -> None:
+    outcomes = launch("tests._engine_workers.shm_channels", 2, deadline=100)
+    sender, receiver = (outcome.unwrap() for outcome in outcomes)
+    # Runs of one layout are copied into the value prepared when the receive was posted; every change is parsed.
+    # As on gloo a receive expects the layout of the message two before it: prepared are the 3rd "a" and the "a"
+    # two after another "a" (the one after "big" expects "big": no overflow path here, a big value is one message).
+    assert (receiver["prepared"], receiver["parsed"]) == (2, 10), receiver
+    assert receiver["out_of_order"], receiver
+    assert "pipeline rank 0 failed instead of sending" in receiver["failure"], receiver
+    assert "RuntimeError: boom on purpose" in receiver["failure"], receiver
+    # 512-byte rings: the 16 KB value (and those after it) moved the pair to larger rings, on both ends alike.
+    assert sender["generations"] == receiver["generations"] >= 1, (sender, receiver)
+    for report in (sender, receiver):
+        assert report["left_after_setup"] == [] and report["left_after_close"] == [], report
+        assert report["auto_here"] == "ShmTransport" and report["gloo_here"] == "Transport", report
+        assert report["auto_elsewhere"] == "Transport", report
+        assert "needs every rank of the pipeline on one Linux x86-64 host" in report["shm_elsewhere"], report
+        assert "cpu_transport='gloo'" in report["shm_elsewhere"], report

@@ -186,6 +186,8 @@ def test_bad_input_fails_clearly_on_every_rank(cases: list[str]) -> None:
         ({"early_input_grads": None}, "early_input_grads=None must be True or False"),
         ({"comm_thread": "auto"}, "comm_thread='auto' must be True, False or None (the default)"),
         ({"guard_io_threads": 1}, "guard_io_threads=1 must be True, False or None (the default)"),
+        ({"cpu_transport": "tcp"}, "cpu_transport='tcp': choose one of ['auto', 'shm', 'gloo']"),
+        ({"cpu_transport": "shm", "comm_thread": True}, "comm_thread=True is for gloo's transport"),
         ({"check_batches": None}, "check_batches=None must be True or False"),
         ({"microbatch_weight": 3}, "microbatch_weight=3 must be a function of a micro-batch"),
     ],
@@ -219,6 +221,21 @@ def test_modules_are_built_on_the_host_not_on_the_device(monkeypatch: pytest.Mon
         torch.manual_seed(0)
         # Initialized as usual, or not at all with empty_init=True (the weights to be loaded).
         assert torch.equal(layer.weight, torch.nn.Linear(64, 64).weight) != bool(empty_init)
+
+
+def test_shared_memory_is_for_cpu_ranks_on_gloo() -> None:
+    """cpu_transport='shm' raises at set-up (on every rank: same arguments) where the pipeline runs on GPUs;
+    'auto' and 'gloo' are accepted everywhere."""
+    from lightning_pipe import PipelineError
+    from lightning_pipe.strategy.pipeline import _check_cpu_transport
+
+    for kind in ("auto", "gloo", "shm"):
+        _check_cpu_transport(kind, "gloo", "cpu")
+    for kind in ("auto", "gloo"):
+        _check_cpu_transport(kind, "nccl", "cuda")
+    with pytest.raises(PipelineError) as info:
+        _check_cpu_transport("shm", "nccl", "cuda")
+    assert "cpu_transport='shm' is for CPU ranks on gloo (this run: nccl on cuda); leave it 'auto'" in str(info.value)
 
 
 def test_comm_thread_needs_gloo_on_the_cpu() -> None:

@@ -37,7 +37,7 @@ def _reference(config_json: str) -> dict[str, Any]:
 def reference(config: dict[str, Any]) -> dict[str, Any]:
     """The single-device run of ``config`` (pipeline-only settings dropped), cached for the session."""
     pipeline_only = ("schedule", "pp", "microbatches", "balance", "virtual_stages", "freeze_gc", "comm_thread",
-                     "guard_io_threads", "early_input_grads")
+                     "guard_io_threads", "early_input_grads", "cpu_transport")
     return _reference(json.dumps({k: v for k, v in config.items() if k not in pipeline_only}, sort_keys=True))
 
 
@@ -75,7 +75,9 @@ def _configs(world_size: int) -> list[dict[str, Any]]:
         # gradients into up to 1.2e-5 under every schedule, 1F1B included (with SGD: 1.5e-8).
         {"body": "modulelist", "schedule": "zero_bubble", "virtual_stages": 2, "n_layer": 8, "clip": 0.05,
          "accumulate": 2, "steps": 3, "optimizer": "sgd"},
-        {"body": "sequential", "schedule": "zbv", "n_layer": 8, "tie_blocks": True, "clip": 0.05, "optimizer": "sgd"},
+        # cpu_transport="gloo": the process group's send/recv instead of shared memory (the default here).
+        {"body": "sequential", "schedule": "zbv", "n_layer": 8, "tie_blocks": True, "clip": 0.05, "optimizer": "sgd",
+         "cpu_transport": "gloo"},
         {"body": "modulelist", "schedule": "zbv", "n_layer": 8, "n": 42, "steps": 6, "microbatches": 3},
         # A loss that is a mean over the target tokens left after ignore_index (their count differs between
         # micro-batches), the micro-batches weighed by that count.
@@ -136,15 +138,20 @@ def test_pipeline_matches_one_device(world_size: int) -> None:
             during, after = results[rank][i]["frozen_during"], results[rank][i]["frozen_after"]
             assert len(during) == config.get("steps", 4) * config.get("accumulate", 1) and after == 0, (config, after)
             assert all(c > 0 for c in during) if config.get("freeze_gc", True) else not any(during), (config, during)
-        # comm_thread=True: every step's sends and receive posts on the poster thread; guard_io_threads=False: no
-        # guard. The defaults guard the I/O threads on Linux (the poster is chosen step by step: not checked here).
+        # By default (cpu_transport="auto") the ranks of one host pass values through shared memory; gloo's
+        # transport with cpu_transport="gloo" or comm_thread=True. Over gloo: comm_thread=True makes every step's
+        # sends and receive posts on the poster thread; guard_io_threads=False: no guard. The defaults guard the I/O
+        # threads on Linux (the poster is chosen step by step: not checked here).
+        gloo = config.get("comm_thread") or config.get("cpu_transport") == "gloo"
         for rank in range(world_size):
             seen = results[rank][i]["transport"]
             assert len(seen) == config.get("steps", 4) * config.get("accumulate", 1), (config, seen)
+            assert all(kind == ("Transport" if gloo else "ShmTransport") for _, _, kind in seen), (config, seen)
             if config.get("comm_thread"):
-                assert all(background for background, _ in seen), (config, seen)
-            guarded = config.get("guard_io_threads", sys.platform.startswith("linux"))
-            assert all(active == guarded for _, active in seen), (config, seen)
+                assert all(background for background, _, _ in seen), (config, seen)
+            if gloo:
+                guarded = config.get("guard_io_threads", sys.platform.startswith("linux"))
+                assert all(active == guarded for _, active, _ in seen), (config, seen)
         # W actions: under the zero-bubble schedules, and under the others with early_input_grads=True.
         split = config["schedule"] in ("zero_bubble", "zbv") or config.get("early_input_grads", False)
         assert all(results[r][i]["split"] == [split] * len(results[r][i]["transport"]) for r in range(world_size))

@@ -149,6 +149,9 @@ class StrategyConfig:
     training thread (``false``); ``null``: chosen each step from how idle the cores were."""
     guard_io_threads: Optional[bool] = None
     """Keep gloo's I/O threads from preempting the thread inside a gloo call; ``null``: on with gloo on Linux."""
+    cpu_transport: str = "auto"
+    """How CPU ranks pass activations and gradients: ``auto`` (shared memory where every rank of the pipeline is on
+    this host, else gloo), ``shm`` (shared memory or fail) or ``gloo``; GPUs use NCCL."""
     check_batches: bool = True
     """Before each step the stages of a pipeline compare a summary of their batches and all raise if they differ."""
     process_group_backend: Optional[str] = None

@@ -45,6 +45,7 @@ from lightning_pipe.engine import (
     microbatch_weights,
     split_microbatches,
 )
+from lightning_pipe.engine.shm import TRANSPORT_KINDS, make_transport
 from lightning_pipe.errors import PipelineError, on_every_rank, peers_reachable
 from lightning_pipe.schedules import (
     BUILTIN_SCHEDULES, DEFAULT_VIRTUAL_STAGES, SCHEDULES, Schedule, build_schedule, stage_to_rank,
@@ -114,6 +115,12 @@ def _check_comm_thread(comm_thread: bool | None, backend: str, device_type: str)
                             f"{device_type}); leave comm_thread unset or set it to False")
 
 
+def _check_cpu_transport(kind: str, backend: str, device_type: str) -> None:
+    if kind == "shm" and not (backend == "gloo" and device_type == "cpu"):
+        raise PipelineError(f"cpu_transport='shm' is for CPU ranks on gloo (this run: {backend} on {device_type}); "
+                            "leave it 'auto'")
+
+
 class PipelineStrategy(DDPStrategy):
     """Pipeline parallelism: the LightningModule's chain of blocks is cut into stages, one per process.
 
@@ -154,6 +161,11 @@ class PipelineStrategy(DDPStrategy):
             on the CPU only). ``False``: never.
         guard_io_threads: Keep gloo's I/O threads from preempting the thread inside a gloo send or receive call
             (``lightning_pipe/engine/io_threads.py``). ``None`` (default): on with gloo where Linux allows it.
+        cpu_transport: How the stages of CPU ranks pass activations and gradients. ``"auto"`` (default): through
+            shared memory where every rank of the pipeline runs on this host (Linux, x86-64), as NCCL does between
+            the GPUs of a node (``lightning_pipe/engine/shm.py``), else with gloo's send/recv; ``"shm"``: shared
+            memory, or fail at start-up where it cannot be used; ``"gloo"``: gloo's send/recv. ``comm_thread=True``
+            takes gloo's. On GPUs the pipeline uses NCCL whatever this says (``"shm"`` raises there).
         check_batches: Before each step, the stages of a pipeline compare a summary of their batches (each stage
             reads its own copy from its DataLoader) and all raise if they differ (``strategy/batch_check.py``: one
             small all-gather, tens of microseconds of summing). ``False`` skips it.
@@ -186,6 +198,7 @@ class PipelineStrategy(DDPStrategy):
         freeze_gc: bool = True,
         comm_thread: bool | None = None,
         guard_io_threads: bool | None = None,
+        cpu_transport: Literal["auto", "shm", "gloo"] = "auto",
         check_batches: bool = True,
         microbatch_weight: Callable[[Any], Any] | None = None,
         **ddp_kwargs: Any,
@@ -225,6 +238,11 @@ class PipelineStrategy(DDPStrategy):
         for name, flag in (("comm_thread", comm_thread), ("guard_io_threads", guard_io_threads)):
             if flag is not None and not isinstance(flag, bool):
                 raise PipelineError(f"{name}={flag!r} must be True, False or None (the default)")
+        if cpu_transport not in TRANSPORT_KINDS:
+            raise PipelineError(f"cpu_transport={cpu_transport!r}: choose one of {list(TRANSPORT_KINDS)}")
+        if cpu_transport == "shm" and comm_thread:
+            raise PipelineError("cpu_transport='shm' sends on the training thread; comm_thread=True is for gloo's "
+                                "transport: leave one of them unset")
         if microbatch_weight is not None and not callable(microbatch_weight):
             raise PipelineError(f"microbatch_weight={microbatch_weight!r} must be a function of a micro-batch (or "
                                 "None: weigh micro-batches by their samples)")
@@ -283,6 +301,7 @@ class PipelineStrategy(DDPStrategy):
         self.freeze_gc = freeze_gc
         self.comm_thread = comm_thread
         self.guard_io_threads = guard_io_threads
+        self.cpu_transport = cpu_transport
         self._heap = HeapFreeze()
 
     # -- layout -----------------------------------------------------------------------------------------------
@@ -358,6 +377,7 @@ class PipelineStrategy(DDPStrategy):
         self._reverse_group = None
         backend = dist.get_backend(self._pp_group)
         _check_comm_thread(self.comm_thread, backend, device_type)  # the same on every rank: all raise, none waits
+        _check_cpu_transport(self.cpu_transport, backend, device_type)
         if backend != "gloo":
             # Messages to lower ranks get communicators of their own (see Transport): every rank creates every
             # replica's group.
@@ -402,12 +422,13 @@ class PipelineStrategy(DDPStrategy):
                               virtual_stages=self.virtual_stages, early_input_grads=self.early_input_grads)
 
     def new_transport(self) -> Transport:
-        """A transport over this rank's pipeline group, with the strategy's timeout, ``comm_thread`` and
-        ``guard_io_threads`` (the caller closes it)."""
-        return Transport(group=self._pp_group, device=self.root_device,
-                         timeout=self._timeout.total_seconds() if self._timeout else 1800.0,
-                         reverse_group=self._reverse_group, guard_io_threads=self.guard_io_threads,
-                         background=self.comm_thread)
+        """A transport over this rank's pipeline group, with the strategy's timeout, ``cpu_transport``,
+        ``comm_thread`` and ``guard_io_threads`` (the caller closes it). A collective on the pipeline group where
+        shared memory may be used: every rank of it calls this at the same point."""
+        return make_transport(kind=self.cpu_transport, group=self._pp_group, device=self.root_device,
+                              timeout=self._timeout.total_seconds() if self._timeout else 1800.0,
+                              reverse_group=self._reverse_group, guard_io_threads=self.guard_io_threads,
+                              background=self.comm_thread)
 
     # -- model surgery ----------------------------------------------------------------------------------------
     @override
@@ -447,6 +468,8 @@ class PipelineStrategy(DDPStrategy):
         self.model_to_device()
         if first_time:
             self._sync_initial_params()
+        if self._transport is None:  # here, where every rank is: setting up shared memory is a collective
+            self._transport = self.new_transport()
         if trainer.state.fn == TrainerFn.FITTING:
             # configure_optimizers runs on every rank over that rank's stages: what fails on one (an optimizer
             # left without parameters there) raises on all, rather than the others waiting for it.

@@ -1,0 +1,465 @@
+"""Point-to-point transfers between CPU ranks of one host through shared memory, woken by a pipe.
+
+gloo passes a message between two processes of one host through a TCP socket and its own I/O threads: a round trip
+of a 1 KiB value took 260-350 us here through :class:`~lightning_pipe.engine.transport.Transport`, against 75-100
+us by shared memory and a named pipe (two processes, 2-core machine). In a pipeline that time lies on the path from
+one rank's action to the next rank's, once per transfer. NCCL picks shared memory between the GPUs of one node on
+its own; gloo has nothing of the kind, so :class:`ShmTransport` does it for CPU ranks.
+
+Each ordered pair of ranks has a ring of shared memory (a file in ``/dev/shm``, mapped by both) written by the
+sender alone, and a named pipe (FIFO) to the receiver. A message, laid out as in the gloo protocol, is written into
+the ring as a record ``[tag | length | message]``; then one byte goes down the pipe, which wakes the receiver, and
+orders the ring's bytes before it (the write and the read are system calls). The receiver copies the record out and
+publishes how far it has read, which frees the space for the sender. A send never waits: a message that does not
+fit in the free space moves the pair to a larger ring (a ``switch`` record in the old one names it), so no schedule
+can deadlock on a full ring. The receiver demultiplexes by tag (a value that comes before the one awaited waits in
+a queue of its tag), so the executor's receives may be posted ahead and taken in any order, as on gloo.
+
+A peer that exits closes its end of the pipe: the receiver sees end-of-file and fails at once, naming it, rather
+than waiting for the timeout; a sender to an exited peer gets a broken pipe. The files are unlinked as soon as both
+ends have them open (a ring made later, by its receiver when it opens it), so nothing is left in ``/dev/shm`` when
+processes end, whichever way they end; only a process killed between creating a larger ring and its peer opening
+it leaves that one file behind.
+
+Used only where every rank of the group runs on this host (same host name, boot and ``/dev/shm``), on Linux on
+x86-64, whose stores are seen by other cores in program order: the receiver's published read position is then never
+seen before it has copied the record out. :func:`make_transport` picks it (``kind="auto"``) and falls back to gloo
+elsewhere.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import platform
+import select
+import socket
+import struct
+import sys
+import time
+import uuid
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable, Hashable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from lightning_pipe.engine.transport import (
+    PendingRecv,
+    Transport,
+    _aligned,
+    _Expected,
+    _host_view,
+    _message_layout,
+    _pack,
+    _unpack,
+)
+from lightning_pipe.errors import PipelineCommError, PipelineError
+
+__all__ = ["ShmTransport", "make_transport", "TRANSPORT_KINDS"]
+
+TRANSPORT_KINDS = ("auto", "shm", "gloo")
+"""What :func:`make_transport` accepts for CPU ranks: shared memory where possible, always, or never."""
+
+SHM_DIR = Path("/dev/shm")
+RING_BYTES = 1 << 20
+"""The first ring of each pair of ranks: larger messages move the pair to a ring of at least four times their size
+(pages of ``/dev/shm`` are taken only once written)."""
+_CONTROL = 128  # bytes before the ring; the receiver's read total at 64 (a cache line of its own)
+_HEADER = 16  # a record's tag (int64) and message length (int64)
+_RECORD_ALIGN = 64
+_PAD, _SWITCH = -1, -2  # tags of records that hold no message: skip to the ring's start; go on in the next ring
+_RESERVE = _RECORD_ALIGN  # always left free, for a switch record
+_PREFIX = 16  # of a message: metadata length and payload length (the gloo protocol's layout)
+_FAILURE = -2
+
+
+def _record_bytes(message_bytes: int) -> int:
+    return (_HEADER + message_bytes + _RECORD_ALIGN - 1) // _RECORD_ALIGN * _RECORD_ALIGN
+
+
+class _Ring:
+    """One ring of shared memory, mapped from its file."""
+
+    def __init__(self, path: Path, size: int, *, create: bool) -> None:
+        fd = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
+        try:
+            if create:
+                os.ftruncate(fd, _CONTROL + size)
+            self.map = mmap.mmap(fd, _CONTROL + size)
+        finally:
+            os.close(fd)
+        self.path, self.size = path, size
+        self.bytes = np.frombuffer(self.map, dtype=np.uint8, offset=_CONTROL, count=size)
+        self.read_total = np.frombuffer(self.map, dtype=np.int64, offset=64, count=1)
+
+    def close(self) -> None:
+        del self.bytes, self.read_total  # the views first: a map with views of it cannot close
+        try:
+            self.map.close()
+        except BufferError:  # a view still held elsewhere: the map goes with it
+            pass
+
+
+class _Outbound:
+    """This rank's end of the pair to one peer: the ring it writes and the pipe that wakes the peer."""
+
+    def __init__(self, base: str, ring: _Ring) -> None:
+        self.base, self.ring, self.generation = base, ring, 0
+        self.fd = -1
+        self.written = 0  # bytes written into the current ring, records and padding
+        self.made: list[Path] = []  # larger rings made, which the peer unlinks when it opens them
+
+    def place(self, record: int) -> int:
+        """Where a record of ``record`` bytes goes in the ring (padding to the ring's start, or moving to a larger
+        ring, as needed); the caller writes it there, then calls :meth:`wrote`."""
+        ring = self.ring
+        pos = self.written % ring.size
+        pad = ring.size - pos if record > ring.size - pos else 0
+        free = ring.size - (self.written - int(ring.read_total[0]))
+        if pad + record + _RESERVE > free:
+            size = ring.size
+            while size < 4 * record + _RESERVE:
+                size *= 2
+            struct.pack_into("<qq", ring.map, _CONTROL + pos, _SWITCH, size)
+            self.generation += 1
+            path = Path(f"{self.base}-{self.generation}")
+            new = _Ring(path, size, create=True)
+            self.made.append(path)
+            ring.close()
+            self.ring, self.written = new, 0
+            return 0
+        if pad:
+            struct.pack_into("<qq", ring.map, _CONTROL + pos, _PAD, 0)
+            self.written += pad
+            return 0
+        return pos
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.ring.close()
+        for path in self.made:  # normally unlinked by the peer already
+            path.unlink(missing_ok=True)
+        self.made.clear()
+
+
+class _Inbound:
+    """This rank's end of the pair from one peer: the ring it reads, the pipe it waits on, and the messages that
+    arrived before the one awaited (by tag)."""
+
+    def __init__(self, base: str, fd: int) -> None:
+        self.base, self.fd, self.generation = base, fd, 0
+        self.ring: _Ring | None = None
+        self.read = 0  # bytes read from the current ring
+        self.credits = 0  # messages announced on the pipe and not read yet
+        self.early: dict[int, deque[np.ndarray]] = {}
+        self.closed = False
+        self.poll = select.poll()
+        self.poll.register(fd, select.POLLIN)
+
+    def next_record(self, timeout_s: float, failed: Callable[[str], PipelineCommError]) -> tuple[int, int, int]:
+        """Wait (at most ``timeout_s``) for the next message; its tag, where it starts in the ring and its length.
+        The caller copies it out, then calls :meth:`consumed`."""
+        if not self.credits:
+            self._wait(timeout_s, failed)
+        ring = self.ring
+        assert ring is not None
+        while True:
+            pos = self.read % ring.size
+            tag, length = struct.unpack_from("<qq", ring.map, _CONTROL + pos)
+            if tag == _PAD:
+                self.read += ring.size - pos
+            elif tag == _SWITCH:
+                self.generation += 1
+                path = Path(f"{self.base}-{self.generation}")
+                new = _Ring(path, length, create=False)
+                path.unlink(missing_ok=True)  # both ends have it now
+                ring.close()
+                self.ring = ring = new
+                self.read = 0
+            else:
+                return tag, pos + _HEADER, length
+
+    def consumed(self, length: int) -> None:
+        assert self.ring is not None
+        self.read += _record_bytes(length)
+        self.credits -= 1
+        self.ring.read_total[0] = self.read  # the sender may reuse the space now
+
+    def _wait(self, timeout_s: float, failed: Callable[[str], PipelineCommError]) -> None:
+        if self.closed:
+            raise failed("the peer closed its end of the shared-memory channel (it exited, or failed)")
+        deadline = None
+        while True:
+            try:
+                got = os.read(self.fd, 4096)
+            except BlockingIOError:
+                got = None
+            if got:
+                self.credits += len(got)
+                return
+            if got == b"":  # every writer gone: the peer exited (or closed its transport)
+                self.closed = True
+                raise failed("the peer closed its end of the shared-memory channel (it exited, or failed)")
+            now = time.monotonic()
+            deadline = deadline if deadline is not None else now + timeout_s
+            if now >= deadline:
+                raise failed("timed out")
+            self.poll.poll(max(1, int((deadline - now) * 1000)))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self.ring is not None:
+            self.ring.close()
+            self.ring = None
+
+
+class _ShmRecv(PendingRecv):
+    """A value being received from ``peer`` through shared memory; :meth:`wait` returns it."""
+
+    def __init__(self, transport: "ShmTransport", peer: int, tag: int, channel: Hashable, what: str) -> None:
+        self._t = transport
+        self.peer, self.tag, self.channel, self.what = peer, tag, channel, what
+        # As on gloo: the value a message laid out as the channel's last one would hold, built now (off the path
+        # from its arrival to its use) from views of a buffer that the message is copied into.
+        expected = transport._expected.get(channel)
+        self._prebuilt: tuple[bytes, Any, int, np.ndarray] | None = None
+        if expected is not None:
+            buffer = torch.empty(expected.total, dtype=torch.uint8)
+            host = buffer.numpy()
+            self._prebuilt = (expected.head, _unpack(buffer, expected.meta, expected.base, host), expected.total,
+                              host)
+
+    def wait(self) -> Any:
+        """Block (at most the transport's timeout) until the value is in; return it."""
+        t, tag = self._t, self.tag
+        inbound = t._inbound(self.peer, self.what)
+        queue = inbound.early.get(tag)
+        if queue:
+            return self._parse(queue.popleft())
+        while True:
+            got, start, length = inbound.next_record(t.timeout.total_seconds(),
+                                                     lambda cause: t._failed(self.peer, self.what, cause))
+            ring = inbound.ring
+            assert ring is not None
+            if got == tag and self._prebuilt is not None:
+                head, value, total, host = self._prebuilt
+                if length == total and ring.bytes[start : start + len(head)].tobytes() == head:
+                    host[:total] = ring.bytes[start : start + total]  # numpy: no autograd or version bump
+                    inbound.consumed(length)
+                    return value
+            message = ring.bytes[start : start + length].copy()
+            inbound.consumed(length)
+            if got == tag:
+                return self._parse(message)
+            inbound.early.setdefault(got, deque()).append(message)
+
+    def _parse(self, host: np.ndarray) -> Any:
+        meta_len, length = struct.unpack_from("<qq", host)
+        buffer = torch.from_numpy(host)
+        if meta_len == _FAILURE:
+            self._raise_failure(buffer[_PREFIX : _PREFIX + length])
+        base = _aligned(_PREFIX + meta_len)
+        head = host[: _PREFIX + meta_len].tobytes()
+        meta = self._t.decode(head[_PREFIX:])
+        self._t._expected[self.channel] = _Expected(head, meta, base, base + length)
+        return _unpack(buffer, meta, base, host)
+
+
+def _host_key() -> tuple[Any, ...] | None:
+    """What two processes share only on one host and one ``/dev/shm``; ``None`` where this transport cannot run."""
+    if sys.platform != "linux" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        st = os.stat(SHM_DIR)
+    except OSError:
+        return None
+    if not os.access(SHM_DIR, os.W_OK):
+        return None
+    return socket.gethostname(), boot, st.st_dev, st.st_ino
+
+
+class ShmTransport(Transport):
+    """Sends and receives nested values between the CPU ranks of one pipeline process group on this host, through
+    shared memory (see the module docstring). The same interface as :class:`Transport`; creating it is a collective
+    on ``group`` (every rank of it, at the same point), which raises :class:`PipelineError` on every rank where some
+    rank runs on another host or could not open the channels.
+
+    Args:
+        group: The pipeline group (``None``: the default group); it must be a gloo group, used to set up.
+        timeout: Seconds any single wait may take.
+        describe: Returns where the caller is (rank, stage, action), for error messages.
+        ring_bytes: Size of each pair's first ring.
+    """
+
+    def __init__(self, *, group: dist.ProcessGroup | None = None, timeout: float = 300.0,
+                 describe: Callable[[], str] = lambda: "", ring_bytes: int = RING_BYTES) -> None:
+        super().__init__(group=group, device="cpu", timeout=timeout, describe=describe, exact=False,
+                         guard_io_threads=False, background=False)
+        if ring_bytes < 4 * _RECORD_ALIGN or ring_bytes % _RECORD_ALIGN:
+            raise ValueError(f"ring_bytes={ring_bytes}: use a multiple of {_RECORD_ALIGN} of at least "
+                             f"{4 * _RECORD_ALIGN}")
+        size = dist.get_world_size(group)
+        keys: list[Any] = [None] * size
+        dist.all_gather_object(keys, (_host_key(), uuid.uuid4().hex[:16]), group=group)
+        if any(key[0] is None or key[0] != keys[0][0] for key in keys):
+            raise PipelineError("the shared-memory transport needs every rank of the pipeline on one Linux x86-64 "
+                                "host with a writable /dev/shm, and some are not: use cpu_transport='gloo' (or "
+                                "'auto', which picks gloo there)")
+        self._ring_bytes = ring_bytes
+        self._outbound: dict[int, _Outbound] = {}
+        self._inbounds: dict[int, _Inbound] = {}
+        peers = [q for q in range(size) if q != self._rank]
+        prefix = f"{SHM_DIR}/lightning_pipe-{os.getuid()}-{keys[0][1]}"
+        made: list[Path] = []  # FIFOs and first rings this rank made: unlinked once every end has them open
+        try:
+            self._agree(lambda: self._make_ends(prefix, peers, made), "create the channels")
+            self._agree(lambda: self._open_ends(prefix, peers), "open the channels")
+        finally:
+            for path in made:
+                path.unlink(missing_ok=True)
+        # From here a peer that exits is seen (end-of-file on its pipe), not waited for until the timeout.
+
+    def _make_ends(self, prefix: str, peers: list[int], made: list[Path]) -> None:
+        for q in peers:  # the pipe from q (read here) and the ring to q (written here)
+            fifo = Path(f"{prefix}-{q}-{self._rank}.fifo")
+            os.mkfifo(fifo, 0o600)
+            made.append(fifo)
+            self._inbounds[q] = _Inbound(f"{prefix}-{q}-{self._rank}", os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
+            path = Path(f"{prefix}-{self._rank}-{q}-0")
+            ring = _Ring(path, self._ring_bytes, create=True)
+            made.append(path)
+            self._outbound[q] = _Outbound(f"{prefix}-{self._rank}-{q}", ring)
+
+    def _open_ends(self, prefix: str, peers: list[int]) -> None:
+        for q in peers:
+            self._outbound[q].fd = os.open(f"{prefix}-{self._rank}-{q}.fifo", os.O_WRONLY)
+            path = Path(f"{prefix}-{q}-{self._rank}-0")
+            self._inbounds[q].ring = _Ring(path, os.stat(path).st_size - _CONTROL, create=False)
+
+    def _agree(self, work: Callable[[], None], what: str) -> None:
+        """Run ``work`` here and raise on every rank if it failed on any (each then releases what it holds)."""
+        error: BaseException | None = None
+        try:
+            work()
+        except Exception as err:  # noqa: BLE001 - raised on every rank below
+            error = err
+        flags = torch.tensor([0 if error is None else 1])
+        dist.all_reduce(flags, group=self.group)
+        if int(flags) == 0:
+            return
+        self.close()
+        cause = f" ({type(error).__name__}: {error})" if error is not None else " on another rank"
+        raise PipelineError(f"the shared-memory transport could not {what}{cause}; use cpu_transport='gloo' to "
+                            "send through the process group")
+
+    def _inbound(self, peer: int, what: str) -> _Inbound:
+        inbound = self._inbounds.get(peer)
+        if inbound is None or inbound.ring is None:
+            raise PipelineCommError(self._message(peer, what, "no shared-memory channel from that rank (closed?)"))
+        return inbound
+
+    def _failed(self, peer: int, what: str, cause: str) -> PipelineCommError:
+        return PipelineCommError(self._message(peer, what, cause))
+
+    def recv(self, peer: int, tag: int, what: str, channel: Hashable = None) -> PendingRecv:
+        """Prepare to receive the value that ``peer`` sends on ``tag`` (nothing is posted: it is read from the
+        ring when :meth:`PendingRecv.wait` is called)."""
+        return _ShmRecv(self, peer, tag, (peer, channel), what)
+
+    def send(self, value: Any, peer: int, tag: int, what: str, channel: Hashable = None) -> None:
+        """Write ``value`` into the ring to ``peer`` and wake it; never waits for the peer."""
+        tensors, layout = _message_layout(value, self._layouts)
+        meta, base = layout.meta, layout.base
+        size = base + meta[2]
+        out = self._outbound.get(peer)
+        if out is None or out.fd < 0:
+            raise PipelineCommError(self._message(peer, what, "no shared-memory channel to that rank (closed?)"))
+        pos = out.place(_record_bytes(size))
+        ring = out.ring
+        struct.pack_into("<qq", ring.map, _CONTROL + pos, tag, size)
+        body = torch.from_numpy(ring.bytes[pos + _HEADER : pos + _HEADER + size])
+        body[:base] = layout.prefix
+        _pack(body, tensors, meta[1], base)
+        self._post(out, pos, size, peer, what)
+
+    def _post(self, out: _Outbound, pos: int, size: int, peer: int, what: str) -> None:
+        out.written += _record_bytes(size)  # place() left it at ``pos``
+        try:
+            os.write(out.fd, b"\x01")
+        except OSError as err:  # a broken pipe: the peer exited
+            raise self._comm_error(peer, what, err) from err
+
+    def send_failure(self, error: BaseException, peer: int, tag: int) -> None:
+        """Tell ``peer``, waiting for a value on ``tag``, that this rank failed (best effort, never blocks)."""
+        out = self._outbound.get(peer)
+        if out is None or out.fd < 0:
+            return
+        message = _host_view(self._failure_message(error))
+        try:
+            pos = out.place(_record_bytes(message.size))
+            struct.pack_into("<qq", out.ring.map, _CONTROL + pos, tag, message.size)
+            out.ring.bytes[pos + _HEADER : pos + _HEADER + message.size] = message
+            self._post(out, pos, message.size, peer, "failure notice")
+        except (OSError, PipelineError):  # the peer may be gone already
+            pass
+
+    def flush(self) -> None:
+        """Nothing to wait for: a send is complete once written."""
+
+    def drain(self, seconds: float) -> None:
+        """Nothing to wait for: a send is complete once written."""
+
+    def reap(self) -> None:
+        """Nothing to forget: sends are not kept."""
+
+    def end_step(self) -> None:
+        """Nothing to agree between steps (rings grow when a message needs it)."""
+
+    def close(self) -> None:
+        """Close every channel; peers waiting on this rank then fail at once. The transport cannot be used after."""
+        for out in self._outbound.values() if hasattr(self, "_outbound") else ():
+            out.close()
+        for inbound in self._inbounds.values() if hasattr(self, "_inbounds") else ():
+            inbound.close()
+        super().close()
+
+
+def make_transport(
+    *,
+    kind: str = "auto",
+    group: dist.ProcessGroup | None = None,
+    device: torch.device | str = "cpu",
+    timeout: float = 300.0,
+    reverse_group: dist.ProcessGroup | None = None,
+    guard_io_threads: bool | None = None,
+    background: bool | None = None,
+) -> Transport:
+    """The transport for a pipeline group: :class:`ShmTransport` for CPU ranks of one host (``kind="auto"`` or
+    ``"shm"``), else :class:`Transport` over the process group. A collective on ``group`` where CPU ranks may use
+    shared memory (every rank calls it with the same arguments). ``background=True`` (gloo's poster thread) asks for
+    the gloo transport. ``kind="shm"`` raises on every rank where shared memory cannot be used."""
+    if kind not in TRANSPORT_KINDS:
+        raise ValueError(f"cpu_transport={kind!r}: choose one of {', '.join(map(repr, TRANSPORT_KINDS))}")
+    cpu = torch.device(device).type == "cpu" and dist.get_backend(group) == "gloo"
+    if kind == "shm" and not cpu:
+        raise PipelineError(f"cpu_transport='shm' is for CPU ranks on gloo (this run: {torch.device(device).type} "
+                            f"on {dist.get_backend(group)}); leave it 'auto'")
+    if kind == "shm" and background:
+        raise PipelineError("cpu_transport='shm' sends on the caller's thread: comm_thread=True is for gloo's "
+                            "transport; leave one of them unset")
+    if cpu and kind != "gloo" and not background and dist.get_world_size(group) > 1:
+        try:
+            return ShmTransport(group=group, timeout=timeout)
+        except PipelineError:
+            if kind == "shm":
+                raise
+    return Transport(group=group, device=device, timeout=timeout, reverse_group=reverse_group,
+                     guard_io_threads=guard_io_threads, background=background)
