@@ -539,7 +539,9 @@ def shm_channels(rank: int, world_size: int) -> dict[str, Any]:
 
     before = _shm_files()
     transport = ShmTransport(timeout=60, ring_bytes=512)
+    dist.barrier()  # each rank removes the pipes it made once every end has them open: both have done so now
     report: dict[str, Any] = {"left_after_setup": [f for f in _shm_files() if f not in before]}
+    dist.barrier()  # before rank 0 makes rings
     if rank == 0:
         for i in range(SEQUENCE_LENGTH):
             transport.send(_sequence_value(i), 1, i, f"value {i}", channel="c")
