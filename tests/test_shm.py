@@ -140,3 +140,30 @@ def test_a_ring_made_here_is_read_there_with_its_size(tmp_path: Path) -> None:
     assert int(made.read_total[0]) == 77
     made.close()
     opened.close()
+
+
+def test_messages_sent_before_the_sender_closed_are_still_read(pair: tuple[_Outbound, _Inbound],
+                                                               tmp_path: Path) -> None:
+    """A rank may finish its step and close its transport while its last message, in a ring the peer has not opened
+    yet, is still to be read: the ring stays until the peer opens it; only then does the peer see the end."""
+    out, inbound = pair
+    out.post(1, 10, lambda view: view.__setitem__(slice(None), 3))
+    out.post(2, 5000, lambda view: view.__setitem__(slice(None), 4))  # a larger ring
+    out.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pair-0", "pair-1"]
+    assert _take(inbound)[0] == 1
+    tag, message = _take(inbound)
+    assert tag == 2 and message.size == 5000 and (message == 4).all()
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(PipelineCommError, match="closed its end"):
+        inbound.next_record(30.0, _failed)
+
+
+def test_the_receiver_removes_rings_it_never_opened_when_it_closes(pair: tuple[_Outbound, _Inbound],
+                                                                   tmp_path: Path) -> None:
+    out, inbound = pair
+    out.post(1, 10, lambda view: None)
+    inbound.close()
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(OSError):  # and the sender learns that the peer is gone at its next send
+        out.post(2, 10, lambda view: None)

@@ -20,8 +20,9 @@ a queue of its tag), so the executor's receives may be posted ahead and taken in
 A peer that exits closes its end of the pipe: the receiver sees end-of-file and fails at once, naming it, rather
 than waiting for the timeout; a sender to an exited peer gets a broken pipe. The files are unlinked as soon as both
 ends have them open (the pipes at set-up; a ring by its receiver, which opens it when the first message in it is
-announced), so nothing is left in ``/dev/shm`` when the processes end, whichever way; rings made and not opened yet
-are unlinked by their sender's ``close()``, or by the receiver when it sees the sender exit. The pages of a ring
+announced), so nothing is left in ``/dev/shm`` when the processes end; a ring never opened is unlinked by its
+receiver's ``close()`` or when it sees the sender exit, and by the sender when it finds the receiver gone (only
+both ends killed outright leave files behind). The pages of a ring
 are taken when it is made (``posix_fallocate``): a ``/dev/shm`` too small (Docker's default is 64 MiB) gives an
 error that says so, never a ``SIGBUS`` at the first write into a missing page.
 
@@ -160,7 +161,16 @@ class _Outbound:
         struct.pack_into("<qq", ring.map, _CONTROL + pos, tag, size)
         fill(ring.bytes[pos + _HEADER : pos + _HEADER + size])
         self.written += record
-        os.write(self.fd, b"\x01")
+        try:
+            os.write(self.fd, b"\x01")
+        except OSError:  # a broken pipe: the peer is gone, and will not open (and unlink) the rings it had not
+            self.remove_unopened()
+            raise
+
+    def remove_unopened(self) -> None:
+        for path in self.made:  # those the peer opened are unlinked already
+            path.unlink(missing_ok=True)
+        self.made.clear()
 
     def _place(self, record: int) -> int:
         """Where a record of ``record`` bytes goes in the ring (padding to the ring's start, or moving to a larger
@@ -192,9 +202,8 @@ class _Outbound:
         if self.ring is not None:
             self.ring.close()
             self.ring = None
-        for path in self.made:  # normally unlinked by the peer already
-            path.unlink(missing_ok=True)
-        self.made.clear()
+        # The rings made here are the peer's to unlink, once it opens them: a message may still be on its way into
+        # one, announced before this rank closed. The peer's close() removes those it never opened.
 
 
 def _ring_size(at_least: int, record: int) -> int:
@@ -273,16 +282,20 @@ class _Inbound:
             if got:
                 self.credits += len(got)
                 return
-            if got == b"":  # every writer gone: the peer exited (or closed its transport)
+            if got == b"":  # every writer gone (and every message read): the peer exited, or closed its transport
                 self.closed = True
-                for path in Path(self.base).parent.glob(f"{Path(self.base).name}-*"):  # rings it made, not opened
-                    path.unlink(missing_ok=True)
+                self.remove_unopened()
                 raise failed("the peer closed its end of the shared-memory channel (it exited, or failed)")
             now = time.monotonic()
             deadline = deadline if deadline is not None else now + timeout_s
             if now >= deadline:
                 raise failed("timed out")
             self.poll.poll(max(1, int((deadline - now) * 1000)))
+
+    def remove_unopened(self) -> None:
+        """Unlink the rings that the peer made for this rank and this rank did not open: it never will."""
+        for path in Path(self.base).parent.glob(f"{Path(self.base).name}-*"):
+            path.unlink(missing_ok=True)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -291,6 +304,7 @@ class _Inbound:
         if self.ring is not None:
             self.ring.close()
             self.ring = None
+        self.remove_unopened()
 
 
 class _ShmRecv(PendingRecv):
