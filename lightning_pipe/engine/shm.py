@@ -34,6 +34,7 @@ elsewhere.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import platform
@@ -59,8 +60,8 @@ from lightning_pipe.engine.transport import (
     _aligned,
     _Expected,
     _host_view,
+    _Layout,
     _message_layout,
-    _numpy_dtype,
     _pack,
     _unpack,
 )
@@ -88,6 +89,18 @@ def _shm_free() -> int:
     except OSError:
         return 0
     return st.f_bavail * st.f_frsize
+
+
+_QUANTIZED = {torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4}
+
+
+def _raw_prefix(layout: _Layout) -> bytes | None:
+    """The first bytes of a message of ``layout`` where its payload is one real CPU tensor copied as it lies in
+    memory (``None``: anything else)."""
+    _, metas, payload = layout.meta
+    if len(metas) != 1 or metas[0].nbytes != payload or metas[0].dtype.is_complex or metas[0].dtype in _QUANTIZED:
+        return None
+    return layout.prefix.numpy().tobytes()
 
 
 def _record_bytes(message_bytes: int) -> int:
@@ -122,10 +135,19 @@ class _Ring:
                 os.close(fd)
         self.path, self.size = path, size
         self.bytes = np.frombuffer(self.map, dtype=np.uint8, offset=_CONTROL, count=size)
-        self.read_total = np.frombuffer(self.map, dtype=np.int64, offset=64, count=1)
+        self.address = self.bytes.ctypes.data  # of the ring's first byte, for ctypes.memmove
+
+    @property
+    def read_total(self) -> int:
+        """Bytes of this ring the receiver has read (and copied out), records and padding."""
+        return int(struct.unpack_from("<q", self.map, 64)[0])
+
+    @read_total.setter
+    def read_total(self, value: int) -> None:
+        struct.pack_into("<q", self.map, 64, value)
 
     def close(self) -> None:
-        del self.bytes, self.read_total  # the views first: a map with views of it cannot close
+        del self.bytes  # the view first: a map with views of it cannot close
         try:
             self.map.close()
         except BufferError:  # a view still held elsewhere: the map goes with it
@@ -150,16 +172,23 @@ class _Outbound:
         self.made.append(path)
         return ring
 
-    def post(self, tag: int, size: int, fill: Callable[[np.ndarray], None]) -> None:
-        """Write a message of ``size`` bytes on ``tag``: ``fill(view)`` writes it into the ring; then wake the peer.
-        Raises ``OSError`` where the peer has exited (a broken pipe), :class:`PipelineError` where no ring can
-        be had for it."""
+    def post(self, tag: int, size: int, fill: Callable[[np.ndarray], None] | None = None,
+             parts: tuple[tuple[bytes | int, int], ...] = ()) -> None:
+        """Write a message of ``size`` bytes on ``tag``, then wake the peer: ``fill(view)`` writes it into the ring,
+        or it is the concatenation of ``parts``, each ``(bytes or address, length)``, copied by ``memmove``. Raises
+        ``OSError`` where the peer has exited (a broken pipe), :class:`PipelineError` where no ring can be had."""
         record = _record_bytes(size)
         pos = self._place(record)
         ring = self.ring
         assert ring is not None
         struct.pack_into("<qq", ring.map, _CONTROL + pos, tag, size)
-        fill(ring.bytes[pos + _HEADER : pos + _HEADER + size])
+        if fill is not None:
+            fill(ring.bytes[pos + _HEADER : pos + _HEADER + size])
+        else:
+            at = ring.address + pos + _HEADER
+            for source, length in parts:
+                ctypes.memmove(at, source, length)
+                at += length
         self.written += record
         try:
             os.write(self.fd, b"\x01")
@@ -181,7 +210,7 @@ class _Outbound:
             return 0
         pos = self.written % ring.size
         pad = ring.size - pos if record > ring.size - pos else 0
-        free = ring.size - (self.written - int(ring.read_total[0]))
+        free = ring.size - (self.written - ring.read_total)
         if pad + record + _RESERVE > free:
             # The peer reads what is left of this ring first: a larger one, twice the size at least.
             new = self._new_ring(_ring_size(2 * ring.size, record))
@@ -228,9 +257,9 @@ class _Inbound:
         self.poll = select.poll()
         self.poll.register(fd, select.POLLIN)
 
-    def next_record(self, timeout_s: float, failed: Callable[[str], PipelineCommError]) -> tuple[int, np.ndarray]:
-        """Wait (at most ``timeout_s``) for the next message; its tag and a view of it in the ring, which the caller
-        copies out before it calls :meth:`consumed`."""
+    def next_record(self, timeout_s: float, failed: Callable[[str], PipelineCommError]) -> tuple[int, int, int]:
+        """Wait (at most ``timeout_s``) for the next message; its tag, where it starts in :attr:`ring` and its
+        length. The caller copies it out, then calls :meth:`consumed`."""
         if not self.credits:
             self._wait(timeout_s, failed)
         try:
@@ -238,7 +267,7 @@ class _Inbound:
         except OSError as err:  # a ring the peer made and removed again: it closed its transport
             raise failed(f"the peer's ring {self.base}-{self.generation} could not be opened ({err})") from err
 
-    def _next_record(self) -> tuple[int, np.ndarray]:
+    def _next_record(self) -> tuple[int, int, int]:
         ring = self.ring
         if ring is None:
             ring = self.ring = self._open_next()
@@ -253,7 +282,7 @@ class _Inbound:
                 self.ring = ring = new
                 self.read = 0
             else:
-                return tag, ring.bytes[pos + _HEADER : pos + _HEADER + length]
+                return tag, pos + _HEADER, length
 
     def _open_next(self) -> _Ring:
         """The sender's next ring, which it made before announcing a message in it."""
@@ -263,12 +292,12 @@ class _Inbound:
         path.unlink(missing_ok=True)  # both ends have it now: it goes when both have closed it
         return ring
 
-    def consumed(self, message: np.ndarray) -> None:
-        """The message of :meth:`next_record` is copied out: its space may be written again."""
+    def consumed(self, length: int) -> None:
+        """The message of :meth:`next_record` (``length`` bytes) is copied out: its space may be written again."""
         assert self.ring is not None
-        self.read += _record_bytes(message.size)
+        self.read += _record_bytes(length)
         self.credits -= 1
-        self.ring.read_total[0] = self.read  # the sender may reuse the space now
+        self.ring.read_total = self.read  # the sender may reuse the space now
 
     def _wait(self, timeout_s: float, failed: Callable[[str], PipelineCommError]) -> None:
         if self.closed:
@@ -316,12 +345,11 @@ class _ShmRecv(PendingRecv):
         # As on gloo: the value a message laid out as the channel's last one would hold, built now (off the path
         # from its arrival to its use) from views of a buffer that the message is copied into.
         expected = transport._expected.get(channel)
-        self._prebuilt: tuple[bytes, Any, int, np.ndarray] | None = None
+        self._prebuilt: tuple[bytes, Any, int, int] | None = None
         if expected is not None:
             buffer = torch.empty(expected.total, dtype=torch.uint8)
-            host = buffer.numpy()
-            self._prebuilt = (expected.head, _unpack(buffer, expected.meta, expected.base, host), expected.total,
-                              host)
+            self._prebuilt = (expected.head, _unpack(buffer, expected.meta, expected.base, buffer.numpy()),
+                              expected.total, buffer.data_ptr())
 
     def wait(self) -> Any:
         """Block (at most the transport's timeout) until the value is in; return it."""
@@ -331,16 +359,20 @@ class _ShmRecv(PendingRecv):
         if queue:
             return self._parse(queue.popleft())
         while True:
-            got, view = inbound.next_record(t.timeout.total_seconds(),
-                                            lambda cause: t._failed(self.peer, self.what, cause))
+            got, start, length = inbound.next_record(t.timeout.total_seconds(),
+                                                     lambda cause: t._failed(self.peer, self.what, cause))
+            ring = inbound.ring
+            assert ring is not None
             if got == tag and self._prebuilt is not None:
-                head, value, total, host = self._prebuilt
-                if view.size == total and view[: len(head)].tobytes() == head:
-                    host[:] = view  # numpy: no autograd, no version bump of the prepared tensors
-                    inbound.consumed(view)
+                head, value, total, address = self._prebuilt
+                if length == total and ring.map[_CONTROL + start : _CONTROL + start + len(head)] == head:
+                    # A raw copy: no autograd, no version bump of the prepared tensors (few calls: this runs on the
+                    # path from the value's arrival to its use, with the caches cold after the wait).
+                    ctypes.memmove(address, ring.address + start, total)
+                    inbound.consumed(length)
                     return value
-            message = view.copy()
-            inbound.consumed(view)
+            message = ring.bytes[start : start + length].copy()
+            inbound.consumed(length)
             if got == tag:
                 return self._parse(message)
             inbound.early.setdefault(got, deque()).append(message)
@@ -399,6 +431,7 @@ class ShmTransport(Transport):
                                 "host with a writable /dev/shm, and some are not: use cpu_transport='gloo' (or "
                                 "'auto', which picks gloo there)")
         self._ring_bytes = ring_bytes
+        self._raw: dict[int, tuple[_Layout, bytes | None]] = {}  # per layout (by id): see send()
         self._outbound: dict[int, _Outbound] = {}
         self._inbounds: dict[int, _Inbound] = {}
         peers = [q for q in range(size) if q != self._rank]
@@ -463,24 +496,30 @@ class ShmTransport(Transport):
         if out is None or out.fd < 0:
             raise PipelineCommError(self._message(peer, what, "no shared-memory channel to that rank (closed?)"))
 
-        one = tensors[0] if len(tensors) == 1 else None
-        if one is not None and meta[1][0].nbytes == meta[2] and one.device.type == "cpu" and one.is_contiguous() \
-                and not (one.is_conj() or one.is_neg()) and _numpy_dtype(one.dtype) is not None:
-            # One CPU tensor (the usual value): copied by numpy, several times cheaper than torch's indexing here.
-            data = one.detach().numpy().reshape(-1).view(np.uint8)
-            prefix = layout.prefix.numpy()
-
-            def fill(view: np.ndarray) -> None:
-                view[:base] = prefix
-                view[base:] = data
+        # One real CPU tensor in one piece (the usual value) is copied raw, prefix and payload, by two memmove calls:
+        # right after a sleep every torch call costs tens of microseconds here (cold caches), and a send is on the
+        # path from one action to the next. Anything else goes through torch's copies.
+        fast = self._raw.get(id(layout))
+        if fast is None or fast[0] is not layout:
+            if len(self._raw) >= 256:  # as the layout cache: keeps the layouts alive, so bounded alike
+                self._raw.clear()
+            fast = self._raw[id(layout)] = (layout, _raw_prefix(layout))
+        prefix = fast[1]
+        one = tensors[0]
+        if prefix is not None and one.is_cpu and one.is_contiguous() and not one.is_neg():
+            parts: tuple[tuple[bytes | int, int], ...] = ((prefix, base), (one.data_ptr(), meta[2])) if meta[2] \
+                else ((prefix, base),)
+            fill = None
         else:
+            parts = ()
+
             def fill(view: np.ndarray) -> None:
                 body = torch.from_numpy(view)
                 body[:base] = layout.prefix
                 _pack(body, tensors, meta[1], base)
 
         try:
-            out.post(tag, size, fill)
+            out.post(tag, size, fill, parts)
         except OSError as err:  # a broken pipe: the peer exited
             raise self._comm_error(peer, what, err) from err
 
@@ -489,9 +528,9 @@ class ShmTransport(Transport):
         out = self._outbound.get(peer)
         if out is None or out.fd < 0:
             return
-        message = _host_view(self._failure_message(error))
+        message = _host_view(self._failure_message(error)).tobytes()
         try:
-            out.post(tag, message.size, lambda view: view.__setitem__(slice(None), message))
+            out.post(tag, len(message), parts=((message, len(message)),))
         except (OSError, PipelineError):  # the peer may be gone already
             pass
 
