@@ -168,3 +168,24 @@ def test_the_receiver_removes_rings_it_never_opened_when_it_closes(pair: tuple[_
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(OSError):  # and the sender learns that the peer is gone at its next send
         out.post(2, 10, lambda view: None)
+
+
+def test_a_forked_child_holds_no_end_of_the_pipes(pair: tuple[_Outbound, _Inbound]) -> None:
+    """A DataLoader worker forked from a rank must not keep the rank's write ends open: a peer would not see the rank
+    exit while the worker lives."""
+    out, inbound = pair
+    write_fd, read_fd = out.fd, inbound.fd
+    pid = os.fork()
+    if pid == 0:  # the child: its copies are closed
+        closed = out.fd == inbound.fd == -1
+        for fd in (write_fd, read_fd):
+            try:
+                os.fstat(fd)
+                closed = False
+            except OSError:
+                pass
+        os._exit(0 if closed else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    out.post(1, 10, lambda view: view.__setitem__(slice(None), 2))  # the parent's ends still work
+    assert _take(inbound)[0] == 1

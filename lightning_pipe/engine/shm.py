@@ -44,6 +44,7 @@ import struct
 import sys
 import time
 import uuid
+import weakref
 from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Hashable
@@ -154,12 +155,32 @@ class _Ring:
             pass
 
 
+_ENDS: weakref.WeakSet[Any] = weakref.WeakSet()  # every open end of a pipe in this process
+
+
+def _close_ends_in_child() -> None:
+    """In a process forked from this one (a DataLoader worker): close its copies of the pipes' ends. A copy of a
+    write end would keep a peer from seeing this process exit (no end-of-file while the worker lives)."""
+    for end in list(_ENDS):
+        if end.fd >= 0:
+            try:
+                os.close(end.fd)
+            except OSError:
+                pass
+            end.fd = -1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_ends_in_child)
+
+
 class _Outbound:
     """This rank's end of the pair to one peer: the ring it writes (made at the first send, so that ranks that never
     send to each other take no memory) and the pipe that wakes the peer."""
 
     def __init__(self, base: str, fd: int, ring_bytes: int) -> None:
         self.base, self.fd, self.ring_bytes = base, fd, ring_bytes
+        _ENDS.add(self)
         self.ring: _Ring | None = None
         self.generation = -1  # of the current ring: the peer opens ``{base}-{generation}`` in turn
         self.written = 0  # bytes written into the current ring, records and padding
@@ -249,6 +270,7 @@ class _Inbound:
 
     def __init__(self, base: str, fd: int) -> None:
         self.base, self.fd, self.generation = base, fd, -1
+        _ENDS.add(self)
         self.ring: _Ring | None = None  # opened with the first message
         self.read = 0  # bytes read from the current ring
         self.credits = 0  # messages announced on the pipe and not read yet
