@@ -527,6 +527,15 @@ def _shm_files(prefix: str = "lightning_pipe-") -> list[str]:
     return sorted(name for name in os.listdir(SHM_DIR) if name.startswith(prefix))
 
 
+def _odd_values() -> list[Any]:
+    """No tensor at all (a stage before a frozen one sends ``[None]`` as its input gradient), an empty tensor, a
+    transposed one, bfloat16, a parameter, a negative view."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 4, generator=g)
+    return [[None], {"n": 1}, torch.empty(0), x.t(), x.to(torch.bfloat16), nn.Parameter(x.clone()),
+            torch.randn(2, 2, dtype=torch.complex64, generator=g).conj().imag]
+
+
 def shm_channels(rank: int, world_size: int) -> dict[str, Any]:
     """The shared-memory transport between two ranks. Rank 0 sends :func:`_sequence_value` 0, 1, ... on one channel
     (rings of 512 bytes: values pad to the ring's start and move the pair to larger rings), then two values on tags
@@ -547,6 +556,8 @@ def shm_channels(rank: int, world_size: int) -> dict[str, Any]:
             transport.send(_sequence_value(i), 1, i, f"value {i}", channel="c")
         transport.send(torch.ones(3), 1, 100, "first")
         transport.send(torch.zeros(3), 1, 101, "second")
+        for j, value in enumerate(_odd_values()):  # values the raw copy must leave to torch's, or copy right
+            transport.send(value, 1, 200 + j, f"odd {j}")
         transport.send_failure(RuntimeError("boom on purpose"), 1, SEQUENCE_LENGTH)
         back = transport.recv(1, 7, "back").wait()
         assert torch.equal(back, torch.arange(5.0)), back
@@ -564,6 +575,14 @@ def shm_channels(rank: int, world_size: int) -> dict[str, Any]:
         second = transport.recv(0, 101, "second").wait()  # sent after "first", which waits in its queue
         first = transport.recv(0, 100, "first").wait()
         report["out_of_order"] = bool(torch.equal(first, torch.ones(3)) and torch.equal(second, torch.zeros(3)))
+        report["odd"] = []
+        for j, want in enumerate(_odd_values()):
+            got = transport.recv(0, 200 + j, f"odd {j}").wait()
+            if isinstance(want, torch.Tensor):
+                report["odd"].append(got.dtype == want.dtype and got.shape == want.shape
+                                     and bool(torch.equal(got.detach(), want.detach())))
+            else:
+                report["odd"].append(got == want)
         try:
             posted[SEQUENCE_LENGTH].wait()
         except PipelineCommError as error:

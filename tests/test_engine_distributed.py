@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from tests._engine_workers import _shm_files
 from tests._launch import launch
 
 pytestmark = pytest.mark.distributed
@@ -167,8 +168,10 @@ def test_a_rank_that_raises_stops_every_other_rank_quickly(transport: str) -> No
     """Also with the calls made on the transport's poster thread (the failure notices go out after the sends
     queued before them), and through shared memory."""
     timeout = 30.0
+    before = _shm_files()
     outcomes = launch("tests._engine_workers.failing_step", 4, deadline=90, fail_rank=1, mode="raise",
                       timeout=timeout, background=transport == "poster", shm=transport == "shm")
+    assert [f for f in _shm_files() if f not in before] == []
     assert outcomes[1].error_type == "ValueError" and "injected failure" in outcomes[1].error
     for outcome in outcomes:
         assert not outcome.hung
@@ -206,8 +209,10 @@ def test_a_crashed_process_is_noticed_without_waiting_for_the_timeout(shm: bool)
     """A rank that dies without a word (os._exit) is noticed through the closed connection (gloo), or the closed
     pipe (shared memory)."""
     timeout = 30.0
+    before = _shm_files()
     outcomes = launch("tests._engine_workers.failing_step", 2, deadline=90, fail_rank=1, mode="exit",
                       timeout=timeout, shm=shm)
+    assert [f for f in _shm_files() if f not in before] == []  # the survivor removed what the dead one left
     assert outcomes[1].error_type == "ProcessDied"
     rank0 = outcomes[0]
     assert rank0.error_type == "PipelineCommError", (rank0.error_type, rank0.error)
@@ -296,6 +301,7 @@ def test_shared_memory_channels_deliver_every_message_and_leave_no_file() -> Non
     # two after another "a" (the one after "big" expects "big": no overflow path here, a big value is one message).
     assert (receiver["prepared"], receiver["parsed"]) == (2, 10), receiver
     assert receiver["out_of_order"], receiver
+    assert receiver["odd"] == [True] * 7, receiver
     assert "pipeline rank 0 failed instead of sending" in receiver["failure"], receiver
     assert "RuntimeError: boom on purpose" in receiver["failure"], receiver
     # 512-byte rings: the 16 KB value (and those after it) moved the pair to larger rings, on both ends alike.

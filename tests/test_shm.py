@@ -22,6 +22,7 @@ from lightning_pipe.errors import PipelineCommError, PipelineError
 def pair(tmp_path: Path) -> Iterator[tuple[_Outbound, _Inbound]]:
     read, write = os.pipe()
     os.set_blocking(read, False)
+    os.set_blocking(write, False)  # as the FIFO's write end is opened
     base = str(tmp_path / "pair")
     out, inbound = _Outbound(base, write, ring_bytes=256), _Inbound(base, read)
     yield out, inbound
@@ -189,3 +190,43 @@ def test_a_forked_child_holds_no_end_of_the_pipes(pair: tuple[_Outbound, _Inboun
     assert os.waitstatus_to_exitcode(status) == 0
     out.post(1, 10, lambda view: view.__setitem__(slice(None), 2))  # the parent's ends still work
     assert _take(inbound)[0] == 1
+
+
+def test_a_sender_waits_for_its_peer_to_read_at_the_end_of_a_step(pair: tuple[_Outbound, _Inbound],
+                                                                  tmp_path: Path) -> None:
+    """flush(): at most one step ahead of its peer, as gloo's sends complete once received (a first stage looping
+    over forward-only steps would otherwise fill /dev/shm); bounded; a peer gone is an error, and its rings go."""
+    out, inbound = pair
+    assert out.wait_read(time.monotonic())  # nothing sent
+    out.post(1, 100, lambda view: None)
+    out.post(2, 5000, lambda view: None)  # in a larger ring
+    start = time.monotonic()
+    assert not out.wait_read(start + 0.2)  # unread: gives up at the deadline
+    assert 0.15 <= time.monotonic() - start < 2.0
+    _take(inbound)
+    assert not out.wait_read(time.monotonic() + 0.05)  # one of two read
+    _take(inbound)
+    assert out.wait_read(time.monotonic() + 5.0)
+    out.post(3, 10, lambda view: None)
+    out.post(4, 40_000, lambda view: None)  # in a ring the peer never opens
+    os.close(inbound.fd)  # the peer dies (without its close(), which would remove that ring itself)
+    inbound.fd = -1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pair-2"]
+    with pytest.raises(BrokenPipeError):
+        out.wait_read(time.monotonic() + 5.0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_pipe_is_waited_for_within_the_timeout(pair: tuple[_Outbound, _Inbound]) -> None:
+    """64 KiB of unread wake-up bytes (as many unread messages): the send waits for room, not for ever."""
+    out, inbound = pair
+    while True:
+        try:
+            os.write(out.fd, b"x" * 4096)
+        except BlockingIOError:
+            break
+    out.timeout_s = 0.2
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match="messages unread for 0.2s"):
+        out.post(1, 10, lambda view: None)
+    assert 0.15 <= time.monotonic() - start < 2.0

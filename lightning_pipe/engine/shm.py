@@ -93,6 +93,7 @@ def _shm_free() -> int:
 
 
 _QUANTIZED = {torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4}
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # tensor subclasses (DTensor...) go through torch's copies
 
 
 def _raw_prefix(layout: _Layout) -> bytes | None:
@@ -178,8 +179,8 @@ class _Outbound:
     """This rank's end of the pair to one peer: the ring it writes (made at the first send, so that ranks that never
     send to each other take no memory) and the pipe that wakes the peer."""
 
-    def __init__(self, base: str, fd: int, ring_bytes: int) -> None:
-        self.base, self.fd, self.ring_bytes = base, fd, ring_bytes
+    def __init__(self, base: str, fd: int, ring_bytes: int, timeout_s: float = 300.0) -> None:
+        self.base, self.fd, self.ring_bytes, self.timeout_s = base, fd, ring_bytes, timeout_s
         _ENDS.add(self)
         self.ring: _Ring | None = None
         self.generation = -1  # of the current ring: the peer opens ``{base}-{generation}`` in turn
@@ -212,10 +213,52 @@ class _Outbound:
                 at += length
         self.written += record
         try:
-            os.write(self.fd, b"\x01")
+            self._wake()
         except OSError:  # a broken pipe: the peer is gone, and will not open (and unlink) the rings it had not
             self.remove_unopened()
             raise
+
+    def _wake(self) -> None:
+        """One byte down the pipe. Its 64 KiB (as many unread messages) full: wait for room, within the timeout."""
+        try:
+            os.write(self.fd, b"\x01")
+            return
+        except BlockingIOError:
+            pass
+        deadline = time.monotonic() + self.timeout_s
+        poll = select.poll()
+        poll.register(self.fd, select.POLLOUT)
+        while time.monotonic() < deadline:
+            poll.poll(max(1, int((deadline - time.monotonic()) * 1000)))
+            try:
+                os.write(self.fd, b"\x01")
+                return
+            except BlockingIOError:
+                pass
+        raise TimeoutError(f"the peer left {2 ** 16} messages unread for {self.timeout_s:g}s")
+
+    def peer_gone(self) -> bool:
+        """Whether the peer closed its read end (exited, or closed its transport)."""
+        if self.fd < 0:
+            return True
+        poll = select.poll()
+        poll.register(self.fd, 0)  # POLLERR is reported whatever is asked for
+        return any(event & (select.POLLERR | select.POLLHUP) for _, event in poll.poll(0))
+
+    def wait_read(self, deadline: float) -> bool:
+        """Wait until the peer has read everything sent (``False`` at ``deadline``); raises ``OSError`` where it
+        is gone. A sender is thus at most one step ahead of its peers, as on gloo, whose sends complete once
+        received: else a first stage looping over forward-only steps would fill ``/dev/shm`` without bound."""
+        pause = 50e-6
+        while self.ring is not None and self.ring.read_total < self.written:
+            if self.peer_gone():
+                self.remove_unopened()
+                raise BrokenPipeError("the peer closed its end of the shared-memory channel before reading")
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(pause)
+            pause = min(2 * pause, 1e-3)
+        return True
 
     def remove_unopened(self) -> None:
         for path in self.made:  # those the peer opened are unlinked already
@@ -246,6 +289,7 @@ class _Outbound:
         return pos
 
     def close(self) -> None:
+        gone = self.peer_gone()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -253,7 +297,10 @@ class _Outbound:
             self.ring.close()
             self.ring = None
         # The rings made here are the peer's to unlink, once it opens them: a message may still be on its way into
-        # one, announced before this rank closed. The peer's close() removes those it never opened.
+        # one, announced before this rank closed; the peer's close() removes those it never opened. A peer that is
+        # gone opens nothing more.
+        if gone:
+            self.remove_unopened()
 
 
 def _ring_size(at_least: int, record: int) -> int:
@@ -276,6 +323,7 @@ class _Inbound:
         self.credits = 0  # messages announced on the pipe and not read yet
         self.early: dict[int, deque[np.ndarray]] = {}
         self.closed = False
+        self.on_eof: Callable[[], None] | None = None
         self.poll = select.poll()
         self.poll.register(fd, select.POLLIN)
 
@@ -336,6 +384,8 @@ class _Inbound:
             if got == b"":  # every writer gone (and every message read): the peer exited, or closed its transport
                 self.closed = True
                 self.remove_unopened()
+                if self.on_eof is not None:  # nor will it open the rings this rank made for it
+                    self.on_eof()
                 raise failed("the peer closed its end of the shared-memory channel (it exited, or failed)")
             now = time.monotonic()
             deadline = deadline if deadline is not None else now + timeout_s
@@ -476,8 +526,12 @@ class ShmTransport(Transport):
 
     def _open_ends(self, prefix: str, peers: list[int]) -> None:
         for q in peers:  # the pipe to q: q has its read end open (a blocking open would wait for it otherwise)
-            fd = os.open(f"{prefix}-{self._rank}-{q}.fifo", os.O_WRONLY)
-            self._outbound[q] = _Outbound(f"{prefix}-{self._rank}-{q}", fd, self._ring_bytes)
+            # Non-blocking: q's read end is open (or q is gone: ENXIO, raised on every rank); a full pipe is then
+            # waited for within the timeout (see _Outbound.post), never without bound.
+            fd = os.open(f"{prefix}-{self._rank}-{q}.fifo", os.O_WRONLY | os.O_NONBLOCK)
+            self._outbound[q] = _Outbound(f"{prefix}-{self._rank}-{q}", fd, self._ring_bytes,
+                                          self.timeout.total_seconds())
+            self._inbounds[q].on_eof = self._outbound[q].remove_unopened
 
     def _agree(self, work: Callable[[], None], what: str) -> None:
         """Run ``work`` here and raise on every rank if it failed on any (each then releases what it holds)."""
@@ -527,8 +581,8 @@ class ShmTransport(Transport):
                 self._raw.clear()
             fast = self._raw[id(layout)] = (layout, _raw_prefix(layout))
         prefix = fast[1]
-        one = tensors[0]
-        if prefix is not None and one.is_cpu and one.is_contiguous() and not one.is_neg():
+        one = tensors[0] if prefix is not None else None  # a layout with a raw prefix has exactly one tensor
+        if one is not None and type(one) in _PLAIN and one.is_cpu and one.is_contiguous() and not one.is_neg():
             parts: tuple[tuple[bytes | int, int], ...] = ((prefix, base), (one.data_ptr(), meta[2])) if meta[2] \
                 else ((prefix, base),)
             fill = None
@@ -542,7 +596,7 @@ class ShmTransport(Transport):
 
         try:
             out.post(tag, size, fill, parts)
-        except OSError as err:  # a broken pipe: the peer exited
+        except (OSError, TimeoutError) as err:  # a broken pipe: the peer exited
             raise self._comm_error(peer, what, err) from err
 
     def send_failure(self, error: BaseException, peer: int, tag: int) -> None:
@@ -552,12 +606,23 @@ class ShmTransport(Transport):
             return
         message = _host_view(self._failure_message(error)).tobytes()
         try:
+            out.timeout_s, timeout = 0.0, out.timeout_s  # best effort: never waits for room in the pipe
             out.post(tag, len(message), parts=((message, len(message)),))
-        except (OSError, PipelineError):  # the peer may be gone already
+        except (OSError, PipelineError, TimeoutError):  # the peer may be gone already
             pass
+        finally:
+            out.timeout_s = timeout
 
     def flush(self) -> None:
-        """Nothing to wait for: a send is complete once written."""
+        """Wait (bounded) until every peer has read what this rank sent it, as gloo's sends complete once received."""
+        deadline = time.monotonic() + self.timeout.total_seconds()
+        for peer, out in self._outbound.items():
+            try:
+                done = out.wait_read(deadline)
+            except OSError as err:
+                raise self._comm_error(peer, "waiting for the peer to read what was sent", err) from err
+            if not done:
+                raise PipelineCommError(self._message(peer, "waiting for the peer to read what was sent", "timed out"))
 
     def drain(self, seconds: float) -> None:
         """Nothing to wait for: a send is complete once written."""
