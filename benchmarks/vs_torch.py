@@ -19,10 +19,15 @@ The 1F1B rows are followed by one of our 1F1B with ``early_input_grads`` (each i
 weight gradients are computed: W right after B), timed in the same loop as the other two and compared with the same
 PyTorch 1F1B: an option of ours, not PyTorch's schedule, so it is a row of its own.
 
+Our runners pass values as ``PipelineStrategy`` does by default (``--cpu-transport auto``: shared memory between the
+processes of this host); PyTorch's send over the gloo process group, the only transport they have.
+``--cpu-transport gloo`` runs ours over gloo too; ``--with-gloo`` adds ours over gloo as a runner of its own in each
+row (a column of its own, timed in turn with the others).
+
 A second table compares our schedules with our 1F1B (medians of the first table). Last, the zero-bubble targets:
 our 1F1B, ZB-H1 and ZBV on the sleeping workload at p = 4, m = 16 timed in turn in one loop (``--target-steps``
 rounds), as ratios to our 1F1B, both of medians and paired.
-Run: ``python benchmarks/vs_torch.py [--tf-ms 10] [--steps 21] [--workloads sleep transformer]``.
+Run: ``python benchmarks/vs_torch.py [--tf-ms 10] [--steps 21] [--workloads sleep transformer] [--with-gloo]``.
 """
 
 from __future__ import annotations

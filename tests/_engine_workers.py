@@ -528,11 +528,12 @@ def _shm_files(prefix: str = "lightning_pipe-") -> list[str]:
 
 
 def _odd_values() -> list[Any]:
-    """No tensor at all (a stage before a frozen one sends ``[None]`` as its input gradient), an empty tensor, a
-    transposed one, bfloat16, a parameter, a negative view."""
+    """No tensor at all (a stage before a frozen one sends ``[None]`` as its input gradient; twice, so that the
+    second is received into the value prepared from the first), an empty tensor, a transposed one, bfloat16, a
+    parameter, a negative view."""
     g = torch.Generator().manual_seed(5)
     x = torch.randn(3, 4, generator=g)
-    return [[None], {"n": 1}, torch.empty(0), x.t(), x.to(torch.bfloat16), nn.Parameter(x.clone()),
+    return [[None], [None], {"n": 1}, torch.empty(0), x.t(), x.to(torch.bfloat16), nn.Parameter(x.clone()),
             torch.randn(2, 2, dtype=torch.complex64, generator=g).conj().imag]
 
 

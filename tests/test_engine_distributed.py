@@ -301,7 +301,7 @@ def test_shared_memory_channels_deliver_every_message_and_leave_no_file() -> Non
     # two after another "a" (the one after "big" expects "big": no overflow path here, a big value is one message).
     assert (receiver["prepared"], receiver["parsed"]) == (2, 10), receiver
     assert receiver["out_of_order"], receiver
-    assert receiver["odd"] == [True] * 7, receiver
+    assert receiver["odd"] == [True] * 8, receiver
     assert "pipeline rank 0 failed instead of sending" in receiver["failure"], receiver
     assert "RuntimeError: boom on purpose" in receiver["failure"], receiver
     # 512-byte rings: the 16 KB value (and those after it) moved the pair to larger rings, on both ends alike.

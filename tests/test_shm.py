@@ -230,3 +230,23 @@ def test_a_full_pipe_is_waited_for_within_the_timeout(pair: tuple[_Outbound, _In
     with pytest.raises(TimeoutError, match="messages unread for 0.2s"):
         out.post(1, 10, lambda view: None)
     assert 0.15 <= time.monotonic() - start < 2.0
+
+
+def test_a_prepared_receive_holds_its_buffer_even_for_a_value_without_tensors() -> None:
+    """The message is copied raw into the buffer of the prepared value: the buffer must live as long as the receive,
+    also when the value holds no view of it ([None]: heap corruption, seen as 'malloc(): smallbin double linked list
+    corrupted' under a frozen stage, before this was held)."""
+    import gc
+    import types
+
+    from lightning_pipe.engine.shm import _ShmRecv
+    from lightning_pipe.engine.transport import _Expected, _message_layout
+
+    _, layout = _message_layout([None], {})
+    head = layout.prefix.numpy().tobytes()
+    transport = types.SimpleNamespace(_expected={"c": _Expected(head, layout.meta, layout.base, layout.base)})
+    recv = _ShmRecv(transport, 0, 1, "c", "value")  # type: ignore[arg-type]
+    gc.collect()
+    assert recv._prebuilt is not None
+    _, value, total, buffer = recv._prebuilt
+    assert value == [None] and buffer.numel() == total == layout.base

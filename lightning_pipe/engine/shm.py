@@ -417,11 +417,13 @@ class _ShmRecv(PendingRecv):
         # As on gloo: the value a message laid out as the channel's last one would hold, built now (off the path
         # from its arrival to its use) from views of a buffer that the message is copied into.
         expected = transport._expected.get(channel)
-        self._prebuilt: tuple[bytes, Any, int, int] | None = None
+        self._prebuilt: tuple[bytes, Any, int, torch.Tensor] | None = None
         if expected is not None:
+            # The buffer is held here, not only through the value's tensors: a value without any ([None], the input
+            # gradient of a stage before a frozen one) would leave the copy below writing into freed memory.
             buffer = torch.empty(expected.total, dtype=torch.uint8)
             self._prebuilt = (expected.head, _unpack(buffer, expected.meta, expected.base, buffer.numpy()),
-                              expected.total, buffer.data_ptr())
+                              expected.total, buffer)
 
     def wait(self) -> Any:
         """Block (at most the transport's timeout) until the value is in; return it."""
@@ -436,11 +438,11 @@ class _ShmRecv(PendingRecv):
             ring = inbound.ring
             assert ring is not None
             if got == tag and self._prebuilt is not None:
-                head, value, total, address = self._prebuilt
+                head, value, total, buffer = self._prebuilt
                 if length == total and ring.map[_CONTROL + start : _CONTROL + start + len(head)] == head:
                     # A raw copy: no autograd, no version bump of the prepared tensors (few calls: this runs on the
                     # path from the value's arrival to its use, with the caches cold after the wait).
-                    ctypes.memmove(address, ring.address + start, total)
+                    ctypes.memmove(buffer.data_ptr(), ring.address + start, total)
                     inbound.consumed(length)
                     return value
             message = ring.bytes[start : start + length].copy()
