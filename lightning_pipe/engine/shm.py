@@ -4,7 +4,7 @@ gloo passes a message between two processes of one host through a TCP socket and
 with the ranks for the cores. A round trip of a 1 KiB value between two processes of this 2-core machine took
 260-340 us through :class:`~lightning_pipe.engine.transport.Transport` (gloo), 120-135 us through
 :class:`ShmTransport` (most of it the wake-up of a process waiting in ``poll``); on CPU-bound transformer stages
-whole steps were 0.80-0.95x as long as over gloo (``benchmarks/vs_torch.py --with-gloo``). In a pipeline a
+whole steps were 0.81-1.00x as long as over gloo (``benchmarks/vs_torch.py --with-gloo``). In a pipeline a
 transfer's time lies on the path from one rank's action to the next rank's. NCCL picks shared memory between the
 GPUs of one node on its own; gloo has nothing of the kind, so :class:`ShmTransport` does it for CPU ranks.
 
@@ -12,19 +12,21 @@ Each ordered pair of ranks has a ring of shared memory (a file in ``/dev/shm``, 
 sender alone, and a named pipe (FIFO) to the receiver. A message, laid out as in the gloo protocol, is written into
 the ring as a record ``[tag | length | message]``; then one byte goes down the pipe, which wakes the receiver, and
 orders the ring's bytes before it (the write and the read are system calls). The receiver copies the record out and
-publishes how far it has read, which frees the space for the sender. A send never waits: a message that does not
-fit in the free space moves the pair to a larger ring (a ``switch`` record in the old one names it), so no schedule
-can deadlock on a full ring. The receiver demultiplexes by tag (a value that comes before the one awaited waits in
-a queue of its tag), so the executor's receives may be posted ahead and taken in any order, as on gloo.
+publishes how far it has read, which frees the space for the sender. A send never waits for its receiver: a message
+that does not fit in the free space moves the pair to a larger ring (a ``switch`` record in the old one names it),
+so no schedule can deadlock on a full ring; ``flush()``, at the end of a step, waits (bounded) until each peer has
+read what was sent, as gloo's sends complete once received, so a sender is never more than a step ahead. The
+receiver demultiplexes by tag (a value that comes before the one awaited waits in a queue of its tag), so the
+executor's receives may be posted ahead and taken in any order, as on gloo.
 
 A peer that exits closes its end of the pipe: the receiver sees end-of-file and fails at once, naming it, rather
 than waiting for the timeout; a sender to an exited peer gets a broken pipe. The files are unlinked as soon as both
 ends have them open (the pipes at set-up; a ring by its receiver, which opens it when the first message in it is
 announced), so nothing is left in ``/dev/shm`` when the processes end; a ring never opened is unlinked by its
 receiver's ``close()`` or when it sees the sender exit, and by the sender when it finds the receiver gone (only
-both ends killed outright leave files behind). The pages of a ring
-are taken when it is made (``posix_fallocate``): a ``/dev/shm`` too small (Docker's default is 64 MiB) gives an
-error that says so, never a ``SIGBUS`` at the first write into a missing page.
+both ends killed outright leave files behind). The pages of a ring are taken when it is made (``posix_fallocate``):
+a ``/dev/shm`` too small (Docker's default is 64 MiB) gives an error that says so, never a ``SIGBUS`` at the first
+write into a missing page.
 
 Used only where every rank of the group runs on this host (same host name, boot and ``/dev/shm``), on Linux on
 x86-64, whose stores are seen by other cores in program order: the receiver's published read position is then never
@@ -566,7 +568,8 @@ class ShmTransport(Transport):
         return _ShmRecv(self, peer, tag, (peer, channel), what)
 
     def send(self, value: Any, peer: int, tag: int, what: str, channel: Hashable = None) -> None:
-        """Write ``value`` into the ring to ``peer`` and wake it; never waits for the peer."""
+        """Write ``value`` into the ring to ``peer`` and wake it; waits for the peer only where 64 KiB of wake-ups
+        lie unread in the pipe (bounded by the timeout)."""
         tensors, layout = _message_layout(value, self._layouts)
         meta, base = layout.meta, layout.base
         size = base + meta[2]
