@@ -177,7 +177,22 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_close_ends_in_child)
 
 
-class _Outbound:
+class _End:
+    """What both ends of a pair hold: this process's end of the pipe and its current ring."""
+
+    fd: int
+    ring: _Ring | None
+
+    def _release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self.ring is not None:
+            self.ring.close()
+            self.ring = None
+
+
+class _Outbound(_End):
     """This rank's end of the pair to one peer: the ring it writes (made at the first send, so that ranks that never
     send to each other take no memory) and the pipe that wakes the peer."""
 
@@ -292,12 +307,7 @@ class _Outbound:
 
     def close(self) -> None:
         gone = self.peer_gone()
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        if self.ring is not None:
-            self.ring.close()
-            self.ring = None
+        self._release()
         # The rings made here are the peer's to unlink, once it opens them: a message may still be on its way into
         # one, announced before this rank closed; the peer's close() removes those it never opened. A peer that is
         # gone opens nothing more.
@@ -313,7 +323,7 @@ def _ring_size(at_least: int, record: int) -> int:
     return size
 
 
-class _Inbound:
+class _Inbound(_End):
     """This rank's end of the pair from one peer: the ring it reads, the pipe it waits on, and the messages that
     arrived before the one awaited (by tag)."""
 
@@ -401,12 +411,7 @@ class _Inbound:
             path.unlink(missing_ok=True)
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        if self.ring is not None:
-            self.ring.close()
-            self.ring = None
+        self._release()
         self.remove_unopened()
 
 
